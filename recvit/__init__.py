@@ -1,0 +1,15 @@
+"""recvit: recursive Vision Transformers with token-level dynamic depth (Edge-RecViT, MoR-ViT),
+running attention and MLP over only the shrinking set of active tokens.
+"""
+from .edge_recvit import EdgeAwareRanker, EdgeRecViT, RecViTOutput
+from .factory import create_model, list_models, register_model
+from .layers import Block
+from .losses import EdgeRecViTLoss, cce_loss, du_loss, stb_loss
+from .recursion import RecursiveBlock
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Block", "EdgeAwareRanker", "EdgeRecViT", "EdgeRecViTLoss", "RecViTOutput", "RecursiveBlock",
+    "cce_loss", "create_model", "du_loss", "list_models", "register_model", "stb_loss",
+]

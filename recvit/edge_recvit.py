@@ -1,0 +1,121 @@
+"""Edge-RecViT: patch embedding + [CLS] + learned positions -> EARR ranker (per-token depth) ->
+recursive block (head, shared x (L-2), tail) -> final norm -> classifier on [CLS].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import recvit_kernels as rk
+from recvit_kernels._checks import values_checkable
+
+from .layers import PatchEmbed, check_kv
+from .recursion import RecursiveBlock
+
+
+@dataclass
+class RecViTOutput:
+    """What ``model(images, return_aux=True)`` returns.
+
+    logits: (B, classes). depths: (B, N) int64, [CLS] (column 0) included. confidence: (B, N) max
+    depth probability. depth_logits / depth_probs: (B, N, L) ranker outputs (for MoR-ViT the router
+    scores, see that model). features: (B, N, C) token states after the final norm.
+    """
+
+    logits: torch.Tensor
+    depths: torch.Tensor
+    confidence: torch.Tensor
+    depth_logits: torch.Tensor
+    depth_probs: torch.Tensor
+    features: torch.Tensor
+
+
+class EdgeAwareRanker(nn.Module):
+    """EARR: Linear C->2C, GELU, Linear 2C->L, both without bias; softmax over the L depths."""
+
+    def __init__(self, dim: int, num_steps: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * dim, bias=False)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * dim, num_steps, bias=False)
+
+    def forward(self, tokens: torch.Tensor):
+        """(B, N, C) -> logits (B, N, L), probabilities, depth = argmax + 1, confidence = max prob."""
+        logits = self.fc2(self.act(self.fc1(tokens)))
+        probs = logits.float().softmax(-1)
+        confidence, index = probs.max(-1)
+        return logits, probs, index + 1, confidence
+
+
+class EdgeRecViT(nn.Module):
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 768, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, num_steps: int = 12, qkv_bias: bool = True, eps: float = 1e-6,
+                 kv: str = "active", backend: Optional[str] = None):
+        super().__init__()
+        self.num_steps, self.num_classes, self.embed_dim = num_steps, num_classes, embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.num_tokens = self.patch_embed.num_patches + 1
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
+        self.ranker = EdgeAwareRanker(embed_dim, num_steps)
+        self.recursion = RecursiveBlock(embed_dim, num_heads, num_steps, mlp_ratio, qkv_bias, eps, kv,
+                                        backend)
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, C) tokens: [CLS] then patches, plus learned positions."""
+        patches = self.patch_embed(images)
+        cls = self.cls_token.expand(patches.shape[0], -1, -1)
+        return torch.cat([cls, patches], dim=1) + self.pos_embed
+
+    def forward(self, images: torch.Tensor, depths: Optional[torch.Tensor] = None,
+                return_aux: bool = False, kv: Optional[str] = None, backend: Optional[str] = None):
+        """Logits (B, classes), or a :class:`RecViTOutput` with ``return_aux=True``.
+
+        ``depths`` (B, N) in 1..L, [CLS] included, overrides the ranker's depths (used as given).
+        ``kv`` and ``backend`` override the model's settings for this call.
+        """
+        tokens = self.embed(images)
+        depth_logits, depth_probs, ranked, confidence = self.ranker(tokens)
+        if depths is None:
+            depths = ranked.clone()
+            depths[:, 0] = self.num_steps  # [CLS] always runs every step
+        else:
+            self._check_depth_override(depths, tokens)
+            depths = depths.to(torch.int64)
+        states = self.recursion(tokens, depths, kv=kv and check_kv(kv), backend=backend)
+        features = self.norm(states)
+        logits = self.head(features[:, 0])
+        if not return_aux:
+            return logits
+        return RecViTOutput(logits, depths, confidence, depth_logits, depth_probs, features)
+
+    def _check_depth_override(self, depths, tokens):
+        if not isinstance(depths, torch.Tensor):
+            raise TypeError(f"depths: expected a torch.Tensor, got {type(depths).__name__}")
+        if depths.shape != tokens.shape[:2]:
+            raise ValueError(f"depths: expected shape {tuple(tokens.shape[:2])} (batch, tokens with "
+                             f"[CLS]), got {tuple(depths.shape)}")
+        if depths.device != tokens.device:
+            raise ValueError(f"depths: expected device {tokens.device}, got {depths.device}")
+        if values_checkable(depths):
+            rk.check_depths(depths, self.num_steps)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,127 @@
+"""Transformer building blocks with timm's parameter names (``norm1``, ``attn.qkv``, ``attn.proj``,
+``norm2``, ``mlp.fc1``, ``mlp.fc2``), so DeiT/ViT checkpoints map onto them key for key.
+
+``Block.forward`` is the dense pre-norm layer on (B, N, C) with an optional key mask (the eager
+reference). ``Block.forward_packed`` runs the same layer on the active prefix of the depth-sorted
+rows through the ``recvit_kernels`` ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import recvit_kernels as rk
+
+KV_MODES = ("active", "all")
+
+
+def check_kv(kv: str) -> str:
+    if kv not in KV_MODES:
+        raise ValueError(f"kv={kv!r}: expected one of {KV_MODES}")
+    return kv
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, 3, H, W) -> patch tokens (B, H/p * W/p, C) by a stride-p convolution."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        expected = (self.in_chans, self.img_size, self.img_size)
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images: expected shape (batch, {expected[0]}, {expected[1]}, "
+                             f"{expected[2]}), got {shape}")
+        if not images.dtype.is_floating_point:
+            raise ValueError(f"images: expected a floating dtype, got {images.dtype}")
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide dim={dim}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer: ``x + attn(norm1(x))``, then ``+ mlp(norm2(.))``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Dense layer on (B, N, C); ``key_mask`` (B, N) bool restricts the keys every query sees."""
+        x = x + self.attn(self.norm1(x), key_mask)
+        return x + self.mlp(self.norm2(x))
+
+    def forward_packed(self, rows: torch.Tensor, layout: rk.DepthLayout, step: int, num_rows: int,
+                       kv: str = "active", backend: Optional[str] = None) -> torch.Tensor:
+        """The layer on the active prefix ``rows[:num_rows]`` of the depth-sorted (B*N, C) buffer.
+
+        Returns the new (num_rows, C) prefix. With ``kv="all"`` the keys and values of every row,
+        exited ones included, are computed from their frozen states.
+        """
+        attn, heads, head_dim = self.attn, self.attn.num_heads, self.attn.head_dim
+        dim = rows.shape[1]
+        prefix = rows[:num_rows]
+        norm1 = (self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        query_rows = layout.attention_rows(step, num_rows)
+        cu_seqlens_q = layout.cu_seqlens[step - 1]
+        tokens = layout.tokens
+        if kv == "active":
+            normed = rk.layer_norm(prefix, *norm1, backend=backend)
+            q, k, v = F.linear(normed, attn.qkv.weight, attn.qkv.bias).view(
+                num_rows, 3, heads, head_dim).unbind(1)
+            key_rows, cu_seqlens_k = query_rows, cu_seqlens_q
+        else:
+            normed_all = rk.layer_norm(rows, *norm1, backend=backend)
+            bias = attn.qkv.bias
+            q = F.linear(normed_all[:num_rows], attn.qkv.weight[:dim],
+                         None if bias is None else bias[:dim]).view(num_rows, heads, head_dim)
+            k, v = F.linear(normed_all, attn.qkv.weight[dim:], None if bias is None else bias[dim:]).view(
+                rows.shape[0], 2, heads, head_dim).unbind(1)
+            key_rows, cu_seqlens_k = layout.image_order, layout.all_rows_cu_seqlens()
+        out = rk.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, tokens, tokens, attn.scale,
+                                  q_rows=query_rows, kv_rows=key_rows, backend=backend)
+        projected = F.linear(out.reshape(num_rows, dim), attn.proj.weight, attn.proj.bias)
+        normed2, residual = rk.layer_norm(projected, self.norm2.weight, self.norm2.bias, self.norm2.eps,
+                                          residual=prefix, backend=backend)
+        mlp = self.mlp
+        return rk.mlp(normed2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                      residual=residual, backend=backend)

@@ -1,0 +1,104 @@
+"""The recursive block: a head layer, ONE shared layer reused at steps 2..L-1, and a tail layer.
+
+At step l (1-based) the active tokens are those with depth >= l; they are updated by the step's
+layer while the others keep their state. With ``kv="active"`` attention runs over the active tokens
+only; with ``kv="all"`` active queries attend to every token, exited ones with their frozen states.
+
+Backends: ``eager`` is the masked reference (every token computed at every step, updates gated);
+``packed``, ``triton``, ``cuda`` and ``auto`` sort the tokens by depth once and run each step on
+the active row prefix with that backend's ops.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+import recvit_kernels as rk
+from recvit_kernels._checks import values_checkable
+
+from .layers import Block, check_kv
+
+
+class RecursiveBlock(nn.Module):
+    """Drop-in fast recursive block: (B, N, C) token states and (B, N) depths in 1..L -> new states."""
+
+    def __init__(self, dim: int, num_heads: int, num_steps: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, eps: float = 1e-6, kv: str = "active",
+                 backend: Optional[str] = None):
+        super().__init__()
+        if num_steps < 2:
+            raise ValueError(f"num_steps: expected >= 2 (a head and a tail step), got {num_steps}")
+        self.num_steps, self.kv = num_steps, check_kv(kv)
+        self.backend = None if backend is None else rk.resolve_backend(backend)
+        self.head_layer = Block(dim, num_heads, mlp_ratio, qkv_bias, eps)
+        self.shared_layer = Block(dim, num_heads, mlp_ratio, qkv_bias, eps)
+        self.tail_layer = Block(dim, num_heads, mlp_ratio, qkv_bias, eps)
+
+    @classmethod
+    def from_blocks(cls, head: nn.Module, shared: nn.Module, tail: nn.Module, num_steps: int = 12,
+                    **kwargs) -> "RecursiveBlock":
+        """Build from three timm-style ``Block`` modules (weights copied, the originals untouched)."""
+        qkv = head.attn.qkv
+        dim, num_heads = qkv.in_features, head.attn.num_heads
+        mlp_ratio = head.mlp.fc1.out_features / dim
+        block = cls(dim, num_heads, num_steps, mlp_ratio, qkv.bias is not None, head.norm1.eps, **kwargs)
+        for name, source in (("head_layer", head), ("shared_layer", shared), ("tail_layer", tail)):
+            state = {key: value for key, value in source.state_dict().items()}
+            extra = sorted(set(state) - set(getattr(block, name).state_dict()))
+            if extra:
+                raise ValueError(f"{name}: the source block has parameters this layer lacks "
+                                 f"(layer scale or qk-norm are not supported): {extra}")
+            getattr(block, name).load_state_dict(copy.deepcopy(state))
+        return block
+
+    def layer_for_step(self, step: int) -> Block:
+        if step == 1:
+            return self.head_layer
+        return self.tail_layer if step == self.num_steps else self.shared_layer
+
+    def forward(self, x: torch.Tensor, depths: torch.Tensor, kv: Optional[str] = None,
+                backend: Optional[str] = None) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"x: expected shape (batch, tokens, dim), got {tuple(x.shape)}")
+        if depths.shape != x.shape[:2]:
+            raise ValueError(f"depths: expected shape {tuple(x.shape[:2])}, got {tuple(depths.shape)}")
+        if values_checkable(depths):
+            rk.check_depths(depths, self.num_steps)
+        kv = check_kv(kv or self.kv)
+        backend = rk.resolve_backend(backend or self.backend)
+        if backend == "eager":
+            return self._forward_masked(x, depths, kv)
+        return self._forward_packed(x, depths, kv, backend)
+
+    def _forward_masked(self, x, depths, kv):
+        for step in range(1, self.num_steps + 1):
+            active = depths >= step
+            key_mask = None
+            if kv == "active":  # an image with no active token keeps all keys to stay finite
+                key_mask = active | ~active.any(1, keepdim=True)
+            updated = self.layer_for_step(step)(x, key_mask)
+            x = torch.where(active[..., None], updated, x)
+        return x
+
+    def _forward_packed(self, x, depths, kv, backend):
+        layout = rk.depth_sort(depths, self.num_steps, backend=backend)
+        rows = rk.pack(x, layout)
+        # The one host sync of this path: the per-step row counts size the prefix GEMMs.
+        step_rows = layout.step_rows.tolist()
+        for step, num_rows in enumerate(step_rows, start=1):
+            if num_rows == 0:
+                break
+            updated = self.layer_for_step(step).forward_packed(rows, layout, step, num_rows, kv, backend)
+            rows = _write_prefix(rows, updated)
+        return rk.unpack(rows, layout)
+
+
+def _write_prefix(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """``rows`` with its first ``len(prefix)`` rows replaced: in place unless autograd needs the old."""
+    if torch.is_grad_enabled() and (rows.requires_grad or prefix.requires_grad):
+        return torch.cat([prefix, rows[prefix.shape[0]:]])
+    rows[: prefix.shape[0]] = prefix
+    return rows

@@ -1,0 +1,128 @@
+"""Backend registry and dispatch for the recvit ops.
+
+Every op has an ``eager`` implementation in plain PyTorch. ``packed`` names the same PyTorch
+implementation (at the model level it means "sorted prefix layout, PyTorch ops"). ``triton`` and
+``cuda`` register their own implementations when their modules import. ``auto`` takes the first
+backend, in :data:`AUTO_ORDER`, that is available and supports the call's inputs; each fall back is
+logged once with its reason.
+
+The backend is chosen per call (``backend=``), per model, or by the ``RECVIT_BACKEND`` environment
+variable, in that order of precedence.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Optional
+
+BACKENDS = ("eager", "packed", "triton", "cuda")
+AUTO_ORDER = ("cuda", "triton", "packed")
+logger = logging.getLogger("recvit_kernels")
+
+# op name -> backend name -> implementation
+_IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {}
+# op name -> backend name -> check(*args, **kwargs) returning None if supported, else the reason
+_SUPPORT_CHECKS: dict[str, dict[str, Callable]] = {}
+# backend name -> function returning None if the backend can run here, else the reason
+_AVAILABILITY: dict[str, Callable[[], Optional[str]]] = {
+    "eager": lambda: None,
+    "packed": lambda: None,
+}
+_logged_fallbacks: set[tuple[str, str, str]] = set()
+
+
+def register(op: str, backend: str, supports: Optional[Callable] = None):
+    """Decorator: register ``fn`` as ``backend``'s implementation of ``op``.
+
+    ``supports(*args, **kwargs)`` returns None when the implementation can run the call, or a
+    string saying why not.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+
+    def wrap(fn):
+        _IMPLEMENTATIONS.setdefault(op, {})[backend] = fn
+        if supports is not None:
+            _SUPPORT_CHECKS.setdefault(op, {})[backend] = supports
+        return fn
+
+    return wrap
+
+
+def register_availability(backend: str, check: Callable[[], Optional[str]]) -> None:
+    """Register ``check() -> None | reason`` telling whether ``backend`` can run on this machine."""
+    _AVAILABILITY[backend] = check
+
+
+def unavailable_reason(backend: str) -> Optional[str]:
+    """None if ``backend`` can run here, else a sentence saying why not."""
+    _load_optional_backends()
+    check = _AVAILABILITY.get(backend)
+    if check is None:
+        return f"the {backend} backend is not installed"
+    return check()
+
+
+def available_backends() -> dict[str, Optional[str]]:
+    """Map every backend name to None (available) or the reason it is not."""
+    return {name: unavailable_reason(name) for name in BACKENDS}
+
+
+def resolve_backend(backend: Optional[str] = None) -> str:
+    """The backend name to use: ``backend``, else ``$RECVIT_BACKEND``, else ``"auto"``; validated."""
+    name = backend if backend is not None else os.environ.get("RECVIT_BACKEND", "auto")
+    if name != "auto" and name not in BACKENDS:
+        source = "backend" if backend is not None else "RECVIT_BACKEND"
+        raise ValueError(f"{source}={name!r}: expected one of {('auto',) + BACKENDS}")
+    return name
+
+
+def dispatch(op: str, backend: Optional[str], *args, **kwargs) -> Callable:
+    """The implementation of ``op`` that ``backend`` selects for these arguments.
+
+    An explicitly named backend that cannot run the call raises ``RuntimeError`` with the reason;
+    ``auto`` falls back along :data:`AUTO_ORDER` and logs why.
+    """
+    _load_optional_backends()
+    name = resolve_backend(backend)
+    candidates = AUTO_ORDER if name == "auto" else (name,)
+    for candidate in candidates:
+        reason = _why_not(op, candidate, args, kwargs)
+        if reason is None:
+            return _IMPLEMENTATIONS[op][candidate]
+        if name != "auto":
+            raise RuntimeError(f"{op}: backend={candidate!r} cannot run this call: {reason}")
+        key = (op, candidate, reason)
+        if key not in _logged_fallbacks:
+            _logged_fallbacks.add(key)
+            logger.info("%s: falling back from %s: %s", op, candidate, reason)
+    raise AssertionError("unreachable: the packed backend supports every call")
+
+
+def _why_not(op: str, backend: str, args, kwargs) -> Optional[str]:
+    reason = unavailable_reason(backend)
+    if reason is not None:
+        return reason
+    if backend not in _IMPLEMENTATIONS.get(op, {}):
+        return f"the {backend} backend has no {op} implementation"
+    check = _SUPPORT_CHECKS.get(op, {}).get(backend)
+    return None if check is None else check(*args, **kwargs)
+
+
+_optional_loaded = False
+
+
+def _load_optional_backends() -> None:
+    """Import the triton and cuda backends, if present, so that they register themselves."""
+    global _optional_loaded
+    if _optional_loaded:
+        return
+    _optional_loaded = True
+    import importlib
+
+    for module in ("recvit_kernels.triton", "recvit_kernels.cuda"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                register_availability(module.rsplit(".", 1)[1], lambda e=error: f"import failed: {e}")

@@ -1,0 +1,41 @@
+"""Argument checks shared by the ops: each error names the offending argument."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def values_checkable(tensor: torch.Tensor) -> bool:
+    """Whether value checks (which read device memory back to the host) may run on ``tensor``.
+
+    Always on the CPU; on a GPU only with ``RECVIT_CHECK_VALUES=1``, because reading values back
+    stalls the device and breaks CUDA-graph capture.
+    """
+    return tensor.device.type == "cpu" or os.environ.get("RECVIT_CHECK_VALUES") == "1"
+
+
+def check_tensor(name: str, tensor, dim: int, dtype=None, device=None) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != dim:
+        raise ValueError(f"{name}: expected {dim} dimensions, got shape {tuple(tensor.shape)}")
+    if dtype is not None and tensor.dtype not in (dtype if isinstance(dtype, tuple) else (dtype,)):
+        raise ValueError(f"{name}: expected dtype {dtype}, got {tensor.dtype}")
+    if device is not None and tensor.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {tensor.device}")
+
+
+def check_cu_seqlens(name: str, cu_seqlens, device, total: int) -> None:
+    """``cu_seqlens`` must be int32 (B+1,), start at 0, never decrease and end at most at ``total``."""
+    check_tensor(name, cu_seqlens, 1, torch.int32, device)
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"{name}: expected at least 2 entries (batch + 1), got {cu_seqlens.numel()}")
+    if values_checkable(cu_seqlens):
+        values = cu_seqlens.tolist()
+        if values[0] != 0:
+            raise ValueError(f"{name}: must start at 0, got {values[0]}")
+        if any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{name}: must be non-decreasing, got {values}")
+        if values[-1] > total:
+            raise ValueError(f"{name}: last entry {values[-1]} exceeds the {total} rows given")

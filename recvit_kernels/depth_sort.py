@@ -1,0 +1,128 @@
+"""Depth sort: the packed "depth-major" layout in which every recursion step is a row prefix.
+
+Given per-token depths ``d`` of shape (B, N) with values in 1..L, sort the B*N tokens once by depth,
+descending (ties in image-major token order). At step ``l`` the active tokens (``d >= l``) are then
+the first ``M_l`` rows of the sorted buffer, so the token-wise layers run on a contiguous prefix.
+Attention reads each image's active rows through an index table (``attention_rows``), image-major,
+in the segments ``cu_seqlens[l]`` that flash-attention's varlen convention expects.
+
+Everything here is computed on the device without a host synchronisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ._backend import dispatch, register
+
+
+@dataclass
+class DepthLayout:
+    """The sorted layout of a (B, N) depth map; all tensors live on the depths' device.
+
+    Attributes:
+        batch, tokens, num_steps: B, N and L.
+        perm: (B*N,) int64, flat token index (b*N + i) of each sorted row.
+        inverse_perm: (B*N,) int64, sorted row of each flat token.
+        step_rows: (L,) int64, M_l = number of active rows at step l (index 0 is step 1).
+        image_lengths: (L, B) int32, active tokens of image b at step l.
+        cu_seqlens: (L, B+1) int32, cumulative ``image_lengths`` per step (flash-attention form).
+        image_order: (B*N,) int64, sorted rows listed image by image, each image's rows by depth
+            descending: image b's active rows at step l are ``image_order[b*N : b*N + n_bl]``.
+    """
+
+    batch: int
+    tokens: int
+    num_steps: int
+    perm: torch.Tensor
+    inverse_perm: torch.Tensor
+    step_rows: torch.Tensor
+    image_lengths: torch.Tensor
+    cu_seqlens: torch.Tensor
+    image_order: torch.Tensor
+
+    def attention_rows(self, step: int, total: int) -> torch.Tensor:
+        """(total,) int64: the sorted rows active at ``step`` (1-based), image-major.
+
+        ``total`` is M_step when known on the host; a larger static bound (e.g. B*N) keeps the call
+        free of host syncs, and the entries past M_step then repeat the last image's rows (callers
+        mask them with ``cu_seqlens``).
+        """
+        cu = self.cu_seqlens[step - 1]
+        positions = torch.arange(total, device=cu.device)
+        image = torch.searchsorted(cu[1:].to(torch.int64), positions, right=True)
+        image = image.clamp_max(self.batch - 1)
+        offset = (positions - cu[image]).clamp(0, self.tokens - 1)
+        return self.image_order[image * self.tokens + offset]
+
+    def all_rows_cu_seqlens(self) -> torch.Tensor:
+        """(B+1,) int32 segment bounds of ``image_order`` when every token is a key (kv="all")."""
+        return torch.arange(0, (self.batch + 1) * self.tokens, self.tokens,
+                            device=self.perm.device, dtype=torch.int32)
+
+
+def check_depths(depths: torch.Tensor, num_steps: int, name: str = "depths") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``depths`` is a (B, N) integer tensor in 1..L.
+
+    The range check reads the values back to the host: call it outside captured regions.
+    """
+    if not isinstance(depths, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(depths).__name__}")
+    if depths.dim() != 2:
+        raise ValueError(f"{name}: expected shape (batch, tokens), got {tuple(depths.shape)}")
+    if depths.dtype.is_floating_point or depths.dtype == torch.bool or depths.is_complex():
+        raise ValueError(f"{name}: expected an integer dtype, got {depths.dtype}")
+    if depths.numel() and (int(depths.min()) < 1 or int(depths.max()) > num_steps):
+        raise ValueError(f"{name}: values must lie in 1..{num_steps}, got "
+                         f"{int(depths.min())}..{int(depths.max())}")
+
+
+def _depth_sort_eager(depths: torch.Tensor, num_steps: int) -> DepthLayout:
+    batch, tokens = depths.shape
+    depths = depths.to(torch.int64)
+    flat = depths.reshape(-1)
+    total = flat.numel()
+    index = torch.arange(total, device=depths.device)
+    # Unique keys: depth descending, then flat index; a counting sort in the CUDA backend.
+    perm = torch.argsort((num_steps - flat) * total + index)
+    inverse_perm = torch.empty_like(perm)
+    inverse_perm[perm] = index
+
+    histogram = torch.zeros(batch, num_steps + 1, dtype=torch.int64, device=depths.device)
+    histogram.scatter_add_(1, depths, torch.ones_like(depths))
+    # active[b, l-1] = #tokens of image b with depth >= l
+    active = histogram[:, 1:].flip(1).cumsum(1).flip(1)
+    image_lengths = active.t().contiguous()
+    cu_seqlens = torch.nn.functional.pad(image_lengths.cumsum(1), (1, 0)).to(torch.int32)
+
+    sorted_depth = flat[perm]
+    sorted_image = perm // tokens
+    image_key = (sorted_image * (num_steps + 1) + (num_steps - sorted_depth)) * total + perm
+    image_order = torch.argsort(image_key)
+    return DepthLayout(batch, tokens, num_steps, perm, inverse_perm, image_lengths.sum(1),
+                       image_lengths.to(torch.int32), cu_seqlens, image_order)
+
+
+register("depth_sort", "eager")(_depth_sort_eager)
+register("depth_sort", "packed")(_depth_sort_eager)
+
+
+def depth_sort(depths: torch.Tensor, num_steps: int, backend: Optional[str] = None) -> DepthLayout:
+    """Sort the tokens of a (B, N) depth map (values in 1..``num_steps``) into the prefix layout."""
+    if depths.dim() != 2:
+        raise ValueError(f"depths: expected shape (batch, tokens), got {tuple(depths.shape)}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps: expected >= 1, got {num_steps}")
+    return dispatch("depth_sort", backend, depths, num_steps)(depths, num_steps)
+
+
+def pack(x: torch.Tensor, layout: DepthLayout) -> torch.Tensor:
+    """(B, N, C) tokens -> (B*N, C) rows in sorted order."""
+    return x.reshape(layout.batch * layout.tokens, -1).index_select(0, layout.perm)
+
+
+def unpack(rows: torch.Tensor, layout: DepthLayout) -> torch.Tensor:
+    """(B*N, C) sorted rows -> (B, N, C) tokens in their original order."""
+    return rows.index_select(0, layout.inverse_perm).reshape(layout.batch, layout.tokens, -1)

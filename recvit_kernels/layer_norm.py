@@ -1,0 +1,45 @@
+"""LayerNorm over rows, with the residual add fused in (flash-attention's ``layer_norm`` convention).
+
+``layer_norm(x, weight, bias, eps)`` normalises the last dimension of ``x`` (rows, C).
+With ``residual`` given it first forms ``s = x + residual`` and returns ``(layer_norm(s), s)``, so
+a pre-norm block computes its second norm and keeps the new residual stream in one pass.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import dispatch, register
+from ._checks import check_tensor
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float = 1e-6,
+               residual: Optional[torch.Tensor] = None, *, backend: Optional[str] = None):
+    """LayerNorm of ``x`` (or of ``x + residual``, returned alongside) over its last dimension."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("x: expected a tensor with a feature dimension")
+    width = x.shape[-1]
+    check_tensor("weight", weight, 1, device=x.device)
+    if weight.shape[0] != width:
+        raise ValueError(f"weight: expected ({width},), got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, 1, device=x.device)
+        if bias.shape[0] != width:
+            raise ValueError(f"bias: expected ({width},), got {tuple(bias.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual: expected shape {tuple(x.shape)} like x, got {tuple(residual.shape)}")
+    implementation = dispatch("layer_norm", backend, x, weight, bias, eps, residual)
+    return implementation(x, weight, bias, eps, residual)
+
+
+def _layer_norm_eager(x, weight, bias, eps, residual):
+    if residual is None:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    summed = x + residual
+    return F.layer_norm(summed, (x.shape[-1],), weight, bias, eps), summed
+
+
+register("layer_norm", "eager")(_layer_norm_eager)
+register("layer_norm", "packed")(_layer_norm_eager)

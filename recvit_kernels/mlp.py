@@ -1,0 +1,42 @@
+"""The transformer MLP over rows: ``fc2(gelu(fc1(x)))``, plus ``residual`` when given.
+
+``x`` is (rows, C); ``fc1_weight`` (hidden, C), ``fc1_bias`` (hidden,), ``fc2_weight`` (C_out, hidden),
+``fc2_bias`` (C_out,). GELU is the exact (erf) one, as in timm's ``Mlp``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import dispatch, register
+from ._checks import check_tensor
+
+
+def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+        fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
+        residual: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``residual + fc2(gelu(fc1(x)))`` (``residual`` optional) over the rows of ``x``."""
+    check_tensor("x", x, 2)
+    check_tensor("fc1_weight", fc1_weight, 2, device=x.device)
+    check_tensor("fc2_weight", fc2_weight, 2, device=x.device)
+    if fc1_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"fc1_weight: expected (hidden, {x.shape[1]}), got {tuple(fc1_weight.shape)}")
+    if fc2_weight.shape[1] != fc1_weight.shape[0]:
+        raise ValueError(f"fc2_weight: expected (out, {fc1_weight.shape[0]}), "
+                         f"got {tuple(fc2_weight.shape)}")
+    if residual is not None and residual.shape != (x.shape[0], fc2_weight.shape[0]):
+        raise ValueError(f"residual: expected {(x.shape[0], fc2_weight.shape[0])}, "
+                         f"got {tuple(residual.shape)}")
+    args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
+    return dispatch("mlp", backend, *args)(*args)
+
+
+def _mlp_eager(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
+    out = F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    return out if residual is None else out + residual
+
+
+register("mlp", "eager")(_mlp_eager)
+register("mlp", "packed")(_mlp_eager)

@@ -1,0 +1,102 @@
+"""Varlen attention over packed rows, in flash-attention's ``flash_attn_varlen_func`` convention.
+
+``q`` is (total_q, heads, head_dim); ``k``, ``v`` are (total_k, heads, head_dim). Segment b (one image)
+has queries ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and keys ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``;
+each query attends to the keys of its own segment, without a causal mask:
+``out = softmax(q k^T * softmax_scale) v`` with ``softmax_scale`` defaulting to ``head_dim ** -0.5``.
+
+Indexed form (the depth-sorted layout's "index table"): with ``q_rows`` given, segment positions are
+looked up through it, i.e. the queries of segment b are ``q[q_rows[cu_seqlens_q[b]:cu_seqlens_q[b+1]]]``
+and their outputs are written to those same rows; ``kv_rows`` does the same for keys and values.
+Rows of the output that no segment covers are zero.
+
+``max_seqlen_q`` / ``max_seqlen_k`` are host integers bounding the segment lengths (a static bound
+such as the image's token count keeps the call free of host syncs); the lengths themselves are only
+read from the device tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import dispatch, register
+from ._checks import check_cu_seqlens, check_tensor, values_checkable
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: Optional[float] = None,
+                     *, q_rows: Optional[torch.Tensor] = None, kv_rows: Optional[torch.Tensor] = None,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """Attention of each segment's queries over its keys; returns a tensor shaped like ``q``."""
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_rows, kv_rows)
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
+    implementation = dispatch("varlen_attention", backend, *args, q_rows=q_rows, kv_rows=kv_rows)
+    return implementation(*args, q_rows=q_rows, kv_rows=kv_rows)
+
+
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_rows, kv_rows):
+    check_tensor("q", q, 3)
+    for name, tensor in (("k", k), ("v", v)):
+        check_tensor(name, tensor, 3, q.dtype, q.device)
+        if tensor.shape[1:] != q.shape[1:]:
+            raise ValueError(f"{name}: expected (total_k, {q.shape[1]}, {q.shape[2]}) like q, "
+                             f"got {tuple(tensor.shape)}")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"v: expected {k.shape[0]} rows like k, got {v.shape[0]}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q: expected a floating dtype, got {q.dtype}")
+    for name, rows, tensor in (("q_rows", q_rows, q), ("kv_rows", kv_rows, k)):
+        if rows is not None:
+            check_tensor(name, rows, 1, (torch.int32, torch.int64), q.device)
+            if values_checkable(rows) and rows.numel() and (
+                    int(rows.min()) < 0 or int(rows.max()) >= tensor.shape[0]):
+                raise ValueError(f"{name}: entries must index the {tensor.shape[0]} rows given")
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device,
+                     q.shape[0] if q_rows is None else q_rows.numel())
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device,
+                     k.shape[0] if kv_rows is None else kv_rows.numel())
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries like "
+                         f"cu_seqlens_q, got {cu_seqlens_k.numel()}")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive host int, got {value!r}")
+
+
+def _segment_rows(cu_seqlens, max_seqlen, rows):
+    """(B, max_seqlen) row of each segment position, and whether the position is inside its segment."""
+    position = torch.arange(max_seqlen, device=cu_seqlens.device)
+    starts = cu_seqlens[:-1].to(torch.int64)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    valid = position < lengths[:, None]
+    flat = torch.where(valid, starts[:, None] + position, 0)
+    return (flat if rows is None else rows.to(torch.int64)[flat]), valid
+
+
+def _varlen_attention_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            softmax_scale, *, q_rows=None, kv_rows=None):
+    """Pad each segment to the static bound, run SDPA with a key mask, write the rows back."""
+    batch = cu_seqlens_q.numel() - 1
+    query_row, query_valid = _segment_rows(cu_seqlens_q, max_seqlen_q, q_rows)
+    key_row, key_valid = _segment_rows(cu_seqlens_k, max_seqlen_k, kv_rows)
+    padded_q = q[query_row].transpose(1, 2)  # (B, H, max_q, D)
+    padded_k = k[key_row].transpose(1, 2)
+    padded_v = v[key_row].transpose(1, 2)
+    # A segment without keys would give NaN rows; it has no valid query rows either, so unmask it.
+    key_mask = key_valid | ~key_valid.any(1, keepdim=True)
+    out = F.scaled_dot_product_attention(padded_q, padded_k, padded_v,
+                                         attn_mask=key_mask[:, None, None, :], scale=softmax_scale)
+    out = out.transpose(1, 2).reshape(batch * max_seqlen_q, *q.shape[1:])
+    dump_row = q.shape[0]  # positions outside their segment are written to a row that is dropped
+    target = torch.where(query_valid, query_row, dump_row).reshape(-1)
+    result = q.new_zeros(q.shape[0] + 1, *q.shape[1:])
+    return result.index_copy(0, target, out)[:dump_row]
+
+
+register("varlen_attention", "eager")(_varlen_attention_eager)
+register("varlen_attention", "packed")(_varlen_attention_eager)

@@ -1,10 +1,12 @@
 import os
 
-# Triton kernels run on the CPU through the interpreter when no GPU is present.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, Triton kernels run on the CPU through the interpreter (set before triton loads).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,182 @@
+"""The eager ops against obviously-correct references, and their argument checks."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import recvit_kernels as rk
+
+
+def random_depths(batch, tokens, num_steps, profile="random"):
+    if profile == "random":
+        return torch.randint(1, num_steps + 1, (batch, tokens))
+    if profile == "all_one":
+        return torch.ones(batch, tokens, dtype=torch.long)
+    if profile == "all_deep":
+        return torch.full((batch, tokens), num_steps)
+    if profile == "single":
+        depths = torch.ones(batch, tokens, dtype=torch.long)
+        depths[0, tokens // 2] = num_steps
+        return depths
+    raise ValueError(profile)
+
+
+PROFILES = ["random", "all_one", "all_deep", "single"]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("batch,tokens", [(1, 1), (1, 17), (3, 50), (2, 197)])
+def test_depth_sort_matches_definition(profile, batch, tokens):
+    num_steps = 12
+    depths = random_depths(batch, tokens, num_steps, profile)
+    layout = rk.depth_sort(depths, num_steps)
+    flat = depths.reshape(-1)
+    # stable sort by depth descending
+    expected_perm = torch.tensor(sorted(range(flat.numel()), key=lambda i: (-int(flat[i]), i)))
+    assert torch.equal(layout.perm, expected_perm)
+    assert torch.equal(layout.perm[layout.inverse_perm], torch.arange(flat.numel()))
+    for step in range(1, num_steps + 1):
+        active = depths >= step
+        assert layout.step_rows[step - 1] == active.sum()
+        assert torch.equal(layout.image_lengths[step - 1], active.sum(1).int())
+        # the active rows are exactly the prefix
+        assert bool((flat[layout.perm[: int(active.sum())]] >= step).all())
+        rows = layout.attention_rows(step, int(active.sum()))
+        cu = layout.cu_seqlens[step - 1].tolist()
+        for b in range(batch):
+            tokens_of_b = layout.perm[rows[cu[b]:cu[b + 1]]]
+            assert bool((tokens_of_b // tokens == b).all())
+            assert sorted(tokens_of_b.tolist()) == [b * tokens + i for i in range(tokens) if active[b, i]]
+
+
+def test_pack_unpack_round_trip():
+    depths = random_depths(3, 50, 12)
+    layout = rk.depth_sort(depths, 12)
+    x = torch.randn(3, 50, 8)
+    assert torch.equal(rk.unpack(rk.pack(x, layout), layout), x)
+
+
+def test_check_depths_names_the_argument():
+    with pytest.raises(ValueError, match="depths.*1..12"):
+        rk.check_depths(torch.tensor([[0, 3]]), 12)
+    with pytest.raises(ValueError, match="depths.*1..12"):
+        rk.check_depths(torch.tensor([[13, 3]]), 12)
+    with pytest.raises(ValueError, match="depths.*shape"):
+        rk.check_depths(torch.ones(3, dtype=torch.long), 12)
+    with pytest.raises(ValueError, match="depths.*integer"):
+        rk.check_depths(torch.ones(2, 3), 12)
+
+
+def segment_loop_attention(q, k, v, cu_q, cu_k, scale, q_rows=None, kv_rows=None):
+    """The obvious reference: one softmax per segment, in fp64."""
+    out = torch.zeros_like(q, dtype=torch.float64)
+    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cu_q) - 1):
+        qi = torch.arange(cu_q[b], cu_q[b + 1]) if q_rows is None else q_rows[cu_q[b]:cu_q[b + 1]]
+        ki = torch.arange(cu_k[b], cu_k[b + 1]) if kv_rows is None else kv_rows[cu_k[b]:cu_k[b + 1]]
+        if len(qi) == 0:
+            continue
+        qb, kb, vb = q[qi].double(), k[ki].double(), v[ki].double()
+        scores = torch.einsum("qhd,khd->hqk", qb, kb) * scale
+        out[qi] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vb)
+    return out
+
+
+def attention_error_bound(reference, *outputs):
+    return max(float((o.double() - reference).abs().max()) for o in outputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lengths", [[5], [1, 7, 3], [17, 0, 50], [1]])
+def test_varlen_attention_matches_segment_loop(dtype, lengths):
+    heads, head_dim = 2, 16
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    total = int(cu[-1])
+    q, k, v = (torch.randn(total, heads, head_dim, dtype=dtype) for _ in range(3))
+    out = rk.varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths))
+    reference = segment_loop_attention(q, k, v, cu, cu, head_dim ** -0.5)
+    assert out.shape == q.shape and out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.double(), reference, atol=tolerance, rtol=0)
+
+
+def test_varlen_attention_index_tables_and_uncovered_rows():
+    heads, head_dim = 2, 8
+    q = torch.randn(10, heads, head_dim)
+    k, v = torch.randn(12, heads, head_dim), torch.randn(12, heads, head_dim)
+    q_rows = torch.tensor([3, 0, 7, 5, 1])  # rows 2, 4, 6, 8, 9 uncovered
+    kv_rows = torch.randperm(12)
+    cu_q = torch.tensor([0, 2, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 6, 12], dtype=torch.int32)
+    out = rk.varlen_attention(q, k, v, cu_q, cu_k, 4, 6, 0.3, q_rows=q_rows, kv_rows=kv_rows)
+    reference = segment_loop_attention(q, k, v, cu_q, cu_k, 0.3, q_rows, kv_rows)
+    torch.testing.assert_close(out.double(), reference, atol=1e-6, rtol=0)
+    assert bool((out[[2, 4, 6, 8, 9]] == 0).all())
+
+
+def test_varlen_attention_gradients_match_reference():
+    q, k, v = (torch.randn(9, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    rk.varlen_attention(q, k, v, cu, cu, 5, 5).pow(2).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    segment_loop_attention(q, k, v, cu, cu, 8 ** -0.5).pow(2).sum().backward()
+    for got, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(got, t.grad)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(cu_seqlens_q=torch.tensor([0, 5, 3], dtype=torch.int32)), "cu_seqlens_q.*non-decreasing"),
+    (dict(cu_seqlens_q=torch.tensor([0, 4, 9])), "cu_seqlens_q.*int32"),
+    (dict(cu_seqlens_k=torch.tensor([1, 4, 9], dtype=torch.int32)), "cu_seqlens_k.*start at 0"),
+    (dict(cu_seqlens_k=torch.tensor([0, 4, 99], dtype=torch.int32)), "cu_seqlens_k.*exceeds"),
+    (dict(k=torch.randn(9, 3, 8)), "k: expected"),
+    (dict(v=torch.randn(9, 2, 8, dtype=torch.float64)), "v: expected dtype"),
+    (dict(q=torch.randn(9, 16)), "q: expected 3 dimensions"),
+    (dict(max_seqlen_q=0), "max_seqlen_q"),
+    (dict(q_rows=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 20])), "q_rows"),
+])
+def test_varlen_attention_bad_input(bad, match):
+    args = dict(q=torch.randn(9, 2, 8), k=torch.randn(9, 2, 8), v=torch.randn(9, 2, 8),
+                cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32),
+                cu_seqlens_k=torch.tensor([0, 4, 9], dtype=torch.int32), max_seqlen_q=5, max_seqlen_k=5)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        rk.varlen_attention(**args)
+
+
+def test_layer_norm_with_residual():
+    x, residual = torch.randn(7, 16), torch.randn(7, 16)
+    weight, bias = torch.randn(16), torch.randn(16)
+    out, summed = rk.layer_norm(x, weight, bias, 1e-6, residual=residual)
+    torch.testing.assert_close(summed, x + residual)
+    torch.testing.assert_close(out, F.layer_norm(x + residual, (16,), weight, bias, 1e-6))
+    with pytest.raises(ValueError, match="weight"):
+        rk.layer_norm(x, torch.ones(8), None)
+    with pytest.raises(ValueError, match="residual"):
+        rk.layer_norm(x, weight, bias, residual=torch.randn(3, 16))
+
+
+def test_mlp_matches_modules():
+    block_mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    x, residual = torch.randn(5, 16), torch.randn(5, 16)
+    out = rk.mlp(x, block_mlp[0].weight, block_mlp[0].bias, block_mlp[2].weight, block_mlp[2].bias,
+                 residual=residual)
+    torch.testing.assert_close(out, block_mlp(x) + residual)
+    with pytest.raises(ValueError, match="fc1_weight"):
+        rk.mlp(x, torch.randn(64, 8), None, block_mlp[2].weight, None)
+
+
+def test_backend_selection_and_errors(monkeypatch):
+    assert rk.resolve_backend("packed") == "packed"
+    monkeypatch.setenv("RECVIT_BACKEND", "eager")
+    assert rk.resolve_backend() == "eager"
+    monkeypatch.setenv("RECVIT_BACKEND", "fast")
+    with pytest.raises(ValueError, match="RECVIT_BACKEND='fast'"):
+        rk.resolve_backend()
+    with pytest.raises(ValueError, match="backend='nope'"):
+        rk.layer_norm(torch.randn(2, 4), torch.ones(4), None, backend="nope")
+    reasons = rk.available_backends()
+    assert reasons["eager"] is None and reasons["packed"] is None
+    for name in ("triton", "cuda"):
+        assert reasons[name] is None or isinstance(reasons[name], str)

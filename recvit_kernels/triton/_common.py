@@ -1,0 +1,43 @@
+"""Shared pieces of the triton backend: where a tensor can run, and the recomputing backward."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def device_reason(name: str, tensor: torch.Tensor) -> Optional[str]:
+    """None if the Triton kernels can read ``tensor`` (its device and dtype), else why not."""
+    if tensor.device.type == "cpu" and not interpreting():
+        return f"{name} is on the CPU; Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1)"
+    if tensor.device.type not in ("cpu", "cuda"):
+        return f"{name} is on {tensor.device}; Triton kernels need a CUDA tensor"
+    if tensor.dtype not in DTYPES:
+        return f"{name} has dtype {tensor.dtype}; the Triton kernels take {DTYPES}"
+    if tensor.dtype == torch.bfloat16 and interpreting():
+        return f"{name} is bfloat16, which the Triton interpreter does not support"
+    return None
+
+
+def recompute_grads(eager: Callable, inputs: Sequence, needs_grad: Sequence[bool], grad_outputs):
+    """Gradients of ``eager(*inputs)`` for the inputs flagged in ``needs_grad`` (None for the rest).
+
+    The backward of every Triton forward here: it reruns the eager PyTorch op under autograd and
+    differentiates that, so gradients equal the eager reference's at the cost of one more forward.
+    """
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(flag) if isinstance(x, torch.Tensor) and flag else x
+                  for x, flag in zip(inputs, needs_grad)]
+        outputs = eager(*leaves)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        wanted = [x for x, flag in zip(leaves, needs_grad) if flag]
+        grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True)
+                     if wanted else ())
+    return tuple(next(grads) if flag else None for flag in needs_grad)

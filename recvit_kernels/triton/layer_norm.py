@@ -1,0 +1,97 @@
+"""Triton LayerNorm over rows, with the residual add fused (``(layer_norm(x + r), x + r)``).
+
+Same contract as :func:`recvit_kernels.layer_norm`: ``x`` (..., C) normalised over C with
+``weight`` (C,) and optional ``bias`` (C,); statistics in fp32. One program normalises BLOCK_ROWS
+rows. The sum ``x + residual`` is rounded to x's dtype before it is normalised, as in the eager op.
+The backward recomputes with the eager op.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import register
+from ..layer_norm import _layer_norm_eager
+from ._common import device_reason, recompute_grads
+
+MAX_WIDTH = 8192
+
+
+@triton.jit
+def _layer_norm_kernel(X, R, W, B, Y, S, rows, width, eps, sx, sr, sy, ss,
+                       HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    offs_r = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)
+    c_valid = offs_c < width
+    mask = (offs_r < rows)[:, None] & c_valid[None, :]
+    x = tl.load(X + offs_r[:, None] * sx + offs_c[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = x + tl.load(R + offs_r[:, None] * sr + offs_c[None, :], mask=mask, other=0.0)
+        tl.store(S + offs_r[:, None] * ss + offs_c[None, :], x, mask=mask)
+    x = x.to(tl.float32)
+    mean = tl.sum(x, 1) / width
+    centred = tl.where(c_valid[None, :], x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / width + eps)
+    y = centred * rstd[:, None] * tl.load(W + offs_c, mask=c_valid, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + offs_c, mask=c_valid, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_r[:, None] * sy + offs_c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+def _rows(t):
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch(x, weight, bias, eps, residual):
+    width = x.shape[-1]
+    x2 = _rows(x)
+    r2 = _rows(residual) if residual is not None else x2
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    summed = torch.empty_like(out) if residual is not None else out
+    block_c = triton.next_power_of_2(width)
+    block_rows = max(1, min(16, 4096 // block_c))
+    grid = (triton.cdiv(x2.shape[0], block_rows),)
+    _layer_norm_kernel[grid](x2, r2, weight, bias if bias is not None else weight, out, summed,
+                             x2.shape[0], width, eps, x2.stride(0), r2.stride(0), out.stride(0),
+                             summed.stride(0), HAS_RESIDUAL=residual is not None,
+                             HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows, BLOCK_C=block_c,
+                             num_warps=4 if block_c <= 1024 else 8)
+    return out.view(x.shape), summed.view(x.shape)
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, residual):
+        ctx.save_for_backward(x, weight, bias, residual)
+        ctx.eps = eps
+        out, summed = _launch(x, weight, bias, eps, residual)
+        return out if residual is None else (out, summed)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        x, weight, bias, residual = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grads = recompute_grads(lambda x, w, b, r: _layer_norm_eager(x, w, b, ctx.eps, r),
+                                (x, weight, bias, residual), (*needs[:3], needs[4]), grad_outputs)
+        return grads[0], grads[1], grads[2], None, grads[3]
+
+
+def _supports(x, weight, bias, eps, residual):
+    for name, tensor in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+        reason = None if tensor is None else device_reason(name, tensor)
+        if reason is not None:
+            return reason
+    if residual is not None and residual.dtype != x.dtype:
+        return f"residual has dtype {residual.dtype}, x has {x.dtype}"
+    if x.shape[-1] > MAX_WIDTH:
+        return f"width {x.shape[-1]} exceeds {MAX_WIDTH}"
+    return None
+
+
+@register("layer_norm", "triton", supports=_supports)
+def layer_norm_triton(x, weight, bias, eps, residual):
+    """Triton forward (eager-recomputing backward) of :func:`recvit_kernels.layer_norm`."""
+    return _LayerNorm.apply(x, weight, bias, eps, residual)

@@ -1,0 +1,94 @@
+"""Triton MLP: cuBLAS GEMMs through torch, with the bias+GELU and bias+residual epilogues fused in
+one Triton kernel each.
+
+Same contract as :func:`recvit_kernels.mlp`: ``residual + fc2(gelu(fc1(x)))`` over the rows of x.
+``F.linear`` without bias runs each GEMM; ``_epilogue_kernel`` then adds the bias and applies the
+exact (erf) GELU, or adds the bias and the residual, in fp32, rounding once. This choice over fused
+Triton GEMMs is not yet measured on a GPU. The epilogues' backward recomputes them with eager
+PyTorch (element-wise, cheap); the GEMMs differentiate through torch as usual.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .._backend import register
+from ._common import device_reason, recompute_grads
+
+
+@triton.jit
+def _epilogue_kernel(Y, B, R, O, rows, cols, sy, sr, so,
+                     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    offs_r = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    c_valid = offs_c < cols
+    mask = (offs_r < rows)[:, None] & c_valid[None, :]
+    y = tl.load(Y + offs_r[:, None] * sy + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(B + offs_c, mask=c_valid, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+    if HAS_RESIDUAL:
+        y = y + tl.load(R + offs_r[:, None] * sr + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(O + offs_r[:, None] * so + offs_c[None, :], y.to(O.dtype.element_ty), mask=mask)
+
+
+def _eager_epilogue(y, bias, residual, gelu):
+    out = y if bias is None else y + bias
+    if gelu:
+        out = F.gelu(out)
+    return out if residual is None else out + residual
+
+
+def _launch(y, bias, residual, gelu):
+    out = torch.empty_like(y)
+    r = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
+    rows, cols = y.shape
+    block_rows, block_cols = 32, min(128, triton.next_power_of_2(cols))
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
+    _epilogue_kernel[grid](y, bias if bias is not None else y, r if r is not None else y, out,
+                           rows, cols, y.stride(0), r.stride(0) if r is not None else 0, out.stride(0),
+                           HAS_BIAS=bias is not None, GELU=gelu, HAS_RESIDUAL=r is not None,
+                           BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+    return out
+
+
+class _Epilogue(torch.autograd.Function):
+    """``[gelu](y + bias) [+ residual]`` on a (rows, cols) GEMM output, fused in one kernel."""
+
+    @staticmethod
+    def forward(ctx, y, bias, residual, gelu):
+        ctx.save_for_backward(y, bias, residual)
+        ctx.gelu = gelu
+        return _launch(y, bias, residual, gelu)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, bias, residual = ctx.saved_tensors
+        grads = recompute_grads(lambda y, b, r: _eager_epilogue(y, b, r, ctx.gelu), (y, bias, residual),
+                                ctx.needs_input_grad[:3], (grad_out,))
+        return (*grads, None)
+
+
+def _supports(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
+    for name, tensor in (("x", x), ("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias),
+                         ("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias), ("residual", residual)):
+        reason = None if tensor is None else device_reason(name, tensor)
+        if reason is not None:
+            return reason
+        if tensor is not None and tensor.dtype != x.dtype:
+            return f"{name} has dtype {tensor.dtype}, x has {x.dtype}"
+    return None
+
+
+@register("mlp", "triton", supports=_supports)
+def mlp_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
+    """Triton-epilogue version of :func:`recvit_kernels.mlp`."""
+    hidden = _Epilogue.apply(F.linear(x, fc1_weight), fc1_bias, None, True)
+    out = F.linear(hidden, fc2_weight)
+    if fc2_bias is None and residual is None:
+        return out
+    return _Epilogue.apply(out, fc2_bias, residual, False)

@@ -1,0 +1,130 @@
+"""Triton varlen attention forward over packed (optionally index-table) rows.
+
+Same contract as :func:`recvit_kernels.varlen_attention`: q (total_q, H, D), k/v (total_k, H, D) with
+any strides; int32 ``cu_seqlens_q/k`` on the device; host bounds ``max_seqlen_q/k``; optional
+``q_rows``/``kv_rows`` index tables. One program handles BLOCK_M queries of one (segment, head):
+the grid covers the static bound ``max_seqlen_q`` and programs past the live segment length (read
+from ``cu_seqlens_q``) return at once, so the launch never depends on device values. Online
+softmax in base 2 with fp32 accumulation; outputs go to ``q_rows[p]``, rows no segment covers stay
+zero. The backward recomputes with the eager op (see ``_common.recompute_grads``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import register
+from ..varlen_attention import _varlen_attention_eager
+from ._common import device_reason, recompute_grads
+
+HEAD_DIMS = (16, 32, 64, 128)
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _varlen_attention_kernel(Q, K, V, O, CU_Q, CU_K, Q_ROWS, KV_ROWS,
+                             sq_r, sq_h, sq_d, sk_r, sk_h, sk_d, sv_r, sv_h, sv_d,
+                             so_r, so_h, so_d, scale_log2,
+                             HAS_Q_ROWS: tl.constexpr, HAS_KV_ROWS: tl.constexpr,
+                             PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    block = tl.program_id(0)
+    segment = tl.program_id(1)
+    head = tl.program_id(2).to(tl.int64)
+    q_start = tl.load(CU_Q + segment)
+    q_len = tl.load(CU_Q + segment + 1) - q_start
+    if block * BLOCK_M >= q_len:
+        return
+    k_start = tl.load(CU_K + segment)
+    k_len = tl.load(CU_K + segment + 1) - k_start
+
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < q_len
+    if HAS_Q_ROWS:
+        q_row = tl.load(Q_ROWS + q_start + offs_m, mask=m_valid, other=0).to(tl.int64)
+    else:
+        q_row = (q_start + offs_m).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + q_row[:, None] * sq_r + head * sq_h + offs_d[None, :] * sq_d,
+                mask=m_valid[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for n0 in range(0, k_len, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < k_len
+        if HAS_KV_ROWS:
+            kv_row = tl.load(KV_ROWS + k_start + offs_n, mask=n_valid, other=0).to(tl.int64)
+        else:
+            kv_row = (k_start + offs_n).to(tl.int64)
+        k = tl.load(K + kv_row[:, None] * sk_r + head * sk_h + offs_d[None, :] * sk_d,
+                    mask=n_valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_row[:, None] * sv_r + head * sv_h + offs_d[None, :] * sv_d,
+                    mask=n_valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a segment without keys gives zeros
+    tl.store(O + q_row[:, None] * so_r + head * so_h + offs_d[None, :] * so_d,
+             acc.to(O.dtype.element_ty), mask=m_valid[:, None])
+
+
+def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, q_rows, kv_rows):
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    batch, heads, head_dim = cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
+    block_m = block_n = 64
+    grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
+    _varlen_attention_kernel[grid](
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k,
+        q_rows if q_rows is not None else cu_seqlens_q, kv_rows if kv_rows is not None else cu_seqlens_k,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), softmax_scale * _LOG2E,
+        HAS_Q_ROWS=q_rows is not None, HAS_KV_ROWS=kv_rows is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEAD_DIM=head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if head_dim <= 64 else 8)
+    return out
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                q_rows, kv_rows):
+        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, q_rows, kv_rows)
+        ctx.static = (max_seqlen_q, max_seqlen_k, softmax_scale)
+        return _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, q_rows, kv_rows)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, cu_q, cu_k, q_rows, kv_rows = ctx.saved_tensors
+        max_q, max_k, scale = ctx.static
+
+        def eager(q, k, v):
+            return _varlen_attention_eager(q, k, v, cu_q, cu_k, max_q, max_k, scale,
+                                           q_rows=q_rows, kv_rows=kv_rows)
+
+        grads = recompute_grads(eager, (q, k, v), ctx.needs_input_grad[:3], (grad_out,))
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+              q_rows=None, kv_rows=None):
+    reason = device_reason("q", q)
+    if reason is not None:
+        return reason
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} is not one of {HEAD_DIMS}"
+    return None
+
+
+@register("varlen_attention", "triton", supports=_supports)
+def varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            softmax_scale, *, q_rows=None, kv_rows=None):
+    """Triton forward (eager-recomputing backward) of :func:`recvit_kernels.varlen_attention`."""
+    return _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  softmax_scale, q_rows, kv_rows)

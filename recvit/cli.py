@@ -1,0 +1,212 @@
+"""The ``recvit`` command line (also ``python -m recvit``): info, flops, params, depthmap, bench."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from typing import Optional, Sequence
+
+PAPER_ALPHA_SUMS = (8.21, 6.64)  # supplement eq. 17
+PAPER_TABLE1 = {"attention": 8.433, "mlp": 15.256}  # supplement Table 1
+SCALES = ("edge_recvit_tiny", "edge_recvit_small", "edge_recvit_base")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recvit", description="Recursive ViTs with token-level dynamic depth (Edge-RecViT, MoR-ViT).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", help="versions, device and which backends can run here (and why not)")
+    info.set_defaults(handler=_info, parser=info)
+
+    flops = commands.add_parser(
+        "flops", help="FLOPs per image by component, as in the Edge-RecViT supplement (section 3)")
+    flops.set_defaults(handler=_flops, parser=flops)
+    flops.add_argument("--model", default="edge_recvit_base", help="model name (default: %(default)s)")
+    flops.add_argument("--img-size", type=_positive_int, default=None, help="input resolution (default: the model's)")
+    profile = flops.add_mutually_exclusive_group()
+    profile.add_argument("--alpha-sums", nargs=2, type=float, metavar=("SUM_ALPHA", "SUM_ALPHA_SQ"),
+                         default=None, help="depth profile sums (sum alpha_l, sum alpha_l^2) with "
+                         "alpha_l = N_l / N0; default: the paper's 8.21 6.64")
+    profile.add_argument("--full-depth", action="store_true", help="every token at depth L (EARR disabled)")
+
+    params = commands.add_parser("params", help="parameter counts (the papers' Params column)")
+    params.set_defaults(handler=_params, parser=params)
+    params.add_argument("--model", default=None, help="one model (default: the three Edge-RecViT scales)")
+
+    depthmap = commands.add_parser("depthmap", help="draw the ranker's per-patch depths over an image")
+    depthmap.set_defaults(handler=_depthmap, parser=depthmap)
+    depthmap.add_argument("image", help="image file (PNG, or any format Pillow reads)")
+    depthmap.add_argument("-o", "--output", required=True, help="output figure (e.g. out.png)")
+    depthmap.add_argument("--model", default="edge_recvit_base", help="model name (default: %(default)s)")
+    depthmap.add_argument("--checkpoint", default=None,
+                          help="weights to load (default: random initialisation, whose depths mean nothing)")
+    depthmap.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+
+    commands.add_parser("bench", add_help=False,
+                        help="quick side-by-side of the backends (arguments go to recvit.bench; "
+                        "see recvit bench --help)")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from . import bench
+
+        return bench.main(argv[1:]) or 0
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    return args.handler(args, args.parser)
+
+
+def _model(sub: argparse.ArgumentParser, name: str, **overrides):
+    from .factory import create_model, list_models
+
+    if name not in list_models():
+        sub.error(f"argument --model: unknown model {name!r}; expected one of {', '.join(list_models())}")
+    try:
+        return create_model(name, **overrides)
+    except (TypeError, ValueError) as error:
+        given = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in overrides.items())
+        sub.error(f"argument {given}: cannot build {name!r}: {error}")
+
+
+def _info(args, sub) -> int:
+    import torch
+
+    import recvit_kernels as rk
+
+    from . import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        device = f"cuda: {props.name} (sm_{props.major}{props.minor}), CUDA {torch.version.cuda}"
+    else:
+        device = "cpu (no CUDA device)"
+    print(f"recvit  {__version__}")
+    print(f"python  {platform.python_version()}")
+    print(f"torch   {torch.__version__}")
+    print(f"triton  {triton_version}")
+    print(f"device  {device}")
+    if os.environ.get("RECVIT_BACKEND"):
+        print(f"RECVIT_BACKEND={os.environ['RECVIT_BACKEND']}")
+    print("backends:")
+    for name, reason in rk.available_backends().items():
+        print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def _flops(args, sub) -> int:
+    from .flops import check_alpha_sums, full_depth_flops, profile_flops
+
+    overrides = {} if args.img_size is None else {"img_size": args.img_size}
+    model = _model(sub, args.model, **overrides)
+    num_steps, tokens = model.num_steps, model.num_tokens
+    size, dim = model.patch_embed.img_size, model.embed_dim
+    ratio = model.recursion.head_layer.mlp.fc1.out_features / dim
+    if args.full_depth:
+        result, what = full_depth_flops(model), f"full depth (every token runs all L = {num_steps} steps)"
+    else:
+        sums = tuple(args.alpha_sums) if args.alpha_sums else PAPER_ALPHA_SUMS
+        try:
+            check_alpha_sums(sums, num_steps)
+        except ValueError as error:
+            sub.error(f"argument --alpha-sums: {str(error).removeprefix('alpha_sums: ')}")
+        result = profile_flops(model, sums)
+        what = f"depth profile sum alpha_l = {sums[0]:g}, sum alpha_l^2 = {sums[1]:g} (eqs. 16-19)"
+    g = result.gflops()
+    print(f"{args.model}, {size}x{size} input: N0 = {tokens} tokens, C = {dim}, L = {num_steps}, "
+          f"MLP ratio {ratio:g}")
+    print(what)
+    print("1 MAC = 2 FLOPs; bias, softmax, norms and the classifier ignored; attention over the active "
+          "tokens (kv=\"active\").")
+    print()
+    rows = [("Patch embedding", "patch_embed", 3), ("Ranker (EARR)", "ranker", 3),
+            ("Attention", "attention", 3), ("MLP", "mlp", 3), ("Blocks (attn + MLP)", "blocks", 2),
+            ("Total", "total", 2)]
+    print(f"{'Component':<21}{'GFLOPs':>9}{'Share':>9}")
+    for label, key, digits in rows:
+        print(f"{label:<21}{g[key]:>9.{digits}f}{100 * g[key] / g['total']:>8.2f}%")
+    print()
+    paper_base = args.model == "edge_recvit_base" and size == 224
+    if args.full_depth and paper_base:
+        print(f"Note: the supplement's eq. 13 gives the blocks as 34.90: that is {g['blocks']:.4f} rounded "
+              "twice (34.895 -> 34.90); eq. 14's total 35.60 agrees.")
+    elif not args.full_depth and paper_base and sums == PAPER_ALPHA_SUMS:
+        # The sums the paper's own attention / MLP split implies (MLP is linear in S1).
+        s1 = PAPER_TABLE1["mlp"] * 1e9 / (4.0 * tokens * dim * ratio * dim)
+        s2 = (PAPER_TABLE1["attention"] * 1e9 - 8.0 * tokens * dim * dim * s1) / (4.0 * tokens ** 2 * dim)
+        print(f"Note: the supplement's Table 1 splits the blocks as attention {PAPER_TABLE1['attention']} / "
+              f"MLP {PAPER_TABLE1['mlp']}, with the same total {g['total']:.2f}. That split comes from the "
+              "paper's profiler on its own depth histogram, whose sums differ slightly from the quoted "
+              f"ones (it implies sum alpha_l ~ {s1:.3f}, sum alpha_l^2 ~ {s2:.2f}); the formulas with the "
+              "quoted sums give the split above.")
+    return 0
+
+
+def _params(args, sub) -> int:
+    from .flops import PARAMS_CONVENTION, count_params
+
+    names = [args.model] if args.model else list(SCALES)
+    models = [_model(sub, name) for name in names]
+    print(f"Params convention (the papers' column): {PARAMS_CONVENTION}.")
+    print()
+    print(f"{'Model':<20}{'Params (M)':>12}{'with head (M)':>15}")
+    for name, model in zip(names, models):
+        print(f"{name:<20}{count_params(model) / 1e6:>12.1f}{count_params(model, include_head=True) / 1e6:>15.2f}")
+    return 0
+
+
+def _depthmap(args, sub) -> int:
+    import torch
+
+    from .depthmap import depth_heatmap, load_image, plot_depthmap
+
+    if not os.path.isfile(args.image):
+        sub.error(f"argument image: no such file: {args.image}")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        sub.error(f"argument -o/--output: directory does not exist: {out_dir}")
+    torch.manual_seed(args.seed)
+    model = _model(sub, args.model).eval()
+    if not hasattr(model, "ranker"):
+        sub.error(f"argument --model: {args.model!r} has no depth ranker to draw")
+    if args.checkpoint is not None:
+        if not os.path.isfile(args.checkpoint):
+            sub.error(f"argument --checkpoint: no such file: {args.checkpoint}")
+        from .checkpoint import load_checkpoint
+
+        try:
+            load_checkpoint(model, args.checkpoint)
+        except (KeyError, ValueError, RuntimeError, OSError) as error:
+            sub.error(f"argument --checkpoint: {error}")
+    try:
+        shown, pixels = load_image(args.image, model.patch_embed.img_size)
+    except ImportError as error:
+        sub.error(str(error))
+    except ValueError as error:
+        sub.error(f"argument image: {error}")
+    depths = depth_heatmap(model, pixels)[0]
+    source = args.checkpoint or f"random init, seed {args.seed}"
+    plot_depthmap(shown, depths, args.output, model.num_steps,
+                  title=f"{args.model} ({source}): {os.path.basename(args.image)}")
+    print(f"wrote {args.output}: {depths.numel()} patches, mean depth {depths.float().mean():.2f} "
+          f"of L = {model.num_steps}")
+    if args.checkpoint is None:
+        print("note: no --checkpoint given, so the ranker is randomly initialised and its depths are noise")
+    return 0

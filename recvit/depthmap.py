@@ -1,0 +1,113 @@
+"""Depth maps: the ranker's per-patch depth drawn over the image, with a histogram of the depths
+beside it (the figures of the Edge-RecViT papers). Plotting needs matplotlib (``pip install recvit[viz]``).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise ImportError("depth maps need matplotlib: pip install 'recvit[viz]' "
+                          "(or pip install matplotlib)") from error
+
+
+def load_image(path: str, img_size: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Read an image file (PNG, or any format Pillow reads) and resize it to ``img_size``.
+
+    Returns the resized image (img_size, img_size, 3) float in [0, 1] for display, and the model
+    input (1, 3, img_size, img_size) normalised with the ImageNet mean and std.
+    """
+    _require_matplotlib()
+    import matplotlib.image
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image: no such file: {path}")
+    try:
+        array = np.asarray(matplotlib.image.imread(path))
+    except Exception as error:  # matplotlib/Pillow raise several types for unreadable files
+        raise ValueError(f"image: cannot read {path}: {error}") from error
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    elif array.dtype == np.uint16:
+        array = array.astype(np.float32) / 65535.0
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f"image: expected a grey, RGB or RGBA image, got array shape {array.shape}")
+    pixels = torch.from_numpy(np.ascontiguousarray(array[..., :3], dtype=np.float32))
+    pixels = pixels.permute(2, 0, 1)[None]
+    resized = F.interpolate(pixels, size=(img_size, img_size), mode="bilinear", align_corners=False,
+                            antialias=True).clamp(0.0, 1.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return resized[0].permute(1, 2, 0).numpy(), (resized - mean) / std
+
+
+@torch.no_grad()
+def depth_heatmap(model: nn.Module, image_tensor: torch.Tensor) -> torch.Tensor:
+    """The ranker's depth (1..L) of every patch: (B, 3, S, S) images -> (B, grid, grid) int64."""
+    tokens = model.embed(image_tensor)
+    depths = model.ranker(tokens)[2][:, 1:]  # drop [CLS]
+    grid = model.patch_embed.grid_size
+    return depths.reshape(depths.shape[0], grid, grid)
+
+
+def plot_depthmap(image, depths, path: str, num_steps: int = 12, title: str = "") -> None:
+    """Save a figure to ``path``: ``image`` (H, W, 3) in [0, 1] (or a (3, H, W) tensor), the same
+    under a translucent heatmap of ``depths`` (grid, grid) in 1..L with a colour bar, and a
+    histogram of the depths.
+    """
+    _require_matplotlib()
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    image = image.detach().cpu().permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else image
+    image = np.asarray(image)
+    depths = np.asarray(depths.detach().cpu() if isinstance(depths, torch.Tensor) else depths)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image: expected shape (H, W, 3) or a (3, H, W) tensor, got {image.shape}")
+    if depths.ndim != 2:
+        raise ValueError(f"depths: expected shape (grid, grid), got {depths.shape}")
+    if depths.size and (depths.min() < 1 or depths.max() > num_steps):
+        raise ValueError(f"depths: values must lie in 1..{num_steps}, got {depths.min()}..{depths.max()}")
+
+    cmap = matplotlib.colormaps["jet"].resampled(num_steps)  # one colour per depth, deep = red
+    height, width = image.shape[:2]
+    figure = Figure(figsize=(14.5, 4.6), layout="constrained")
+    image_axes, map_axes, hist_axes = figure.subplots(1, 3, width_ratios=(1, 1.15, 1.1))
+    image_axes.imshow(image)
+    image_axes.set_axis_off()
+    image_axes.set_title("image")
+    map_axes.imshow(image)
+    heat = map_axes.imshow(depths, cmap=cmap, vmin=0.5, vmax=num_steps + 0.5, alpha=0.45,
+                           interpolation="nearest", extent=(0, width, height, 0))
+    map_axes.set_axis_off()
+    map_axes.set_title("depth per patch")
+    colorbar = figure.colorbar(heat, ax=map_axes, ticks=range(1, num_steps + 1), fraction=0.046)
+    colorbar.set_label("depth (recursion steps)")
+    colorbar.solids.set_alpha(1.0)
+
+    levels = np.arange(1, num_steps + 1)
+    counts = np.array([(depths == level).sum() for level in levels])
+    hist_axes.bar(levels, counts, color=cmap((levels - 0.5) / num_steps), edgecolor="black", linewidth=0.5)
+    hist_axes.set_xticks(levels)
+    hist_axes.set_xlim(0.4, num_steps + 0.6)
+    hist_axes.set_xlabel("depth")
+    hist_axes.set_ylabel("patches")
+    mean = float(depths.mean()) if depths.size else float("nan")
+    hist_axes.set_title(f"depth histogram ({depths.size} patches, mean depth {mean:.2f})")
+    hist_axes.grid(axis="y", alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    figure.savefig(path, dpi=110)

@@ -23,7 +23,14 @@ from .layers import Block, check_kv
 
 
 class RecursiveBlock(nn.Module):
-    """Drop-in fast recursive block: (B, N, C) token states and (B, N) depths in 1..L -> new states."""
+    """Drop-in fast recursive block: (B, N, C) token states and (B, N) depths in 1..L -> new states.
+
+    ``static_shapes = True`` makes the packed path free of host syncs (for CUDA-graph capture):
+    every step runs on all B*N rows and only the first M_l keep their update, so the token-wise
+    layers cost as much as the dense model while attention still skips the inactive rows.
+    """
+
+    static_shapes = False
 
     def __init__(self, dim: int, num_heads: int, num_steps: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, eps: float = 1e-6, kv: str = "active",
@@ -86,6 +93,8 @@ class RecursiveBlock(nn.Module):
     def _forward_packed(self, x, depths, kv, backend):
         layout = rk.depth_sort(depths, self.num_steps, backend=backend)
         rows = rk.pack(x, layout)
+        if self.static_shapes:
+            return rk.unpack(self._steps_static(rows, layout, kv, backend), layout)
         # The one host sync of this path: the per-step row counts size the prefix GEMMs.
         step_rows = layout.step_rows.tolist()
         for step, num_rows in enumerate(step_rows, start=1):
@@ -94,6 +103,15 @@ class RecursiveBlock(nn.Module):
             updated = self.layer_for_step(step).forward_packed(rows, layout, step, num_rows, kv, backend)
             rows = _write_prefix(rows, updated)
         return rk.unpack(rows, layout)
+
+    def _steps_static(self, rows, layout, kv, backend):
+        """All L steps on every row; M_l stays on the device as a row mask (no host sync)."""
+        total = rows.shape[0]
+        position = torch.arange(total, device=rows.device)[:, None]
+        for step in range(1, self.num_steps + 1):
+            updated = self.layer_for_step(step).forward_packed(rows, layout, step, total, kv, backend)
+            rows = torch.where(position < layout.step_rows[step - 1], updated, rows)
+        return rows
 
 
 def _write_prefix(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,194 @@
+"""Triton varlen attention vs the eager op (flash-attention tolerance rule); GPU tests marked gpu."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import recvit_kernels as rk
+
+pytest.importorskip("triton")
+if rk.unavailable_reason("triton") is not None:
+    pytest.skip(f"triton backend unavailable: {rk.unavailable_reason('triton')}", allow_module_level=True)
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def attention(q, k, v, cu_q, cu_k, max_q, max_k, q_rows, kv_rows, backend):
+    return rk.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, q.shape[-1] ** -0.5,
+                               q_rows=q_rows, kv_rows=kv_rows, backend=backend)
+
+
+def check_against_reference(q, k, v, *args):
+    """Triton error vs an fp64 reference <= 2x the eager op's error in the same dtype + floor."""
+    reference = attention(q.double(), k.double(), v.double(), *args, backend="eager")
+    ours = attention(q, k, v, *args, backend="triton")
+    theirs = attention(q, k, v, *args, backend="eager")
+    assert ours.shape == q.shape and ours.dtype == q.dtype
+    error = (ours.double() - reference).abs().max().item()
+    baseline = (theirs.double() - reference).abs().max().item()
+    assert error <= 2 * baseline + FLOOR[q.dtype], (error, baseline)
+    return ours
+
+
+def layout_inputs(depths, num_steps, heads, head_dim, dtype, device=DEVICE):
+    layout = rk.depth_sort(depths.to(device), num_steps)
+    total = depths.numel()
+    # q, k, v come from one (M, 3, H, D) projection, as in the model: non-contiguous views
+    q, k, v = torch.randn(total, 3, heads, head_dim, dtype=dtype, device=device).unbind(1)
+    return layout, q, k, v
+
+
+def run_all_steps(depths, num_steps, kv, dtype, heads=2, head_dim=32):
+    batch, tokens = depths.shape
+    layout, q, k, v = layout_inputs(depths, num_steps, heads, head_dim, dtype)
+    total = batch * tokens
+    for step in range(1, num_steps + 1):
+        q_rows = layout.attention_rows(step, total)  # static bound, as in the sync-free path
+        cu_q = layout.cu_seqlens[step - 1]
+        if kv == "active":
+            kv_rows, cu_k = q_rows, cu_q
+        else:
+            kv_rows, cu_k = layout.image_order, layout.all_rows_cu_seqlens()
+        out = check_against_reference(q, k, v, cu_q, cu_k, tokens, tokens, q_rows, kv_rows)
+        inactive = torch.ones(total, dtype=torch.bool, device=q.device)
+        inactive[q_rows[: int(layout.step_rows[step - 1])]] = False
+        assert not out[inactive].any(), "rows outside every segment must be zero"
+
+
+PROFILES = {
+    "random": lambda: torch.randint(1, 4, (3, 17)),
+    "all_depth_1": lambda: torch.ones(2, 17, dtype=torch.int64),
+    "all_depth_L": lambda: torch.full((2, 17), 3),
+    "one_active_token": lambda: torch.ones(1, 50, dtype=torch.int64).index_fill_(1, torch.tensor([7]), 3),
+    "batch_1_odd_50": lambda: torch.randint(1, 4, (1, 50)),
+    "long_segments_130": lambda: torch.randint(1, 4, (2, 130)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("kv", ["active", "all"])
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_depth_profiles(profile, kv, dtype):
+    run_all_steps(PROFILES[profile](), 3, kv, dtype)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_head_dims(head_dim, dtype):
+    run_all_steps(torch.randint(1, 3, (2, 17)), 2, "active", dtype, heads=1, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_plain_flash_attention_convention(dtype):
+    """No index tables, arbitrary segment lengths (one empty), contiguous and strided inputs."""
+    cu = torch.tensor([0, 5, 5, 22, 70], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(70, 2, 32, dtype=dtype, device=DEVICE)
+    k = torch.randn(70, 2, 64, dtype=dtype, device=DEVICE)[..., ::2]
+    v = torch.randn(2, 70, 32, dtype=dtype, device=DEVICE).transpose(0, 1)
+    check_against_reference(q, k, v, cu, cu, 48, 48, None, None)
+
+
+def test_gradients_equal_eager():
+    layout, q, k, v = layout_inputs(torch.randint(1, 4, (2, 17)), 3, 2, 32, torch.float32)
+    rows = layout.attention_rows(2, 34)
+    grads = {}
+    for backend in ("triton", "eager"):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, layout.cu_seqlens[1], layout.cu_seqlens[1], 17, 17, rows, rows, backend)
+        out.pow(2).sum().backward()
+        grads[backend] = [t.grad for t in leaves]
+    for ours, theirs in zip(grads["triton"], grads["eager"]):
+        torch.testing.assert_close(ours, theirs)
+    assert grads["triton"][0].abs().sum() > 0
+
+
+def _plain_inputs(head_dim=32, dtype=torch.float32):
+    cu = torch.tensor([0, 9, 20], dtype=torch.int32, device=DEVICE)
+    q, k, v = torch.randn(20, 3, 2, head_dim, dtype=dtype, device=DEVICE).unbind(1)
+    return q, k, v, cu
+
+
+def test_unsupported_head_dim_errors_or_falls_back(caplog):
+    q, k, v, cu = _plain_inputs(head_dim=48)
+    with pytest.raises(RuntimeError, match="head_dim 48"):
+        rk.varlen_attention(q, k, v, cu, cu, 11, 11, backend="triton")
+    with caplog.at_level("INFO", logger="recvit_kernels"):
+        out = rk.varlen_attention(q, k, v, cu, cu, 11, 11, backend="auto")
+    assert "falling back from triton: head_dim 48" in caplog.text
+    torch.testing.assert_close(out, rk.varlen_attention(q, k, v, cu, cu, 11, 11, backend="eager"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bf16 limitation")
+def test_bf16_under_interpreter_is_refused():
+    q, k, v, cu = _plain_inputs(dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        rk.varlen_attention(q, k, v, cu, cu, 11, 11, backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    q, k, v, cu = _plain_inputs()
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        rk.varlen_attention(q, k, v, cu, cu, 11, 11, backend="triton")
+
+
+def test_bad_shapes_and_cu_seqlens():
+    q, k, v, cu = _plain_inputs()
+    with pytest.raises(ValueError, match="k: expected"):
+        rk.varlen_attention(q, k[:, :1], v, cu, cu, 11, 11, backend="triton")
+    with pytest.raises(ValueError, match="q: expected 3 dimensions"):
+        rk.varlen_attention(q.flatten(1), k, v, cu, cu, 11, 11, backend="triton")
+    with pytest.raises(ValueError, match="cu_seqlens_q: expected dtype"):
+        rk.varlen_attention(q, k, v, cu.long(), cu, 11, 11, backend="triton")
+
+
+# ---------------------------------------------------------------- GPU (skipped without CUDA)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("tokens", [197, 577, 1025])
+@pytest.mark.parametrize("kv", ["active", "all"])
+def test_gpu_real_sizes(tokens, kv, dtype):
+    depths = torch.randint(1, 13, (4, tokens))
+    depths[:, 0] = 12
+    run_all_steps(depths, 12, kv, dtype, heads=12, head_dim=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_head_dims(head_dim, dtype):
+    run_all_steps(torch.randint(1, 5, (8, 197)), 4, "active", dtype, heads=6, head_dim=head_dim)
+
+
+_SANITIZER_SCRIPT = textwrap.dedent("""
+    import torch, recvit_kernels as rk
+    depths = torch.randint(1, 5, (3, 197), device="cuda")
+    layout = rk.depth_sort(depths, 4)
+    q, k, v = torch.randn(3 * 197, 3, 12, 64, device="cuda", dtype=torch.float16).unbind(1)
+    for step in range(1, 5):
+        rows = layout.attention_rows(step, 3 * 197)
+        rk.varlen_attention(q, k, v, layout.cu_seqlens[step - 1], layout.cu_seqlens[step - 1], 197, 197,
+                            q_rows=rows, kv_rows=rows, backend="triton")
+        rk.varlen_attention(q, k, v, layout.cu_seqlens[step - 1], layout.all_rows_cu_seqlens(), 197, 197,
+                            q_rows=rows, kv_rows=layout.image_order, backend="triton")
+    torch.cuda.synchronize()
+""")
+
+
+@pytest.mark.gpu
+def test_gpu_compute_sanitizer_memcheck():
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not on PATH")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sanitizer, "--tool", "memcheck", "--error-exitcode", "1", sys.executable,
+                             "-c", _SANITIZER_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

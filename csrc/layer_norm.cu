@@ -1,0 +1,103 @@
+// LayerNorm over rows, with the residual add fused in: one warp per row, the row held in
+// registers (width <= kMaxLayerNormWidth), statistics in fp32 (mean, then the centred variance).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "recvit_kernels.h"
+
+namespace recvit {
+namespace {
+
+constexpr int kWarps = 4;  // rows per block
+constexpr int kThreads = kWarps * 32;
+constexpr int kPerLane = kMaxLayerNormWidth / 32;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) layer_norm_kernel(const LayerNormParams p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (row >= p.rows) return;
+  const int64_t offset = row * p.width;
+  const T* x = static_cast<const T*>(p.x) + offset;
+  const T* residual = p.residual == nullptr ? nullptr : static_cast<const T*>(p.residual) + offset;
+  T* summed = p.summed == nullptr ? nullptr : static_cast<T*>(p.summed) + offset;
+  T* out = static_cast<T*>(p.out) + offset;
+
+  float values[kPerLane];
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int col = lane + 32 * j;
+    values[j] = 0.f;
+    if (col < p.width) {
+      float value = to_float(x[col]);
+      if (residual != nullptr) {
+        const T rounded = from_float<T>(value + to_float(residual[col]));
+        summed[col] = rounded;
+        value = to_float(rounded);
+      }
+      values[j] = value;
+      sum += value;
+    }
+  }
+  const float mean = warp_sum(sum) / p.width;
+  float squares = 0.f;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    if (lane + 32 * j < p.width) squares += (values[j] - mean) * (values[j] - mean);
+  }
+  const float rstd = rsqrtf(warp_sum(squares) / p.width + p.eps);
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int col = lane + 32 * j;
+    if (col < p.width) {
+      const float bias = p.bias == nullptr ? 0.f : p.bias[col];
+      out[col] = from_float<T>((values[j] - mean) * rstd * p.weight[col] + bias);
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch(const LayerNormParams& p, cudaStream_t stream) {
+  const int64_t blocks = (p.rows + kWarps - 1) / kWarps;
+  layer_norm_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t layer_norm(const LayerNormParams& p, cudaStream_t stream) {
+  if (p.width < 1 || p.width > kMaxLayerNormWidth || p.rows < 0 ||
+      (p.residual != nullptr && p.summed == nullptr) ||
+      (p.rows + kWarps - 1) / kWarps > 0x7fffffff) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.rows == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case ScalarType::kFloat32: return launch<float>(p, stream);
+    case ScalarType::kFloat16: return launch<__half>(p, stream);
+    case ScalarType::kBFloat16: return launch<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace recvit

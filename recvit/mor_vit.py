@@ -1,0 +1,349 @@
+"""MoR-ViT: a Vision Transformer with Mixture-of-Recursions routing (token-level dynamic depth).
+
+Patch embedding + [CLS] + learned positions -> L recursion steps over a head layer (step 1), ONE
+shared layer (steps 2..L-1) and a tail layer (step L), the "middle-cycle" sharing of the
+:class:`recvit.RecursiveBlock` -> final norm -> classifier on [CLS].
+
+Routers. Step l has its own linear router, ``z_l = w_l . h + b_l`` and score ``g_l = sigmoid(z_l)``
+(paper sec. 3.4.5); the L routers are the rows of one ``nn.Linear(C, L)``.
+
+Update. A token that runs step l updates as ``h <- h + g_l * f_l(h)`` where ``f_l(h) = layer_l(h) - h``
+is the layer's residual branch (attention and MLP increments of the pre-norm layer). We take the
+residual branch, not the whole layer output as MoR's language-model code does
+(``h + g * layer(h)``), because with g = 1 it is exactly the plain ViT layer: ViT/DeiT checkpoints
+then map onto the head/shared/tail layers unchanged, and the state does not grow by (1 + g) per step.
+
+Routing (``routing=``):
+
+- ``"expert_choice"`` (hierarchical top-k). Step 1 runs every token. At step l >= 2 the router scores
+  the tokens active at step l-1 and keeps, per image, the patch tokens above the beta-percentile of
+  the active patch tokens' scores: exactly ``k = floor((1 - beta) * n)`` of the n active patch tokens,
+  ranked by logit (the same order as the sigmoid score, without its saturation ties), ties broken
+  by the lower token index. [CLS] is not ranked and always kept. So the active sets are nested and
+  the per-image counts depend only on N and beta, never on the data. A token not kept exits: its
+  final state is its state before that step's router (the cached pre-router state, sec. 3.4.3),
+  i.e. its state after the last step it ran.
+- ``"token_choice"``. The L routers score the embedded tokens once: ``z`` (B, N, L); each token's
+  depth is ``argmax_l z_l + 1`` and its gate ``g = sigmoid(z_depth)``; [CLS] gets depth L. The
+  recursion is then exactly Edge-RecViT's (:class:`recvit.RecursiveBlock` with those depths), and
+  since the whole route is chosen at once its gate weights the route once:
+  ``h <- h0 + g * (R(h0) - h0)`` (MoR's token-choice likewise weights a token's output once, when it
+  finishes).
+
+Attention runs over the active tokens only (``kv="active"``); ``kv="all"`` lets active queries
+attend to every token, exited ones with their frozen states.
+
+Backends: ``eager`` is the masked reference (every step computes every token, updates gated by the
+selection). ``packed``, ``triton``, ``cuda`` and ``auto`` keep the active tokens as a row prefix.
+For expert choice each step re-sorts only the active prefix: the kept rows move to the front
+(image-major, each image's rows in token order), the rejected ones stay right behind them and never
+move again, so the final buffer is in depth-major order. Every step is
+:meth:`recvit.layers.Block.forward_packed` on that prefix through the ``recvit_kernels`` ops; since
+the per-image counts are fixed by N and beta, this path has no host synchronisation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import recvit_kernels as rk
+
+from .edge_recvit import EdgeRecViT, RecViTOutput, _init_weights
+from .factory import register_model
+from .layers import PatchEmbed, check_kv
+from .losses import du_loss, stb_loss
+from .recursion import RecursiveBlock, _write_prefix
+
+ROUTINGS = ("expert_choice", "token_choice")
+
+
+@dataclass
+class MoRViTOutput(RecViTOutput):
+    """:class:`recvit.RecViTOutput` of a MoR-ViT, plus what its losses need.
+
+    depths: (B, N) number of steps each token ran (1..L; [CLS] = L).
+    confidence: (B, N) the gate g of the last step each token ran (token choice: its route's gate).
+    depth_logits: (B, N, L) router logit of step l at column l-1, ``-inf`` where the token was not
+        scored (expert choice: step l scores the tokens that ran step l-1, plus every token at step 1).
+    depth_probs: (B, N, L) ``sigmoid(depth_logits)``, so 0 where not scored.
+    scored: (B, N, L) bool, where the router scored the token.
+    routing: ``"expert_choice"`` or ``"token_choice"``.
+    """
+
+    scored: torch.Tensor
+    routing: str
+
+
+def kept_count(active: int, beta: float) -> int:
+    """Patch tokens kept of ``active`` ones: ``floor((1 - beta) * active)`` (1e-9 absorbs float error)."""
+    return math.floor((1.0 - beta) * active + 1e-9)
+
+
+class MoRViT(nn.Module):
+    """MoR-ViT; see the module docstring for the routing, the update and the backends."""
+
+    # The embedding and the depth-override check are Edge-RecViT's (they use the same attributes).
+    embed = EdgeRecViT.embed
+    _check_depth_override = EdgeRecViT._check_depth_override
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 768, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, num_steps: int = 12, qkv_bias: bool = True, eps: float = 1e-6,
+                 routing: str = "expert_choice", beta: float = 0.35, kv: str = "active",
+                 backend: Optional[str] = None):
+        super().__init__()
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing={routing!r}: expected one of {ROUTINGS}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1.0:
+            raise ValueError(f"beta={beta!r}: expected a number with 0 < beta < 1")
+        self.routing, self.beta = routing, float(beta)
+        self.num_steps, self.num_classes, self.embed_dim = num_steps, num_classes, embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.num_tokens = self.patch_embed.num_patches + 1
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
+        self.router = nn.Linear(embed_dim, num_steps)  # row l-1: the router of step l
+        self.recursion = RecursiveBlock(embed_dim, num_heads, num_steps, mlp_ratio, qkv_bias, eps, kv,
+                                        backend)
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def active_counts(self, tokens: int) -> list[int]:
+        """Expert choice: tokens per image ([CLS] included) that run step l, for l = 1..L."""
+        counts = [tokens]
+        for _ in range(self.num_steps - 1):
+            counts.append(1 + kept_count(counts[-1] - 1, self.beta))
+        return counts
+
+    def forward(self, images: torch.Tensor, depths: Optional[torch.Tensor] = None,
+                return_aux: bool = False, kv: Optional[str] = None, backend: Optional[str] = None):
+        """Logits (B, classes), or a :class:`MoRViTOutput` with ``return_aux=True``.
+
+        ``depths`` (B, N) in 1..L overrides the token-choice router's depths (token choice only;
+        the gates still come from the router). ``kv`` and ``backend`` override the model's settings.
+        """
+        tokens = self.embed(images)
+        kv = check_kv(kv or self.recursion.kv)
+        backend = rk.resolve_backend(backend or self.recursion.backend)
+        if self.routing == "token_choice":
+            states, depths, logits, scored = self._token_choice(tokens, depths, kv, backend)
+        else:
+            if depths is not None:
+                raise ValueError("depths: expert-choice routing picks the depths itself; an override "
+                                 "is only accepted with routing='token_choice'")
+            run = self._expert_masked if backend == "eager" else self._expert_packed
+            states, depths, logits, scored = run(tokens, kv, backend)
+        features = self.norm(states)
+        class_logits = self.head(features[:, 0])
+        if not return_aux:
+            return class_logits
+        probs = torch.sigmoid(logits)
+        confidence = probs.gather(-1, depths[..., None] - 1)[..., 0]
+        return MoRViTOutput(class_logits, depths, confidence, logits, probs, features, scored,
+                            self.routing)
+
+    def _router_logits(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Step ``step``'s router logits ``z = w . x + b``: (..., C) -> (...)."""
+        router = self.router
+        return F.linear(x, router.weight[step - 1:step], router.bias[step - 1:step])[..., 0]
+
+    def _token_choice(self, tokens, depths, kv, backend):
+        logits = self.router(tokens)  # (B, N, L)
+        if depths is None:
+            depths = logits.argmax(-1) + 1
+            depths[:, 0] = self.num_steps  # [CLS] always runs every step
+        else:
+            self._check_depth_override(depths, tokens)
+            depths = depths.to(torch.int64)
+        gate = torch.sigmoid(logits.gather(-1, depths[..., None] - 1))
+        routed = self.recursion(tokens, depths, kv=kv, backend=backend)
+        scored = torch.ones_like(logits, dtype=torch.bool)
+        return tokens + gate * (routed - tokens), depths, logits, scored
+
+    def _expert_masked(self, tokens, kv, backend):
+        """Reference: every step computes every token; the selection gates the updates."""
+        batch, count, _ = tokens.shape
+        x, active = tokens, torch.ones(batch, count, dtype=torch.bool, device=tokens.device)
+        step_logits, step_scored, depths = [], [], torch.zeros_like(active, dtype=torch.int64)
+        for step, kept in enumerate(self.active_counts(count), start=1):
+            logits = self._router_logits(x, step)  # (B, N)
+            scored = active
+            if step > 1:
+                active = _select(logits, active, kept - 1)
+            updated = self.recursion.layer_for_step(step)(x, active if kv == "active" else None)
+            gate = torch.sigmoid(logits)[..., None]
+            x = torch.where(active[..., None], x + gate * (updated - x), x)
+            depths = depths + active.long()
+            step_logits.append(logits.masked_fill(~scored, -math.inf))
+            step_scored.append(scored)
+        return x, depths, torch.stack(step_logits, -1), torch.stack(step_scored, -1)
+
+    def _expert_packed(self, tokens, kv, backend):
+        """Active prefix of a (B*N, C) row buffer, re-sorted at every step (module docstring)."""
+        batch, count, dim = tokens.shape
+        device = tokens.device
+        counts = self.active_counts(count)
+        rows = tokens.reshape(batch * count, dim)
+        token_of_row = torch.arange(count, device=device).repeat(batch)  # token index of each row
+        step_logits = []
+        for step, active in enumerate(counts, start=1):
+            previous = counts[step - 2] if step > 1 else count
+            prefix_tokens = token_of_row[: batch * previous].view(batch, previous)
+            logits = self._router_logits(rows[: batch * previous], step).view(batch, previous)
+            step_logits.append(torch.full((batch, count), -math.inf, device=device, dtype=logits.dtype)
+                               .scatter(1, prefix_tokens, logits))
+            if step > 1:  # re-sort the prefix: kept rows first, both parts in token order
+                keep = _select(logits, torch.ones_like(prefix_tokens, dtype=torch.bool), active - 1)
+                order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+                logits = logits.gather(1, order)
+                token_of_row = torch.cat([_kept_then_left(prefix_tokens.gather(1, order), active),
+                                          token_of_row[batch * previous:]])
+                prefix = rows[: batch * previous].view(batch, previous, dim)
+                prefix = prefix.gather(1, order[..., None].expand(-1, -1, dim))
+                rows = _write_prefix(rows, _kept_then_left(prefix, active))
+            layout = _step_layout(batch, count, counts[:step], token_of_row)
+            num_rows = batch * active
+            updated = self.recursion.layer_for_step(step).forward_packed(
+                rows, layout, 1, num_rows, kv, backend)
+            gate = torch.sigmoid(logits[:, :active]).reshape(-1, 1)
+            current = rows[:num_rows]
+            rows = _write_prefix(rows, current + gate * (updated - current))
+        states = rk.unpack(rows, layout)
+        depth_of_row = torch.cat([torch.full((batch * (counts[s - 1] - (counts[s] if s < len(counts)
+                                                                          else 0)),), s, device=device)
+                                  for s in range(len(counts), 0, -1)])
+        depths = depth_of_row.index_select(0, layout.inverse_perm).view(batch, count)
+        logits = torch.stack(step_logits, -1)
+        return states, depths, logits, logits > -math.inf
+
+
+def _select(logits: torch.Tensor, candidates: torch.Tensor, kept: int) -> torch.Tensor:
+    """(B, T) bool: column 0 ([CLS]) plus, per row, the ``kept`` candidate columns 1.. of highest
+    logit (ties: lower column first). ``candidates`` (B, T) bool marks who may be kept."""
+    scores = logits[:, 1:].masked_fill(~candidates[:, 1:], -math.inf)
+    ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :kept]
+    keep = torch.zeros_like(candidates).scatter(1, ranked + 1, True)
+    keep[:, 0] = True
+    return keep
+
+
+def _kept_then_left(prefix: torch.Tensor, active: int) -> torch.Tensor:
+    """(B, T, ...) re-sorted prefix -> (B*T, ...) rows: every image's first ``active`` slots, image-major,
+    then every image's remaining slots, image-major."""
+    tail = prefix.shape[2:]
+    return torch.cat([prefix[:, :active].reshape(-1, *tail), prefix[:, active:].reshape(-1, *tail)])
+
+
+def _step_layout(batch: int, tokens: int, counts: list[int], token_of_row: torch.Tensor) -> rk.DepthLayout:
+    """The one-step :class:`recvit_kernels.DepthLayout` of the current rows (valid for step 1 of it).
+
+    Rows: the active prefix, ``counts[-1]`` rows per image, image-major; behind it the tokens that
+    left at steps ``len(counts)``, ..., 2, each such group image-major with ``counts[s-2] - counts[s-1]``
+    rows per image. ``token_of_row`` (B*N,) holds the token index of each row.
+    """
+    device = token_of_row.device
+    image = torch.arange(batch, device=device)[:, None]
+    pieces, start = [], 0
+    sizes = [counts[-1]] + [counts[s - 1] - counts[s] for s in range(len(counts) - 1, 0, -1)]
+    for size in sizes:  # depth descending: the active prefix, then the groups that left latest first
+        pieces.append(start + image * size + torch.arange(size, device=device))
+        start += batch * size
+    image_order = torch.cat(pieces, 1).reshape(-1)
+    image_of_row = torch.empty_like(image_order)
+    image_of_row[image_order] = image.expand(-1, tokens).reshape(-1)
+    perm = image_of_row * tokens + token_of_row
+    inverse_perm = torch.empty_like(perm)
+    inverse_perm[perm] = torch.arange(perm.numel(), device=device)
+    lengths = torch.full((1, batch), counts[-1], dtype=torch.int32, device=device)
+    cu_seqlens = F.pad(lengths.cumsum(1, dtype=torch.int32), (1, 0))
+    return rk.DepthLayout(batch, tokens, 1, perm, inverse_perm, lengths.sum(1).long(), lengths,
+                          cu_seqlens, image_order)
+
+
+@dataclass
+class MoRViTLosses:
+    total: torch.Tensor
+    ce: torch.Tensor
+    z: torch.Tensor
+    balance: torch.Tensor
+
+
+def router_z_loss(output: MoRViTOutput) -> torch.Tensor:
+    """Router z-loss over the patch tokens (columns 1..), pooled over the batch.
+
+    expert choice: mean of ``z^2`` over every scored (token, step) logit (the log-sum-exp of a
+    router's single logit is the logit itself). token choice: mean over tokens of
+    ``(logsumexp_l z_l)^2`` (MoR's token-choice z-loss; the same formula as Edge-RecViT's STB).
+    """
+    logits = output.depth_logits[:, 1:].float()
+    if output.routing == "token_choice":
+        return stb_loss(logits)
+    scored = output.scored[:, 1:]
+    return torch.where(scored, logits, 0.0).pow(2).sum() / scored.sum()
+
+
+def balancing_loss(output: MoRViTOutput) -> torch.Tensor:
+    """Balancing loss over the patch tokens (columns 1..), pooled over the batch.
+
+    token choice: ``L * sum_l P_l A_l`` with ``P_l`` the mean over tokens of the router's normalised
+    preference ``sigmoid(z_l) / sum_l' sigmoid(z_l')`` and ``A_l`` the fraction of tokens of depth l;
+    1 when both are uniform (MoR's balancing loss, Edge-RecViT's DU).
+    expert choice: beta already fixes how many tokens reach each depth, so the balancing term is MoR's
+    expert-choice auxiliary loss: the mean binary cross-entropy of ``sigmoid(z_l)`` against "kept at
+    step l" (depth >= l) over the tokens step l >= 2 ranked (depth >= l - 1); it pulls the scores of
+    kept tokens above 1/2 and of exiting tokens below.
+    """
+    depths = output.depths[:, 1:]
+    logits = output.depth_logits[:, 1:].float()
+    if output.routing == "token_choice":
+        probs = torch.sigmoid(logits)
+        return du_loss(probs / probs.sum(-1, keepdim=True), depths)
+    steps = torch.arange(1, logits.shape[-1] + 1, device=logits.device)
+    ranked = (steps >= 2) & (depths[..., None] >= steps - 1)
+    kept = (depths[..., None] >= steps).float()
+    bce = F.binary_cross_entropy_with_logits(torch.where(ranked, logits, 0.0), kept, reduction="none")
+    return torch.where(ranked, bce, 0.0).sum() / ranked.sum().clamp_min(1)
+
+
+class MoRViTLoss(nn.Module):
+    """``CE(logits, target) + lambda_z * z-loss + lambda_balance * balancing loss``.
+
+    Defaults follow the weights the Edge-RecViT/MoR recipes give their router regularisers
+    (1e-3 for the logit-size term, 0.1 for the balancing term); MoR-ViT leaves them tunable.
+    """
+
+    def __init__(self, lambda_z: float = 1e-3, lambda_balance: float = 0.1):
+        super().__init__()
+        self.lambda_z, self.lambda_balance = lambda_z, lambda_balance
+
+    def forward(self, output: MoRViTOutput, target: torch.Tensor) -> MoRViTLosses:
+        if not isinstance(output, MoRViTOutput):
+            raise TypeError(f"output: expected a MoRViTOutput (model(images, return_aux=True)), "
+                            f"got {type(output).__name__}")
+        ce = F.cross_entropy(output.logits.float(), target)
+        z, balance = router_z_loss(output), balancing_loss(output)
+        return MoRViTLosses(ce + self.lambda_z * z + self.lambda_balance * balance, ce, z, balance)
+
+
+@register_model
+def mor_vit_tiny(**overrides) -> MoRViT:
+    return MoRViT(**{"embed_dim": 192, "num_heads": 3, **overrides})
+
+
+@register_model
+def mor_vit_small(**overrides) -> MoRViT:
+    return MoRViT(**{"embed_dim": 384, "num_heads": 6, **overrides})
+
+
+@register_model
+def mor_vit_base(**overrides) -> MoRViT:
+    """MoR-B/16 (paper Table 1): 768 dims, 12 heads, MLP 3072, L = 12, beta = 0.35."""
+    return MoRViT(**{"embed_dim": 768, "num_heads": 12, **overrides})

@@ -74,7 +74,8 @@ def detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str = "auto",
-                       layers: Sequence[int] = DEFAULT_LAYERS, keep: Sequence[str] = ()) -> ConvertedCheckpoint:
+                       layers: Sequence[int] = DEFAULT_LAYERS,
+                       keep: Sequence[str] = ()) -> ConvertedCheckpoint:
     """Map a timm / Hugging Face ViT (or recvit) state dict onto ``model``'s keys and check it fits.
 
     ``layers``: source blocks for (head, shared, tail); ignored for ``source="recvit"``. ``keep``:
@@ -96,6 +97,8 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
         pattern = _TIMM_BLOCK if source == "timm" else _HF_BLOCK
         block_of = {key: int(m.group(1)) for key in state_dict if (m := pattern.match(key))}
 
+    if isinstance(keep, str) or not all(isinstance(prefix, str) for prefix in keep):
+        raise ValueError(f"keep={keep!r}: expected a sequence of model key prefixes, e.g. ('head.',)")
     keep = tuple(keep)
     may_lack = ("ranker.",) if source != "recvit" else ()  # a ViT has no ranker
     converted, missing, consumed, held, problems = {}, [], set(), set(), []
@@ -114,12 +117,15 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
                                 f"{tuple(expected.shape)})")
             continue
         consumed.update(sources)
-        value = torch.cat([state_dict[name] for name in sources]) if len(sources) > 1 else state_dict[sources[0]]
-        if value.shape != expected.shape:
-            problems.append(f"{_join(sources)} -> {target!r}: expected shape {tuple(expected.shape)}, "
-                            f"got {tuple(value.shape)}")
+        # HF's query, key and value each fill a third of the qkv rows, in that order.
+        part = (expected.shape[0] // len(sources),) + tuple(expected.shape[1:])
+        bad = [(name, tuple(state_dict[name].shape)) for name in sources if state_dict[name].shape != part]
+        if bad:
+            problems.extend(f"{name!r} -> {target!r}: expected shape {part}, got {shape}"
+                            for name, shape in bad)
             continue
-        converted[target] = value
+        converted[target] = torch.cat([state_dict[name] for name in sources]) if len(sources) > 1 \
+            else state_dict[sources[0]]
 
     chosen = set(layers) if source != "recvit" else set()
     unused, unknown = [], []
@@ -193,7 +199,8 @@ def save_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> None:
 
 def _check_state_dict(state_dict) -> None:
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
+        raise TypeError(f"state_dict: expected a mapping of names to tensors, "
+                        f"got {type(state_dict).__name__}")
     bad = [key for key, value in state_dict.items() if not isinstance(value, torch.Tensor)]
     if bad:
         raise ValueError(f"state_dict: expected tensors only, these entries are not: {bad[:10]}")

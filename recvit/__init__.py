@@ -1,6 +1,7 @@
 """recvit: recursive Vision Transformers with token-level dynamic depth (Edge-RecViT, MoR-ViT),
 running attention and MLP over only the shrinking set of active tokens.
 """
+from .checkpoint import ConvertedCheckpoint, convert_state_dict, load_checkpoint, save_checkpoint
 from .edge_recvit import EdgeAwareRanker, EdgeRecViT, RecViTOutput
 from .factory import create_model, list_models, register_model
 from .layers import Block
@@ -10,6 +11,7 @@ from .recursion import RecursiveBlock
 __version__ = "0.1.0"
 
 __all__ = [
-    "Block", "EdgeAwareRanker", "EdgeRecViT", "EdgeRecViTLoss", "RecViTOutput", "RecursiveBlock",
-    "cce_loss", "create_model", "du_loss", "list_models", "register_model", "stb_loss",
+    "Block", "ConvertedCheckpoint", "EdgeAwareRanker", "EdgeRecViT", "EdgeRecViTLoss", "RecViTOutput", "RecursiveBlock",
+    "cce_loss", "convert_state_dict", "create_model", "du_loss", "list_models", "load_checkpoint",
+    "register_model", "save_checkpoint", "stb_loss",
 ]

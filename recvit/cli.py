@@ -24,7 +24,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "flops", help="FLOPs per image by component, as in the Edge-RecViT supplement (section 3)")
     flops.set_defaults(handler=_flops, parser=flops)
     flops.add_argument("--model", default="edge_recvit_base", help="model name (default: %(default)s)")
-    flops.add_argument("--img-size", type=_positive_int, default=None, help="input resolution (default: the model's)")
+    flops.add_argument("--img-size", type=_positive_int, default=None,
+                       help="input resolution (default: the model's)")
     profile = flops.add_mutually_exclusive_group()
     profile.add_argument("--alpha-sums", nargs=2, type=float, metavar=("SUM_ALPHA", "SUM_ALPHA_SQ"),
                          default=None, help="depth profile sums (sum alpha_l, sum alpha_l^2) with "
@@ -168,39 +169,44 @@ def _params(args, sub) -> int:
     print()
     print(f"{'Model':<20}{'Params (M)':>12}{'with head (M)':>15}")
     for name, model in zip(names, models):
-        print(f"{name:<20}{count_params(model) / 1e6:>12.1f}{count_params(model, include_head=True) / 1e6:>15.2f}")
+        without, with_head = count_params(model) / 1e6, count_params(model, include_head=True) / 1e6
+        print(f"{name:<20}{without:>12.1f}{with_head:>15.2f}")
     return 0
 
 
 def _depthmap(args, sub) -> int:
     import torch
 
-    from .depthmap import depth_heatmap, load_image, plot_depthmap
+    from .depthmap import require_matplotlib, depth_heatmap, load_image, plot_depthmap
 
+    try:
+        require_matplotlib()
+    except ImportError as error:
+        sub.error(str(error))
     if not os.path.isfile(args.image):
         sub.error(f"argument image: no such file: {args.image}")
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         sub.error(f"argument -o/--output: directory does not exist: {out_dir}")
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        sub.error(f"argument --checkpoint: no such file: {args.checkpoint}")
     torch.manual_seed(args.seed)
     model = _model(sub, args.model).eval()
     if not hasattr(model, "ranker"):
         sub.error(f"argument --model: {args.model!r} has no depth ranker to draw")
     if args.checkpoint is not None:
-        if not os.path.isfile(args.checkpoint):
-            sub.error(f"argument --checkpoint: no such file: {args.checkpoint}")
         from .checkpoint import load_checkpoint
 
         try:
-            load_checkpoint(model, args.checkpoint)
-        except (KeyError, ValueError, RuntimeError, OSError) as error:
-            sub.error(f"argument --checkpoint: {error}")
+            loaded = load_checkpoint(model, args.checkpoint)
+        except Exception as error:  # unreadable or mismatched file: torch, safetensors and ours differ
+            sub.error(f"argument --checkpoint: {type(error).__name__}: {error}")
+        if any(key.startswith("ranker.") for key in loaded.missing):
+            print("note: the checkpoint has no ranker weights, so the ranker keeps its random initialisation")
     try:
         shown, pixels = load_image(args.image, model.patch_embed.img_size)
-    except ImportError as error:
-        sub.error(str(error))
     except ValueError as error:
-        sub.error(f"argument image: {error}")
+        sub.error(f"argument image: {str(error).removeprefix('image: ')}")
     depths = depth_heatmap(model, pixels)[0]
     source = args.checkpoint or f"random init, seed {args.seed}"
     plot_depthmap(shown, depths, args.output, model.num_steps,

@@ -14,7 +14,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _require_matplotlib():
+def require_matplotlib() -> None:
+    """Raise ImportError with the install hint unless matplotlib imports."""
     try:
         import matplotlib  # noqa: F401
     except ImportError as error:
@@ -28,7 +29,7 @@ def load_image(path: str, img_size: int) -> tuple[np.ndarray, torch.Tensor]:
     Returns the resized image (img_size, img_size, 3) float in [0, 1] for display, and the model
     input (1, 3, img_size, img_size) normalised with the ImageNet mean and std.
     """
-    _require_matplotlib()
+    require_matplotlib()
     import matplotlib.image
 
     if not os.path.isfile(path):
@@ -68,7 +69,7 @@ def plot_depthmap(image, depths, path: str, num_steps: int = 12, title: str = ""
     under a translucent heatmap of ``depths`` (grid, grid) in 1..L with a colour bar, and a
     histogram of the depths.
     """
-    _require_matplotlib()
+    require_matplotlib()
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -90,7 +91,7 @@ def plot_depthmap(image, depths, path: str, num_steps: int = 12, title: str = ""
     image_axes.set_axis_off()
     image_axes.set_title("image")
     map_axes.imshow(image)
-    heat = map_axes.imshow(depths, cmap=cmap, vmin=0.5, vmax=num_steps + 0.5, alpha=0.45,
+    heat = map_axes.imshow(depths, cmap=cmap, vmin=0.5, vmax=num_steps + 0.5, alpha=0.55,
                            interpolation="nearest", extent=(0, width, height, 0))
     map_axes.set_axis_off()
     map_axes.set_title("depth per patch")

@@ -1,0 +1,142 @@
+"""The ``recvit`` command line: every subcommand runs, bad input exits non-zero naming the argument."""
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import recvit
+from recvit.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _fails(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code != 0
+    return capsys.readouterr().err
+
+
+def test_info(capsys):
+    code, out, _ = _run(capsys, "info")
+    assert code == 0
+    for word in ("torch", "triton", "device", "eager", "packed", "triton", "cuda"):
+        assert word in out
+    assert "packed  available" in out
+
+
+def test_flops_table1(capsys):
+    code, out, _ = _run(capsys, "flops", "--model", "edge_recvit_base", "--alpha-sums", "8.21", "6.64")
+    assert code == 0
+    lines = {line[:21].strip(): line[21:].split() for line in out.splitlines() if len(line) > 21}
+    assert lines["Patch embedding"][0] == "0.231"
+    assert lines["Ranker (EARR)"][0] == "0.472"
+    assert lines["Attention"][0].startswith("8.42")
+    assert lines["MLP"][0].startswith("15.26")
+    assert lines["Blocks (attn + MLP)"][0] == "23.69"
+    assert lines["Total"][0] == "24.39"
+    assert "8.433" in out and "15.256" in out and "differ slightly" in out  # the note on the paper's split
+    assert main(["flops"]) == 0 and capsys.readouterr().out == out  # the paper's sums are the default
+
+
+def test_flops_full_depth(capsys):
+    code, out, _ = _run(capsys, "flops", "--full-depth")
+    assert code == 0
+    lines = {line[:21].strip(): line[21:].split() for line in out.splitlines() if len(line) > 21}
+    assert lines["Blocks (attn + MLP)"][0] == "34.89"
+    assert lines["Total"][0] == "35.60"
+    assert "34.90" in out  # the note on the paper's rounding
+
+
+def test_flops_other_model_and_size(capsys):
+    code, out, _ = _run(capsys, "flops", "--model", "edge_recvit_tiny", "--img-size", "32",
+                        "--alpha-sums", "3", "2")
+    assert code == 0 and "N0 = 5 tokens" in out and "Note" not in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["flops", "--model", "nope"], "argument --model: unknown model 'nope'"),
+    (["flops", "--alpha-sums", "8", "9"], "argument --alpha-sums: "),
+    (["flops", "--alpha-sums", "13", "12"], "argument --alpha-sums: "),
+    (["flops", "--alpha-sums", "8", "x"], "argument --alpha-sums: invalid float"),
+    (["flops", "--img-size", "0"], "argument --img-size: "),
+    (["flops", "--img-size", "100"], "argument --img-size 100: "),
+    (["flops", "--full-depth", "--alpha-sums", "1", "1"], "not allowed with"),
+    (["params", "--model", "nope"], "argument --model: unknown model"),
+    (["depthmap", "missing.png", "-o", "out.png"], "argument image: no such file"),
+    ([], "required: COMMAND"),
+])
+def test_bad_input_exits(capsys, argv, message):
+    err = _fails(capsys, *argv)
+    assert message in err and "Traceback" not in err
+
+
+def test_params(capsys):
+    code, out, _ = _run(capsys, "params")
+    assert code == 0
+    assert "except the classifier head" in out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("edge_recvit")}
+    assert rows == {"edge_recvit_tiny": "1.6", "edge_recvit_small": "6.0", "edge_recvit_base": "23.2"}
+    code, out, _ = _run(capsys, "params", "--model", "edge_recvit_small")
+    assert code == 0 and "edge_recvit_small" in out and "edge_recvit_base" not in out
+
+
+def test_depthmap_command(capsys, tmp_path):
+    import matplotlib.image
+
+    image = tmp_path / "in.png"
+    matplotlib.image.imsave(image, np.random.default_rng(0).random((40, 56, 3)))
+    out_png = tmp_path / "out.png"
+    code, out, _ = _run(capsys, "depthmap", str(image), "-o", str(out_png), "--model", "edge_recvit_tiny",
+                        "--seed", "1")
+    assert code == 0 and "196 patches" in out and "randomly initialised" in out
+    assert matplotlib.image.imread(out_png).ndim == 3
+    err = _fails(capsys, "depthmap", str(image), "-o", str(tmp_path / "no" / "out.png"))
+    assert "argument -o/--output: directory does not exist" in err
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    assert "argument image: cannot read" in _fails(capsys, "depthmap", str(bad), "-o", str(out_png))
+
+
+def test_depthmap_checkpoint(capsys, tmp_path):
+    import matplotlib.image
+
+    from recvit.checkpoint import save_checkpoint
+
+    image = tmp_path / "in.png"
+    matplotlib.image.imsave(image, np.random.default_rng(0).random((32, 32, 3)))
+    weights = tmp_path / "tiny.safetensors"
+    save_checkpoint(recvit.create_model("edge_recvit_tiny"), weights)
+    code, out, _ = _run(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"),
+                        "--model", "edge_recvit_tiny", "--checkpoint", str(weights))
+    assert code == 0 and "randomly initialised" not in out
+    err = _fails(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"),
+                 "--model", "edge_recvit_small", "--checkpoint", str(weights))
+    assert "argument --checkpoint: " in err and "expected shape" in err
+    assert "argument --checkpoint: no such file" in _fails(
+        capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(tmp_path / "x.pt"))
+
+
+def test_bench_passes_arguments_through(monkeypatch):
+    seen = []
+    fake = types.ModuleType("recvit.bench")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "recvit.bench", fake)
+    monkeypatch.setattr(recvit, "bench", fake, raising=False)
+    assert main(["bench", "--quick", "--batch", "2"]) == 0
+    assert seen == [["--quick", "--batch", "2"]]
+
+
+def test_python_dash_m():
+    ok = subprocess.run([sys.executable, "-m", "recvit", "params", "--model", "edge_recvit_tiny"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "1.6" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "recvit", "flops", "--model", "nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "argument --model" in bad.stderr and "Traceback" not in bad.stderr

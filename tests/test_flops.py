@@ -1,0 +1,141 @@
+"""FLOPs and params accounting against the Edge-RecViT supplement (section 3) and hand counts."""
+import pytest
+import torch
+
+import recvit
+from recvit.flops import (FlopsBreakdown, check_alpha_sums, count_flops, count_params, full_depth_flops,
+                          profile_flops)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return recvit.create_model("edge_recvit_base")
+
+
+def test_table1_from_paper_sums(base):
+    g = profile_flops(base, (8.21, 6.64)).gflops()
+    assert round(g["patch_embed"], 3) == 0.231
+    assert round(g["ranker"], 3) == 0.472
+    assert round(g["attention"], 2) == 8.42
+    assert round(g["mlp"], 2) == 15.26
+    assert round(g["blocks"], 2) == 23.69  # eq. 18
+    assert round(g["total"], 2) == 24.39   # eq. 19
+
+
+def test_full_depth_figures(base):
+    g = full_depth_flops(base).gflops()
+    assert round(g["blocks"], 2) == 34.89  # eq. 13 (the paper rounds 34.895 to 34.90)
+    assert round(g["total"], 2) == 35.60   # eq. 14
+    assert g["patch_embed"] + g["ranker"] + g["blocks"] == pytest.approx(g["total"])
+
+
+def test_paper_formulas_exactly(base):
+    n0, c, L = 197, 768, 12
+    full = full_depth_flops(base)
+    assert full.patch_embed == 2 * 14 ** 2 * 3 * 16 ** 2 * c
+    assert full.ranker == 2 * n0 * (c * 2 * c + 2 * c * L)
+    assert full.blocks == 2 * L * (12 * n0 * c ** 2 + 2 * n0 ** 2 * c)
+    dynamic = profile_flops(base, (8.21, 6.64))
+    assert dynamic.blocks == pytest.approx(24 * n0 * c ** 2 * 8.21 + 4 * n0 ** 2 * c * 6.64, rel=1e-12)
+
+
+@pytest.mark.parametrize("kv", ["active", "all"])
+def test_all_depths_L_equals_full_depth(kv):
+    model = recvit.create_model("edge_recvit_tiny", img_size=64, num_steps=5)
+    depths = torch.full((3, model.num_tokens), 5)
+    counted, full = count_flops(model, depths, kv=kv), full_depth_flops(model)
+    for name in ("patch_embed", "ranker", "attention", "mlp", "total"):
+        assert getattr(counted, name) == pytest.approx(getattr(full, name), rel=1e-12)
+
+
+def _hand_count(model, depths, kv):
+    """Per-image mean FLOPs by explicit loops over images, steps and tokens."""
+    c, L, n0 = model.embed_dim, model.num_steps, model.num_tokens
+    hidden = model.recursion.head_layer.mlp.fc1.out_features
+    attention = mlp = 0
+    for row in depths.tolist():
+        for step in range(1, L + 1):
+            n = 0
+            for d in row:
+                if d >= step:
+                    n += 1
+            if kv == "active":
+                attention += 2 * (4 * n * c * c + 2 * n * n * c)
+            elif n > 0:
+                attention += 2 * (n * c * c + 2 * n0 * c * c + n * c * c + n * n0 * c + n * n0 * c)
+            mlp += 2 * (n * c * hidden + n * hidden * c)
+    return attention / len(depths), mlp / len(depths)
+
+
+@pytest.mark.parametrize("kv", ["active", "all"])
+def test_count_flops_matches_hand_count(kv):
+    model = recvit.create_model("edge_recvit_tiny", img_size=80, num_steps=6, mlp_ratio=3.0)
+    depths = torch.randint(1, 7, (4, model.num_tokens))
+    depths[1] = 1  # one image whose tokens all exit after the head layer
+    attention, mlp = _hand_count(model, depths, kv)
+    counted = count_flops(model, depths, kv=kv)
+    assert counted.attention == pytest.approx(attention, rel=1e-12)
+    assert counted.mlp == pytest.approx(mlp, rel=1e-12)
+    assert counted.total == pytest.approx(counted.patch_embed + counted.ranker + attention + mlp, rel=1e-12)
+
+
+def test_count_flops_from_forward_depths():
+    model = recvit.create_model("edge_recvit_tiny", img_size=48, num_steps=4)
+    out = model(torch.randn(2, 3, 48, 48), return_aux=True)
+    counted = count_flops(model, out.depths)
+    attention, mlp = _hand_count(model, out.depths, "active")
+    assert counted.attention == pytest.approx(attention) and counted.mlp == pytest.approx(mlp)
+    assert count_flops(model, out.depths).total <= full_depth_flops(model).total
+
+
+def test_profile_matches_count_on_a_histogram():
+    model = recvit.create_model("edge_recvit_tiny", img_size=64, num_steps=5)
+    depths = torch.randint(1, 6, (1, model.num_tokens))
+    alpha = torch.stack([(depths >= l).double().mean() for l in range(1, 6)])
+    profiled = profile_flops(model, (float(alpha.sum()), float((alpha ** 2).sum())))
+    assert profiled.total == pytest.approx(count_flops(model, depths).total, rel=1e-12)
+
+
+def test_params_column():
+    expected = {"edge_recvit_tiny": 1.6, "edge_recvit_small": 6.0, "edge_recvit_base": 23.2}
+    for name, millions in expected.items():
+        model = recvit.create_model(name)
+        assert round(count_params(model) / 1e6, 1) == millions
+        head = sum(p.numel() for p in model.head.parameters())
+        assert count_params(model, include_head=True) == count_params(model) + head
+
+
+@pytest.mark.parametrize("sums, message", [
+    ((13.0, 12.0), "must lie in \\[1, L = 12\\]"),
+    ((0.5, 0.5), "must lie in \\[1, L = 12\\]"),
+    ((8.0, 9.0), "sum alpha_l\\^2 must lie in"),
+    ((8.21, 2.0), "sum alpha_l\\^2 must lie in"),
+    ((8.21,), "expected two numbers"),
+])
+def test_bad_alpha_sums(base, sums, message):
+    with pytest.raises(ValueError, match="^alpha_sums: .*" + message):
+        profile_flops(base, sums)
+
+
+def test_alpha_sum_bounds_are_reached():
+    assert check_alpha_sums((1.0, 1.0), 12) == (1.0, 1.0)       # all depths 1
+    assert check_alpha_sums((12.0, 12.0), 12) == (12.0, 12.0)   # all depths L
+    assert check_alpha_sums((6.5, 1 + 5.5 ** 2 / 11), 12)       # equal alpha_2..L
+
+
+def test_bad_depths():
+    model = recvit.create_model("edge_recvit_tiny", img_size=32, num_steps=4)
+    with pytest.raises(ValueError, match="depths: values must lie in 1..4"):
+        count_flops(model, torch.full((1, 5), 5))
+    with pytest.raises(ValueError, match="depths: expected shape \\(batch >= 1, 5\\)"):
+        count_flops(model, torch.full((1, 6), 2))
+    with pytest.raises(ValueError, match="kv='some'"):
+        count_flops(model, torch.full((1, 5), 2), kv="some")
+    with pytest.raises(TypeError, match="model: expected an Edge-RecViT-style model"):
+        count_flops(torch.nn.Linear(2, 2), torch.full((1, 5), 2))
+
+
+def test_breakdown_gflops():
+    b = FlopsBreakdown(1e9, 2e9, 3e9, 4e9, 10e9)
+    assert b.blocks == 7e9
+    assert b.gflops() == {"patch_embed": 1, "ranker": 2, "attention": 3, "mlp": 4, "total": 10, "blocks": 7}

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Compile-check every CUDA kernel source in csrc/ for sm_80 and sm_90 with this machine's nvcc.
 # Nothing runs: this proves the torch-free kernels build for A100/H100 on a machine without a GPU.
+# Then, where Python has torch, syntax-checks binding.cpp against torch's headers (CPU-only torch
+# lacks the generated c10/cuda/impl/cuda_cmake_macros.h: an empty stand-in is used for it).
 # Exits 0 with a "skipped" message where nvcc is absent. NVCC=/path/to/nvcc overrides the lookup.
 set -euo pipefail
 
@@ -28,4 +30,27 @@ for source in "$here"/*.cu; do
     status=1
   fi
 done
+
+python="${PYTHON:-python3}"
+cuda_include="${CUDA_HOME:-/usr/local/cuda}/include"
+[ -f "$cuda_include/cuda_runtime_api.h" ] || cuda_include="$(dirname "$(readlink -f "$nvcc")")/../include"
+if ! torch_includes="$("$python" -c 'from torch.utils.cpp_extension import include_paths
+print(" ".join("-I" + p for p in include_paths()))' 2>/dev/null)"; then
+  echo "check_compile: skipped binding.cpp: $python cannot import torch"
+elif [ ! -f "$cuda_include/cuda_runtime_api.h" ]; then
+  echo "check_compile: skipped binding.cpp: CUDA headers not found (set CUDA_HOME)"
+else
+  python_include="$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+  mkdir -p "$out/stub/c10/cuda/impl"
+  echo "#pragma once" > "$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
+  start=$SECONDS
+  # shellcheck disable=SC2086
+  if "${CXX:-g++}" -fsyntax-only -std=c++20 -Wall -I "$out/stub" $torch_includes -I "$python_include" \
+      -I "$cuda_include" -I "$here" -DTORCH_EXTENSION_NAME=_C "$here/binding.cpp"; then
+    echo "check_compile: ok     binding.cpp (syntax, torch headers) in $((SECONDS - start)) s"
+  else
+    echo "check_compile: FAILED binding.cpp"
+    status=1
+  fi
+fi
 exit $status

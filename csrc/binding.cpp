@@ -1,0 +1,256 @@
+// PyTorch binding of the recvit CUDA kernels (the only file here that includes PyTorch).
+// Checks every argument (errors name it, as ValueError) and launches on the current stream;
+// nothing here reads device memory back to the host.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <limits>
+#include <optional>
+
+#include "recvit_kernels.h"
+
+namespace {
+
+void check_cuda(const char* name, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.device() == device, name, ": expected device ", device, ", got ", t.device());
+}
+
+void check_launch(const char* op, cudaError_t error) {
+  TORCH_CHECK(error == cudaSuccess, "recvit ", op, " kernel launch failed: ",
+              cudaGetErrorString(error));
+}
+
+recvit::ScalarType scalar_type(const char* name, const at::Tensor& t, bool allow_float32) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return recvit::ScalarType::kFloat16;
+    case at::kBFloat16: return recvit::ScalarType::kBFloat16;
+    case at::kFloat:
+      if (allow_float32) return recvit::ScalarType::kFloat32;
+      break;
+    default: break;
+  }
+  TORCH_CHECK_VALUE(false, name, ": expected ", allow_float32 ? "float32, " : "",
+                    "float16 or bfloat16, got ", t.scalar_type());
+  return recvit::ScalarType::kFloat32;
+}
+
+// Depth sort -> (perm, inverse_perm, step_rows, image_lengths, cu_seqlens, image_order).
+std::vector<at::Tensor> depth_sort(const at::Tensor& depths, int64_t num_steps) {
+  TORCH_CHECK_VALUE(depths.is_cuda(), "depths: expected a CUDA tensor, got device ", depths.device());
+  TORCH_CHECK_VALUE(depths.dim() == 2, "depths: expected shape (batch, tokens), got ",
+                    depths.sizes());
+  TORCH_CHECK_VALUE(depths.scalar_type() == at::kInt || depths.scalar_type() == at::kLong,
+                    "depths: expected int32 or int64, got ", depths.scalar_type());
+  TORCH_CHECK_VALUE(num_steps >= 1 && num_steps <= recvit::kMaxDepthSteps,
+                    "num_steps: expected 1..", recvit::kMaxDepthSteps, ", got ", num_steps);
+  const int64_t batch = depths.size(0), tokens = depths.size(1);
+  TORCH_CHECK_VALUE(batch * tokens < std::numeric_limits<int32_t>::max() && batch <= 0x7fffffff,
+                    "depths: ", batch, " x ", tokens, " tokens exceed the int32 cu_seqlens range");
+  const c10::cuda::CUDAGuard guard(depths.device());
+  const at::Tensor input = depths.contiguous();
+  const auto long_options = depths.options().dtype(at::kLong);
+  const auto int_options = depths.options().dtype(at::kInt);
+  at::Tensor perm = at::empty({batch * tokens}, long_options);
+  at::Tensor inverse_perm = at::empty({batch * tokens}, long_options);
+  at::Tensor image_order = at::empty({batch * tokens}, long_options);
+  at::Tensor step_rows = at::empty({num_steps}, long_options);
+  at::Tensor image_lengths = at::empty({num_steps, batch}, int_options);
+  at::Tensor cu_seqlens = at::empty({num_steps, batch + 1}, int_options);
+  at::Tensor histogram = at::empty({batch, num_steps + 1}, int_options);
+  at::Tensor rank = at::empty({batch * tokens}, int_options);
+
+  recvit::DepthSortParams p{};
+  p.depths = input.data_ptr();
+  p.depths_int64 = input.scalar_type() == at::kLong;
+  p.batch = batch;
+  p.tokens = tokens;
+  p.num_steps = static_cast<int>(num_steps);
+  p.perm = perm.data_ptr<int64_t>();
+  p.inverse_perm = inverse_perm.data_ptr<int64_t>();
+  p.step_rows = step_rows.data_ptr<int64_t>();
+  p.image_lengths = image_lengths.data_ptr<int32_t>();
+  p.cu_seqlens = cu_seqlens.data_ptr<int32_t>();
+  p.image_order = image_order.data_ptr<int64_t>();
+  p.histogram = histogram.data_ptr<int32_t>();
+  p.rank = rank.data_ptr<int32_t>();
+  check_launch("depth_sort", recvit::depth_sort(p, c10::cuda::getCurrentCUDAStream()));
+  return {perm, inverse_perm, step_rows, image_lengths, cu_seqlens, image_order};
+}
+
+// q/k/v usable by the kernel: last dimension contiguous, row/head strides multiples of 8 and a
+// 16-byte aligned pointer; otherwise a contiguous copy.
+at::Tensor aligned(const at::Tensor& t) {
+  const bool ok = t.stride(2) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return ok ? t : t.contiguous();
+}
+
+at::Tensor index_table(const char* name, const std::optional<at::Tensor>& rows,
+                       const at::Device& device) {
+  if (!rows.has_value()) return at::Tensor();
+  const at::Tensor& t = *rows;
+  check_cuda(name, t, device);
+  TORCH_CHECK_VALUE(t.dim() == 1, name, ": expected 1 dimension, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, name,
+                    ": expected int32 or int64, got ", t.scalar_type());
+  return t.to(at::kLong).contiguous();
+}
+
+// Varlen attention forward; returns a tensor like q (rows no segment covers are zero).
+at::Tensor varlen_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                    int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                    double softmax_scale, const std::optional<at::Tensor>& q_rows,
+                                    const std::optional<at::Tensor>& kv_rows) {
+  TORCH_CHECK_VALUE(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
+  const at::Device device = q.device();
+  TORCH_CHECK_VALUE(q.dim() == 3, "q: expected (total_q, heads, head_dim), got ", q.sizes());
+  const recvit::ScalarType dtype = scalar_type("q", q, /*allow_float32=*/false);
+  const int64_t heads = q.size(1), head_dim = q.size(2);
+  TORCH_CHECK_VALUE(recvit::varlen_attention_supports_head_dim(static_cast<int>(head_dim)),
+                    "head_dim: the cuda varlen attention supports head_dim 64, got ", head_dim);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
+    check_cuda(name, t, device);
+    TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), name, ": expected dtype ",
+                      q.scalar_type(), " like q, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 3 && t.size(1) == heads && t.size(2) == head_dim, name,
+                      ": expected (total_k, ", heads, ", ", head_dim, ") like q, got ", t.sizes());
+  }
+  TORCH_CHECK_VALUE(v.size(0) == k.size(0), "v: expected ", k.size(0), " rows like k, got ",
+                    v.size(0));
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"cu_seqlens_q",
+                                                                          cu_seqlens_q},
+                                {"cu_seqlens_k", cu_seqlens_k}}) {
+    check_cuda(name, t, device);
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) >= 2, name,
+                      ": expected shape (batch + 1,) with batch >= 1, got ", t.sizes());
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, ": expected int32, got ",
+                      t.scalar_type());
+  }
+  TORCH_CHECK_VALUE(cu_seqlens_k.size(0) == cu_seqlens_q.size(0), "cu_seqlens_k: expected ",
+                    cu_seqlens_q.size(0), " entries like cu_seqlens_q, got ", cu_seqlens_k.size(0));
+  const int64_t batch = cu_seqlens_q.size(0) - 1;
+  TORCH_CHECK_VALUE(batch <= 65535, "cu_seqlens_q: at most 65535 segments, got ", batch);
+  TORCH_CHECK_VALUE(heads >= 1 && heads <= 65535, "q: expected 1..65535 heads, got ", heads);
+  TORCH_CHECK_VALUE(max_seqlen_q >= 1 && max_seqlen_q <= std::numeric_limits<int32_t>::max(),
+                    "max_seqlen_q: expected a positive int32, got ", max_seqlen_q);
+  TORCH_CHECK_VALUE(max_seqlen_k >= 1 && max_seqlen_k <= std::numeric_limits<int32_t>::max(),
+                    "max_seqlen_k: expected a positive int32, got ", max_seqlen_k);
+
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor q_ = aligned(q), k_ = aligned(k), v_ = aligned(v);
+  const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+  const at::Tensor q_table = index_table("q_rows", q_rows, device);
+  const at::Tensor kv_table = index_table("kv_rows", kv_rows, device);
+  at::Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+
+  recvit::VarlenAttentionParams p{};
+  p.q = q_.data_ptr();
+  p.k = k_.data_ptr();
+  p.v = v_.data_ptr();
+  p.out = out.data_ptr();
+  p.dtype = dtype;
+  p.q_row_stride = q_.stride(0);
+  p.q_head_stride = q_.stride(1);
+  p.k_row_stride = k_.stride(0);
+  p.k_head_stride = k_.stride(1);
+  p.v_row_stride = v_.stride(0);
+  p.v_head_stride = v_.stride(1);
+  p.out_row_stride = out.stride(0);
+  p.out_head_stride = out.stride(1);
+  p.total_q = q.size(0);
+  p.total_k = k.size(0);
+  p.heads = static_cast<int>(heads);
+  p.head_dim = static_cast<int>(head_dim);
+  p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
+  p.batch = static_cast<int>(batch);
+  p.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  p.max_seqlen_k = static_cast<int>(max_seqlen_k);
+  p.q_rows = q_table.defined() ? q_table.data_ptr<int64_t>() : nullptr;
+  p.q_rows_len = q_table.defined() ? q_table.numel() : 0;
+  p.kv_rows = kv_table.defined() ? kv_table.data_ptr<int64_t>() : nullptr;
+  p.kv_rows_len = kv_table.defined() ? kv_table.numel() : 0;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  check_launch("varlen_attention",
+               recvit::varlen_attention_forward(p, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+// LayerNorm over the last dimension of x (or of x + residual); returns (out, summed or None).
+std::tuple<at::Tensor, std::optional<at::Tensor>> layer_norm(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    double eps, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected a feature dimension, got shape ", x.sizes());
+  const at::Device device = x.device();
+  const recvit::ScalarType dtype = scalar_type("x", x, /*allow_float32=*/true);
+  const int64_t width = x.size(-1);
+  TORCH_CHECK_VALUE(width >= 1 && width <= recvit::kMaxLayerNormWidth,
+                    "x: the cuda layer_norm supports widths 1..", recvit::kMaxLayerNormWidth,
+                    ", got ", width);
+  check_cuda("weight", weight, device);
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == width, "weight: expected (", width,
+                    ",), got ", weight.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(weight.scalar_type()), "weight: expected a floating dtype, got ",
+                    weight.scalar_type());
+  if (bias.has_value()) {
+    check_cuda("bias", *bias, device);
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == width, "bias: expected (", width,
+                      ",), got ", bias->sizes());
+    TORCH_CHECK_VALUE(at::isFloatingType(bias->scalar_type()), "bias: expected a floating dtype, got ",
+                      bias->scalar_type());
+  }
+  if (residual.has_value()) {
+    check_cuda("residual", *residual, device);
+    TORCH_CHECK_VALUE(residual->sizes() == x.sizes(), "residual: expected shape ", x.sizes(),
+                      " like x, got ", residual->sizes());
+    TORCH_CHECK_VALUE(residual->scalar_type() == x.scalar_type(), "residual: expected dtype ",
+                      x.scalar_type(), " like x, got ", residual->scalar_type());
+  }
+  TORCH_CHECK_VALUE(eps >= 0, "eps: expected >= 0, got ", eps);
+
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor x_ = x.contiguous();
+  const at::Tensor residual_ = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const at::Tensor weight_ = weight.to(at::kFloat).contiguous();
+  const at::Tensor bias_ = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor out = at::empty_like(x_);
+  at::Tensor summed = residual.has_value() ? at::empty_like(x_) : at::Tensor();
+
+  recvit::LayerNormParams p{};
+  p.x = x_.data_ptr();
+  p.residual = residual_.defined() ? residual_.data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.summed = summed.defined() ? summed.data_ptr() : nullptr;
+  p.weight = weight_.data_ptr<float>();
+  p.bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
+  p.dtype = dtype;
+  p.rows = x_.numel() / width;
+  p.width = static_cast<int>(width);
+  p.eps = static_cast<float>(eps);
+  check_launch("layer_norm", recvit::layer_norm(p, c10::cuda::getCurrentCUDAStream()));
+  if (summed.defined()) return {out, summed};
+  return {out, std::nullopt};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "recvit CUDA kernels: depth sort, varlen attention forward, residual LayerNorm";
+  m.def("depth_sort", &depth_sort, py::arg("depths"), py::arg("num_steps"));
+  m.def("varlen_attention_forward", &varlen_attention_forward, py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
+        py::arg("max_seqlen_k"), py::arg("softmax_scale"), py::arg("q_rows") = py::none(),
+        py::arg("kv_rows") = py::none());
+  m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("eps"), py::arg("residual") = py::none());
+  m.def("attention_supports_head_dim", [](int head_dim) {
+    return recvit::varlen_attention_supports_head_dim(head_dim);
+  });
+  m.attr("max_layer_norm_width") = recvit::kMaxLayerNormWidth;
+  m.attr("max_depth_steps") = recvit::kMaxDepthSteps;
+}

@@ -117,6 +117,11 @@ def _flops(args, sub) -> int:
 
     overrides = {} if args.img_size is None else {"img_size": args.img_size}
     model = _model(sub, args.model, **overrides)
+    try:
+        full_depth_flops(model)
+    except TypeError as error:
+        sub.error(f"argument --model: {args.model!r}: the supplement's accounting needs an EARR ranker: "
+                  f"{str(error).removeprefix('model: ')}")
     num_steps, tokens = model.num_steps, model.num_tokens
     size, dim = model.patch_embed.img_size, model.embed_dim
     ratio = model.recursion.head_layer.mlp.fc1.out_features / dim

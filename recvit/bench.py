@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -227,6 +228,8 @@ def _packed_step(attend_factory):
 
 
 def _nested_attend(offsets, lengths):
+    warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+
     def attend(q, k, v, scale):
         nested = [torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in (q, k, v)]
         out = F.scaled_dot_product_attention(*nested, scale=scale)

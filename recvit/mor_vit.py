@@ -25,10 +25,10 @@ Routing (``routing=``):
   i.e. its state after the last step it ran.
 - ``"token_choice"``. The L routers score the embedded tokens once: ``z`` (B, N, L); each token's
   depth is ``argmax_l z_l + 1`` and its gate ``g = sigmoid(z_depth)``; [CLS] gets depth L. The
-  recursion is then exactly Edge-RecViT's (:class:`recvit.RecursiveBlock` with those depths), and
-  since the whole route is chosen at once its gate weights the route once:
-  ``h <- h0 + g * (R(h0) - h0)`` (MoR's token-choice likewise weights a token's output once, when it
-  finishes).
+  recursion is then Edge-RecViT's (:class:`recvit.RecursiveBlock` with those depths, its eager and
+  packed paths unchanged), every step the token runs updating it as ``h <- h + g * f_l(h)``. The gate
+  acts at every step, not once on the finished route as in MoR's language-model code: the classifier
+  reads only [CLS], so a patch token's gate reaches the loss only through later attention.
 
 Attention runs over the active tokens only (``kv="active"``); ``kv="all"`` lets active queries
 attend to every token, exited ones with their frozen states.
@@ -108,8 +108,8 @@ class MoRViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
         self.router = nn.Linear(embed_dim, num_steps)  # row l-1: the router of step l
-        self.recursion = RecursiveBlock(embed_dim, num_heads, num_steps, mlp_ratio, qkv_bias, eps, kv,
-                                        backend)
+        self.recursion = GatedRecursiveBlock(embed_dim, num_heads, num_steps, mlp_ratio, qkv_bias, eps,
+                                             kv, backend)
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -163,24 +163,22 @@ class MoRViT(nn.Module):
         else:
             self._check_depth_override(depths, tokens)
             depths = depths.to(torch.int64)
-        gate = torch.sigmoid(logits.gather(-1, depths[..., None] - 1))
-        routed = self.recursion(tokens, depths, kv=kv, backend=backend)
-        scored = torch.ones_like(logits, dtype=torch.bool)
-        return tokens + gate * (routed - tokens), depths, logits, scored
+        gates = torch.sigmoid(logits.gather(-1, depths[..., None] - 1)[..., 0])
+        states = self.recursion(tokens, depths, kv=kv, backend=backend, gates=gates)
+        return states, depths, logits, torch.ones_like(logits, dtype=torch.bool)
 
     def _expert_masked(self, tokens, kv, backend):
         """Reference: every step computes every token; the selection gates the updates."""
         batch, count, _ = tokens.shape
         x, active = tokens, torch.ones(batch, count, dtype=torch.bool, device=tokens.device)
         step_logits, step_scored, depths = [], [], torch.zeros_like(active, dtype=torch.int64)
-        for step, kept in enumerate(self.active_counts(count), start=1):
+        for step, running in enumerate(self.active_counts(count), start=1):
             logits = self._router_logits(x, step)  # (B, N)
             scored = active
             if step > 1:
-                active = _select(logits, active, kept - 1)
-            updated = self.recursion.layer_for_step(step)(x, active if kv == "active" else None)
-            gate = torch.sigmoid(logits)[..., None]
-            x = torch.where(active[..., None], x + gate * (updated - x), x)
+                active = _select(logits, active, running - 1)
+            layer = _GatedLayer(self.recursion.layer_for_step(step), torch.sigmoid(logits))
+            x = torch.where(active[..., None], layer(x, active if kv == "active" else None), x)
             depths = depths + active.long()
             step_logits.append(logits.masked_fill(~scored, -math.inf))
             step_scored.append(scored)
@@ -203,7 +201,6 @@ class MoRViT(nn.Module):
             if step > 1:  # re-sort the prefix: kept rows first, both parts in token order
                 keep = _select(logits, torch.ones_like(prefix_tokens, dtype=torch.bool), active - 1)
                 order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
-                logits = logits.gather(1, order)
                 token_of_row = torch.cat([_kept_then_left(prefix_tokens.gather(1, order), active),
                                           token_of_row[batch * previous:]])
                 prefix = rows[: batch * previous].view(batch, previous, dim)
@@ -211,18 +208,55 @@ class MoRViT(nn.Module):
                 rows = _write_prefix(rows, _kept_then_left(prefix, active))
             layout = _step_layout(batch, count, counts[:step], token_of_row)
             num_rows = batch * active
-            updated = self.recursion.layer_for_step(step).forward_packed(
-                rows, layout, 1, num_rows, kv, backend)
-            gate = torch.sigmoid(logits[:, :active]).reshape(-1, 1)
-            current = rows[:num_rows]
-            rows = _write_prefix(rows, current + gate * (updated - current))
+            layer = _GatedLayer(self.recursion.layer_for_step(step), torch.sigmoid(step_logits[-1]))
+            rows = _write_prefix(rows, layer.forward_packed(rows, layout, 1, num_rows, kv, backend))
         states = rk.unpack(rows, layout)
-        depth_of_row = torch.cat([torch.full((batch * (counts[s - 1] - (counts[s] if s < len(counts)
-                                                                          else 0)),), s, device=device)
-                                  for s in range(len(counts), 0, -1)])
+        depth_of_row = torch.cat([torch.full((batch * size,), depth, device=device)
+                                  for depth, size in zip(range(len(counts), 0, -1), _group_sizes(counts))])
         depths = depth_of_row.index_select(0, layout.inverse_perm).view(batch, count)
         logits = torch.stack(step_logits, -1)
         return states, depths, logits, logits > -math.inf
+
+
+class GatedRecursiveBlock(RecursiveBlock):
+    """:class:`recvit.RecursiveBlock` whose updates are gated per token: ``h <- h + g * (layer(h) - h)``.
+
+    ``forward(x, depths, gates=g)`` takes ``g`` (B, N); its eager and packed loops are
+    RecursiveBlock's, run over gated views of the head/shared/tail layers. Without ``gates`` it is
+    RecursiveBlock, and ``layer_for_step`` returns the plain layers.
+    """
+
+    _gates: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor, depths: torch.Tensor, kv: Optional[str] = None,
+                backend: Optional[str] = None, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if gates is not None and gates.shape != x.shape[:2]:
+            raise ValueError(f"gates: expected shape {tuple(x.shape[:2])}, got {tuple(gates.shape)}")
+        self._gates = gates
+        try:
+            return super().forward(x, depths, kv, backend)
+        finally:
+            self._gates = None
+
+    def layer_for_step(self, step: int):
+        layer = super().layer_for_step(step)
+        return layer if self._gates is None else _GatedLayer(layer, self._gates)
+
+
+class _GatedLayer:
+    """A layer whose update of each token is scaled by the token's gate (B, N)."""
+
+    def __init__(self, layer: nn.Module, gates: torch.Tensor):
+        self.layer, self.gates = layer, gates
+
+    def __call__(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return x + self.gates[..., None] * (self.layer(x, key_mask) - x)
+
+    def forward_packed(self, rows, layout, step, num_rows, kv="active", backend=None):
+        updated = self.layer.forward_packed(rows, layout, step, num_rows, kv, backend)
+        gates = self.gates.reshape(-1).index_select(0, layout.perm[:num_rows])[:, None]
+        prefix = rows[:num_rows]
+        return prefix + gates * (updated - prefix)
 
 
 def _select(logits: torch.Tensor, candidates: torch.Tensor, kept: int) -> torch.Tensor:
@@ -242,6 +276,12 @@ def _kept_then_left(prefix: torch.Tensor, active: int) -> torch.Tensor:
     return torch.cat([prefix[:, :active].reshape(-1, *tail), prefix[:, active:].reshape(-1, *tail)])
 
 
+def _group_sizes(counts: list[int]) -> list[int]:
+    """Rows per image of each row group after step ``len(counts)``, depth descending: the active
+    prefix, then the tokens that left at steps ``len(counts)``, ..., 2."""
+    return [counts[-1]] + [counts[s - 1] - counts[s] for s in range(len(counts) - 1, 0, -1)]
+
+
 def _step_layout(batch: int, tokens: int, counts: list[int], token_of_row: torch.Tensor) -> rk.DepthLayout:
     """The one-step :class:`recvit_kernels.DepthLayout` of the current rows (valid for step 1 of it).
 
@@ -252,8 +292,7 @@ def _step_layout(batch: int, tokens: int, counts: list[int], token_of_row: torch
     device = token_of_row.device
     image = torch.arange(batch, device=device)[:, None]
     pieces, start = [], 0
-    sizes = [counts[-1]] + [counts[s - 1] - counts[s] for s in range(len(counts) - 1, 0, -1)]
-    for size in sizes:  # depth descending: the active prefix, then the groups that left latest first
+    for size in _group_sizes(counts):
         pieces.append(start + image * size + torch.arange(size, device=device))
         start += batch * size
     image_order = torch.cat(pieces, 1).reshape(-1)

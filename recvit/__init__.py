@@ -2,7 +2,9 @@
 running attention and MLP over only the shrinking set of active tokens.
 """
 from .checkpoint import ConvertedCheckpoint, convert_state_dict, load_checkpoint, save_checkpoint
+from .depthmap import depth_heatmap, plot_depthmap
 from .edge_recvit import EdgeAwareRanker, EdgeRecViT, RecViTOutput
+from .flops import FlopsBreakdown, count_flops, count_params, full_depth_flops, profile_flops
 from .factory import create_model, list_models, register_model
 from .layers import Block
 from .losses import EdgeRecViTLoss, cce_loss, du_loss, stb_loss
@@ -11,7 +13,9 @@ from .recursion import RecursiveBlock
 __version__ = "0.1.0"
 
 __all__ = [
-    "Block", "ConvertedCheckpoint", "EdgeAwareRanker", "EdgeRecViT", "EdgeRecViTLoss", "RecViTOutput", "RecursiveBlock",
-    "cce_loss", "convert_state_dict", "create_model", "du_loss", "list_models", "load_checkpoint",
-    "register_model", "save_checkpoint", "stb_loss",
+    "Block", "ConvertedCheckpoint", "EdgeAwareRanker", "EdgeRecViT", "EdgeRecViTLoss",
+    "FlopsBreakdown", "RecViTOutput", "RecursiveBlock", "cce_loss", "convert_state_dict",
+    "count_flops", "count_params", "create_model", "depth_heatmap", "du_loss", "full_depth_flops",
+    "list_models", "load_checkpoint", "plot_depthmap", "profile_flops", "register_model",
+    "save_checkpoint", "stb_loss",
 ]

@@ -1,4 +1,93 @@
-"""Build script: metadata lives in pyproject.toml; this file only adds the optional CUDA extension."""
-from setuptools import setup
+"""Build script: metadata lives in pyproject.toml; this file only adds the optional CUDA extension.
 
-setup()
+The extension ``recvit_kernels.cuda._C`` is built (with ninja) only where the build environment
+has a CUDA-enabled torch and nvcc, and ``RECVIT_SKIP_CUDA_BUILD`` is not ``1``. pip's default build
+isolation hides the installed torch, so the CUDA build needs ``pip install --no-build-isolation .``;
+a plain ``pip install .`` gives the pure-Python package, whose ``cuda`` backend JIT-builds the
+extension on first use from the kernel sources shipped inside it. torch is imported here only once
+its files say it is a CUDA build. Architectures: ``TORCH_CUDA_ARCH_LIST``, default "8.0;9.0".
+"""
+import importlib.util
+import os
+import re
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+SOURCES = ["binding.cpp", "depth_sort.cu", "varlen_attention.cu", "layer_norm.cu"]
+
+
+def torch_cuda_version():
+    """The CUDA version torch was built with, read from torch/version.py without importing torch."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    version_file = Path(list(spec.submodule_search_locations)[0]) / "version.py"
+    if not version_file.is_file():
+        return None
+    match = re.search(r"^cuda\s*(?::[^=]*)?=\s*['\"]([^'\"]+)['\"]", version_file.read_text(), re.M)
+    return match.group(1) if match else None
+
+
+def find_nvcc():
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").is_file():
+        return str(Path(cuda_home) / "bin" / "nvcc")
+    return shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
+                                    if Path("/usr/local/cuda/bin/nvcc").is_file() else None)
+
+
+def cuda_skip_reason():
+    """None when the CUDA extension should be built here, else why not."""
+    if os.environ.get("RECVIT_SKIP_CUDA_BUILD") == "1":
+        return "RECVIT_SKIP_CUDA_BUILD=1"
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not importable in the build environment (use --no-build-isolation)"
+    if torch_cuda_version() is None:
+        return "torch in the build environment is CPU-only"
+    if find_nvcc() is None:
+        return "nvcc not found (set CUDA_HOME)"
+    return None
+
+
+class BuildPyWithSources(build_py):
+    """Ship the kernel sources inside recvit_kernels/cuda/csrc, for the JIT build on first use."""
+
+    def run(self):
+        super().run()
+        if not CSRC.is_dir():
+            print("recvit: csrc/ not found; the cuda backend will have no sources to JIT-build")
+            return
+        target = Path(self.build_lib) / "recvit_kernels" / "cuda" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in SOURCES + ["recvit_kernels.h"]:
+            shutil.copy2(CSRC / name, target / name)
+
+
+def extension_kwargs():
+    reason = cuda_skip_reason()
+    if reason is not None:
+        print(f"recvit: building without the CUDA extension: {reason}")
+        return {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    extension = CUDAExtension(
+        name="recvit_kernels.cuda._C",
+        sources=[str(Path("csrc") / name) for name in SOURCES],
+        include_dirs=[str(CSRC)],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+    )
+    print(f"recvit: building the CUDA extension for TORCH_CUDA_ARCH_LIST="
+          f"{os.environ['TORCH_CUDA_ARCH_LIST']}")
+    return {"ext_modules": [extension],
+            "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
+
+kwargs = extension_kwargs()
+kwargs.setdefault("cmdclass", {})["build_py"] = BuildPyWithSources
+setup(**kwargs)

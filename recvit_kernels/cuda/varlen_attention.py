@@ -1,0 +1,36 @@
+"""Varlen attention forward on tensor cores (the extension's mma.sync kernel, sm_80+).
+
+Same contract as :func:`recvit_kernels.varlen_attention`: q (total_q, H, D), k/v (total_k, H, D),
+int32 device ``cu_seqlens_q/k``, host bounds ``max_seqlen_q/k``, optional ``q_rows``/``kv_rows``
+index tables; rows no segment covers are zero. fp16 and bf16, head_dim 64; other calls are
+declined with the reason (``auto`` then takes another backend).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backend import register
+from . import device_reason, extension, grad_reason
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, *,
+              q_rows=None, kv_rows=None) -> Optional[str]:
+    reason = device_reason("q", q) or grad_reason(q, k, v)
+    if reason is not None:
+        return reason
+    if q.dtype not in DTYPES:
+        return f"q has dtype {q.dtype}; the cuda attention takes float16 and bfloat16"
+    if not extension().attention_supports_head_dim(q.shape[-1]):
+        return f"head_dim={q.shape[-1]} is not supported by the cuda attention (built for 64)"
+    return None
+
+
+@register("varlen_attention", "cuda", supports=_supports)
+def varlen_attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          softmax_scale, *, q_rows=None, kv_rows=None) -> torch.Tensor:
+    return extension().varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                max_seqlen_k, softmax_scale, q_rows, kv_rows)

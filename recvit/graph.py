@@ -22,7 +22,8 @@ class GraphedForward:
     def __init__(self, graph: Optional["torch.cuda.CUDAGraph"], static_images: torch.Tensor,
                  static_depths: Optional[torch.Tensor], static_logits: Optional[torch.Tensor]):
         self.graph = graph
-        self.static_images, self.static_depths, self.static_logits = static_images, static_depths, static_logits
+        self.static_images, self.static_depths = static_images, static_depths
+        self.static_logits = static_logits
 
     def check_inputs(self, images: torch.Tensor, depths: Optional[torch.Tensor] = None) -> None:
         """Raise ``ValueError`` naming the argument unless the inputs match the captured ones."""
@@ -64,8 +65,10 @@ def compile_graph(model: nn.Module, example_images: torch.Tensor, depths: Option
     if not isinstance(example_images, torch.Tensor):
         raise TypeError(f"example_images: expected a torch.Tensor, got {type(example_images).__name__}")
     if example_images.device.type != "cuda":
-        raise ValueError(f"example_images: CUDA graphs need a CUDA tensor, got device {example_images.device}")
-    if depths is not None and (not isinstance(depths, torch.Tensor) or depths.device != example_images.device):
+        raise ValueError("example_images: CUDA graphs need a CUDA tensor, got device "
+                         f"{example_images.device}")
+    if depths is not None and (not isinstance(depths, torch.Tensor)
+                               or depths.device != example_images.device):
         raise ValueError(f"depths: expected a tensor on {example_images.device}")
     recursion = getattr(model, "recursion", None)
     if recursion is None or not hasattr(recursion, "static_shapes"):

@@ -53,7 +53,8 @@ def test_forward_shapes(routing, backend):
     assert out.confidence.shape == (3, 17) and out.features.shape == (3, 17, 32)
     assert out.depth_logits.shape == out.depth_probs.shape == out.scored.shape == (3, 17, 4)
     torch.testing.assert_close(out.depth_probs, torch.sigmoid(out.depth_logits))
-    assert torch.isinf(out.depth_logits[~out.scored]).all() and torch.isfinite(out.depth_logits[out.scored]).all()
+    assert torch.isinf(out.depth_logits[~out.scored]).all()
+    assert torch.isfinite(out.depth_logits[out.scored]).all()
     # confidence: the gate of the last step each token ran
     last = out.depth_logits.gather(-1, out.depths[..., None] - 1)[..., 0]
     torch.testing.assert_close(out.confidence, torch.sigmoid(last))
@@ -158,7 +159,8 @@ def test_exited_tokens_keep_their_cached_pre_router_state(backend, kv):
 
         after1 = gated(1, tokens, None)
         active2 = out.depths >= 2
-        after2 = torch.where(active2[..., None], gated(2, after1, active2 if kv == "active" else None), after1)
+        mask2 = active2 if kv == "active" else None
+        after2 = torch.where(active2[..., None], gated(2, after1, mask2), after1)
     one, two = out.depths == 1, out.depths == 2
     assert one.any() and two.any()
     torch.testing.assert_close(out.features[one], model.norm(after1)[one], atol=1e-5, rtol=1e-5)
@@ -200,7 +202,9 @@ def test_expert_choice_losses_by_hand():
     z = torch.tensor([[[0.1, 0.2, 0.3], [0.5, -1.0, 9.0], [-0.4, 1.5, 0.7]]])
     scored = torch.tensor([[[True, True, True], [True, True, False], [True, True, True]]])
     out = _output("expert_choice", [[3, 1, 2]], z, scored)
-    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    def sig(v):
+        return 1 / (1 + math.exp(-v))
+
     z_expected = (0.5 ** 2 + 1.0 ** 2 + 0.4 ** 2 + 1.5 ** 2 + 0.7 ** 2) / 5
     # ranked: a at step 2 (exits: 0), b at step 2 (kept: 1), b at step 3 (exits: 0)
     bce = (-math.log(1 - sig(-1.0)) - math.log(sig(1.5)) - math.log(1 - sig(0.7))) / 3
@@ -224,7 +228,8 @@ def test_token_choice_losses_by_hand():
     share = [0.5, 0.5, 0.0]  # patch depths 1 and 2
     expected = 3 * sum(p * a for p, a in zip(mean_pref, share))
     assert balancing_loss(out).item() == pytest.approx(expected, rel=1e-6)
-    uniform = _output("token_choice", [[3, 1, 2, 3]], torch.zeros(1, 4, 3), torch.ones(1, 4, 3, dtype=torch.bool))
+    everywhere = torch.ones(1, 4, 3, dtype=torch.bool)
+    uniform = _output("token_choice", [[3, 1, 2, 3]], torch.zeros(1, 4, 3), everywhere)
     assert balancing_loss(uniform).item() == pytest.approx(1.0)
 
 

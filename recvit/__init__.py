@@ -5,8 +5,10 @@ from .checkpoint import ConvertedCheckpoint, convert_state_dict, load_checkpoint
 from .depthmap import depth_heatmap, plot_depthmap
 from .edge_recvit import EdgeAwareRanker, EdgeRecViT, RecViTOutput
 from .flops import FlopsBreakdown, count_flops, count_params, full_depth_flops, profile_flops
+from .graph import GraphedForward, compile_graph
 from .factory import create_model, list_models, register_model
 from .layers import Block
+from .mor_vit import GatedRecursiveBlock, MoRViT, MoRViTLoss, MoRViTOutput, balancing_loss, router_z_loss
 from .losses import EdgeRecViTLoss, cce_loss, du_loss, stb_loss
 from .recursion import RecursiveBlock
 
@@ -14,8 +16,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Block", "ConvertedCheckpoint", "EdgeAwareRanker", "EdgeRecViT", "EdgeRecViTLoss",
-    "FlopsBreakdown", "RecViTOutput", "RecursiveBlock", "cce_loss", "convert_state_dict",
-    "count_flops", "count_params", "create_model", "depth_heatmap", "du_loss", "full_depth_flops",
-    "list_models", "load_checkpoint", "plot_depthmap", "profile_flops", "register_model",
-    "save_checkpoint", "stb_loss",
+    "FlopsBreakdown", "GatedRecursiveBlock", "GraphedForward", "MoRViT", "MoRViTLoss",
+    "MoRViTOutput", "RecViTOutput", "RecursiveBlock", "balancing_loss", "cce_loss", "compile_graph",
+    "convert_state_dict", "count_flops", "count_params", "create_model", "depth_heatmap", "du_loss",
+    "full_depth_flops", "list_models", "load_checkpoint", "plot_depthmap", "profile_flops",
+    "register_model", "router_z_loss", "save_checkpoint", "stb_loss",
 ]

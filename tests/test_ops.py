@@ -180,3 +180,10 @@ def test_backend_selection_and_errors(monkeypatch):
     assert reasons["eager"] is None and reasons["packed"] is None
     for name in ("triton", "cuda"):
         assert reasons[name] is None or isinstance(reasons[name], str)
+
+
+def test_auto_runs_cpu_tensors_on_packed(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, weight = torch.randn(3, 8), torch.ones(8)
+    assert rk._backend.dispatch("layer_norm", "auto", x, weight, None, 1e-6, None) is \
+        rk._backend._IMPLEMENTATIONS["layer_norm"]["packed"]

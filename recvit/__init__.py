@@ -4,12 +4,12 @@ running attention and MLP over only the shrinking set of active tokens.
 from .checkpoint import ConvertedCheckpoint, convert_state_dict, load_checkpoint, save_checkpoint
 from .depthmap import depth_heatmap, plot_depthmap
 from .edge_recvit import EdgeAwareRanker, EdgeRecViT, RecViTOutput
+from .factory import create_model, list_models, register_model
 from .flops import FlopsBreakdown, count_flops, count_params, full_depth_flops, profile_flops
 from .graph import GraphedForward, compile_graph
-from .factory import create_model, list_models, register_model
 from .layers import Block
-from .mor_vit import GatedRecursiveBlock, MoRViT, MoRViTLoss, MoRViTOutput, balancing_loss, router_z_loss
 from .losses import EdgeRecViTLoss, cce_loss, du_loss, stb_loss
+from .mor_vit import GatedRecursiveBlock, MoRViT, MoRViTLoss, MoRViTOutput, balancing_loss, router_z_loss
 from .recursion import RecursiveBlock
 
 __version__ = "0.1.0"

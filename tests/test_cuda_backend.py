@@ -111,7 +111,7 @@ def test_kernel_sources_are_found():
 
 
 def test_cpu_build_is_pure_python(tmp_path):
-    """``pip wheel`` without a CUDA torch gives a py3-none-any wheel that ships the kernel sources."""
+    """Without a CUDA torch, ``pip wheel`` gives a py3-none-any wheel shipping the kernel sources."""
     source = tmp_path / "src"
     source.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md"):
@@ -156,7 +156,8 @@ def no_host_sync():
 
 
 def assert_layouts_equal(ours, reference):
-    for field in ("perm", "inverse_perm", "step_rows", "image_lengths", "cu_seqlens", "image_order"):
+    for field in ("perm", "inverse_perm", "step_rows", "image_lengths", "cu_seqlens",
+                  "image_order"):
         a, b = getattr(ours, field), getattr(reference, field)
         assert a.dtype == b.dtype and a.shape == b.shape, field
         assert torch.equal(a, b), field
@@ -266,7 +267,8 @@ def test_layer_norm_matches_eager(ext, dtype, rows, width, with_residual):
         summed = theirs_sum.double()
     else:
         summed = x.double()
-    reference = torch.nn.functional.layer_norm(summed, (width,), weight.double(), bias.double(), 1e-6)
+    reference = torch.nn.functional.layer_norm(summed, (width,), weight.double(), bias.double(),
+                                               1e-6)
     assert ours.shape == x.shape and ours.dtype == dtype
     if rows:
         error = (ours.double() - reference).abs().max().item()
@@ -377,7 +379,8 @@ SANITIZER_SCRIPT = textwrap.dedent("""
         rows = layout.attention_rows(step, 3 * 197)
         cu = layout.cu_seqlens[step - 1]
         rk.varlen_attention(q, q, q, cu, cu, 197, 197, q_rows=rows, kv_rows=rows, backend="cuda")
-        rk.varlen_attention(q.half(), q.half(), q.half(), cu, layout.all_rows_cu_seqlens(), 197, 197,
+        rk.varlen_attention(q.half(), q.half(), q.half(), cu, layout.all_rows_cu_seqlens(),
+                            197, 197,
                             q_rows=rows, kv_rows=layout.image_order, backend="cuda")
     x = torch.randn(100, 384, device="cuda", dtype=torch.float16)
     rk.layer_norm(x, torch.ones(384, device="cuda"), None, 1e-6, x, backend="cuda")
@@ -404,4 +407,5 @@ def test_compute_sanitizer_clean(ext, tool, tmp_path):
                             cwd=ROOT)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    assert "ERROR SUMMARY: 0 errors" in output or "RACECHECK SUMMARY: 0 hazards" in output, output[-4000:]
+    clean = "ERROR SUMMARY: 0 errors" in output or "RACECHECK SUMMARY: 0 hazards" in output
+    assert clean, output[-4000:]

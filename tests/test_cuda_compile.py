@@ -13,7 +13,8 @@ KERNELS = sorted(path.name for path in SCRIPT.parent.glob("*.cu"))
 
 def nvcc():
     home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    return shutil.which("nvcc") or (f"{home}/bin/nvcc" if os.access(f"{home}/bin/nvcc", os.X_OK) else None)
+    fallback = f"{home}/bin/nvcc"
+    return shutil.which("nvcc") or (fallback if os.access(fallback, os.X_OK) else None)
 
 
 def test_every_kernel_source_is_checked():
@@ -31,6 +32,7 @@ def test_kernels_compile_for_sm80_and_sm90():
 
 def test_missing_nvcc_is_a_clear_skip():
     env = dict(os.environ, NVCC="/nonexistent/nvcc")
-    result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=60)
+    result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env,
+                            timeout=60)
     assert result.returncode == 0
     assert "SKIPPED" in result.stdout and "not compile-checked" in result.stdout

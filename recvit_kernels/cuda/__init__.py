@@ -27,7 +27,7 @@ EXTENSION_NAME = "recvit_kernels_cuda"
 
 
 def source_dir() -> Optional[Path]:
-    """The directory holding the kernel sources: shipped in the package, or the repository's csrc/."""
+    """The kernel sources' directory: shipped inside the package, or the repository's csrc/."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "csrc", here.parents[1] / "csrc"):
         if all((candidate / name).is_file() for name in SOURCES):
@@ -43,7 +43,8 @@ def _platform_reason() -> Optional[str]:
         return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
-        return f"the kernels need compute capability 8.0 or newer (sm_80+), this GPU has {major}.{minor}"
+        return (f"the kernels need compute capability 8.0 or newer (sm_80+), "
+                f"this GPU has {major}.{minor}")
     return None
 
 
@@ -55,8 +56,10 @@ def _jit_build() -> ModuleType:
         raise RuntimeError("the extension was not prebuilt and nvcc was not found (set CUDA_HOME)")
     sources = source_dir()
     if sources is None:
-        raise RuntimeError("the extension was not prebuilt and the kernel sources (csrc/) are missing")
-    logger.info("recvit_kernels.cuda: JIT-building the CUDA extension from %s (once, cached)", sources)
+        raise RuntimeError("the extension was not prebuilt and the kernel sources (csrc/) "
+                           "are missing")
+    logger.info("recvit_kernels.cuda: JIT-building the CUDA extension from %s (once, cached)",
+                sources)
     return load(name=EXTENSION_NAME, sources=[str(sources / name) for name in SOURCES],
                 extra_include_paths=[str(sources)], extra_cuda_cflags=["-O3"],
                 extra_cflags=["-O3"], verbose=os.environ.get("RECVIT_VERBOSE_BUILD") == "1")
@@ -112,4 +115,5 @@ def device_reason(name: str, tensor: torch.Tensor) -> Optional[str]:
 
 register_availability("cuda", unavailable_reason)
 
-from . import depth_sort, layer_norm, varlen_attention  # noqa: E402,F401  (they register themselves)
+# The op modules register themselves.
+from . import depth_sort, layer_norm, varlen_attention  # noqa: E402,F401

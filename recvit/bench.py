@@ -283,6 +283,7 @@ class Implementation:
     # build(model, deit, example_images, example_depths) -> fn(images, depths) or raise Unavailable
     build: Callable
     uses_depths: bool = True
+    headline_only: bool = False  # timed for the headline depth profile only (slow to build)
 
 
 def _backend_impl(backend: str):
@@ -333,6 +334,7 @@ def _forced_compile_impl(target: str):
 
 
 def _compiled(model, deit, target):
+    torch._dynamo.reset()  # a fresh cache per build: never hit the recompile limit (silent eager)
     if target == "dense":
         compiled = torch.compile(deit)
         return lambda x, d: compiled(x)
@@ -365,10 +367,11 @@ def implementations(force_compile: bool = False) -> list[Implementation]:
                                     "captured in one CUDA graph (recvit.graph)", _graph_impl(backend)))
     impls += [
         Implementation("deit-dense+compile", "DeiT dense through torch.compile", compile_impl("dense"),
-                       uses_depths=False),
+                       uses_depths=False, headline_only=True),
         Implementation("reference+compile", "the gated reference through torch.compile",
-                       compile_impl("eager")),
-        Implementation("packed+compile", "ours (packed) through torch.compile", compile_impl("packed")),
+                       compile_impl("eager"), headline_only=True),
+        Implementation("packed+compile", "ours (packed) through torch.compile", compile_impl("packed"),
+                       headline_only=True),
     ]
     return impls
 
@@ -382,35 +385,52 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable, inputs: Sequence[tuple], device: torch.device, warmup: int,
-               min_repeats: int, max_repeats: int, target_s: float) -> list[float]:
-    """Seconds per call of ``fn(*inputs[i % len(inputs)])``, one entry per timed call.
+def time_interleaved(fns: dict, inputs: Sequence[tuple], device: torch.device, warmup: int,
+                     min_repeats: int, max_repeats: int, target_s: float) -> dict:
+    """Seconds per call of each ``fns[name](*inputs[i % len(inputs)])``: name -> list of times, or
+    the exception that implementation raised.
 
-    ``warmup`` untimed calls first; then as many timed calls as fit ``target_s`` (estimated from
-    the warm-up), clamped to [min_repeats, max_repeats]. CUDA events around each call on a GPU
-    (all read after one final synchronize), ``time.perf_counter`` on the CPU.
+    The implementations take turns, one call each per round, so that a change of machine load or
+    clock during the measurement reaches all of them alike. ``warmup`` untimed rounds first; then
+    as many rounds as fit ``target_s`` per implementation (estimated from the warm-up), clamped to
+    [min_repeats, max_repeats]. CUDA events around each call on a GPU (read after one final
+    synchronize), ``time.perf_counter`` on the CPU.
     """
+    outcome: dict = {}
+    live = dict(fns)
+
+    def call(name, i):
+        try:
+            return live[name](*inputs[i % len(inputs)])
+        except Exception as error:  # the implementation is dropped with its reason
+            outcome[name] = error
+            del live[name]
+
     start = time.perf_counter()
     for i in range(max(1, warmup)):
-        fn(*inputs[i % len(inputs)])
+        for name in list(live):
+            call(name, i)
     _sync(device)
-    estimate = (time.perf_counter() - start) / max(1, warmup)
-    repeats = int(min(max_repeats, max(min_repeats, target_s / max(estimate, 1e-6))))
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(repeats)]
-        for i, (begin, end) in enumerate(events):
-            begin.record()
-            fn(*inputs[i % len(inputs)])
-            end.record()
-        torch.cuda.synchronize(device)
-        return [begin.elapsed_time(end) / 1e3 for begin, end in events]
-    times = []
-    for i in range(repeats):
-        begin = time.perf_counter()
-        fn(*inputs[i % len(inputs)])
-        times.append(time.perf_counter() - begin)
-    return times
+    per_round = (time.perf_counter() - start) / max(1, warmup)
+    rounds = int(min(max_repeats, max(min_repeats, target_s * max(1, len(live)) / max(per_round, 1e-6))))
+    times: dict = {name: [] for name in live}
+    for i in range(rounds):
+        for name in list(live):
+            if device.type == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                call(name, i)
+                end.record()
+                times[name].append((begin, end))
+            else:
+                begin = time.perf_counter()
+                call(name, i)
+                times[name].append(time.perf_counter() - begin)
+    _sync(device)
+    for name in live:
+        outcome[name] = [b.elapsed_time(e) / 1e3 for b, e in times[name]] if device.type == "cuda" \
+            else times[name]
+    return outcome
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -455,6 +475,7 @@ class Settings:
     rotate: int = 4                 # pre-made input batches cycled through
     seed: int = 0
     force_compile: bool = False
+    threads: Optional[int] = None   # torch CPU threads (None: torch's default)
 
 
 def default_settings(device: str, full: bool = True) -> Settings:
@@ -544,6 +565,8 @@ def run(settings: Settings, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     device = torch.device(settings.device)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     impls = implementations(settings.force_compile)
     if settings.implementations is not None:
         unknown = set(settings.implementations) - {impl.name for impl in impls}
@@ -568,7 +591,6 @@ def run(settings: Settings, progress: bool = True) -> dict:
                "configs": [], "records": []}
     bar = tqdm(total=len(plan), desc="recvit bench", disable=not progress, unit="run")
     generator = torch.Generator().manual_seed(settings.seed)
-    dense_cache: dict = {}
     for scale, dtype_name, img_size in configs:
         torch.manual_seed(settings.seed)
         dtype = DTYPES[dtype_name]
@@ -581,7 +603,7 @@ def run(settings: Settings, progress: bool = True) -> dict:
             batches = sorted(set(settings.batch_sizes if profile == settings.headline_profile
                                  else settings.profile_batch_sizes) | set(settings.latency_batches))
             _run_profile(results, settings, model, deit, impls, config, profile, batches, device,
-                         dtype, generator, dense_cache, bar)
+                         dtype, generator, bar)
         del model, deit
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -590,7 +612,7 @@ def run(settings: Settings, progress: bool = True) -> dict:
 
 
 def _run_profile(results, settings, model, deit, impls, config, profile, batches, device, dtype,
-                 generator, dense_cache, bar):
+                 generator, bar):
     built: dict = {}
     failed_at: dict = {}  # implementation -> batch at which it ran out of memory
     for batch in batches:
@@ -603,58 +625,74 @@ def _run_profile(results, settings, model, deit, impls, config, profile, batches
             realised = [(d if d is not None else model(x, return_aux=True).depths) for x, d in inputs]
         flops = model_flops(model, torch.cat(realised))
         sums = alpha_sums(torch.cat(realised).cpu(), model.num_steps)
+        records, fns = {}, {}
         for impl in impls:
-            record = {**{k: config[k] for k in ("scale", "dtype", "img_size", "tokens")},
-                      "profile": profile, "implementation": impl.name, "batch": batch,
-                      "sum_alpha": round(sums[0], 4), "sum_alpha_sq": round(sums[1], 4),
-                      "flops_per_image": config["dense_flops"] if not impl.uses_depths else flops[0],
-                      "flops_source": "dense formula" if not impl.uses_depths else flops[1]}
+            records[impl.name] = {
+                **{k: config[k] for k in ("scale", "dtype", "img_size", "tokens")},
+                "profile": profile, "implementation": impl.name, "batch": batch,
+                "sum_alpha": round(sums[0], 4), "sum_alpha_sq": round(sums[1], 4),
+                "flops_per_image": config["dense_flops"] if not impl.uses_depths else flops[0],
+                "flops_source": "dense formula" if not impl.uses_depths else flops[1]}
             bar.set_postfix_str(f"{config['scale']} {config['dtype']} {config['img_size']} {profile} "
-                                f"{impl.name} b={batch}", refresh=False)
-            key = (config["scale"], config["dtype"], config["img_size"], batch)
-            if not impl.uses_depths and key in dense_cache.get(impl.name, {}):
-                record.update({k: v for k, v in dense_cache[impl.name][key].items() if k not in record})
+                                f"b={batch} build {impl.name}", refresh=False)
+            if impl.headline_only and profile != settings.headline_profile:
+                records[impl.name].update(status="skipped", reason="timed for the headline depth profile only")
+            elif impl.name in failed_at:
+                records[impl.name].update(status="oom", reason=f"out of memory at batch {failed_at[impl.name]}")
             else:
-                record.update(_measure(impl, settings, model, deit, inputs, batch, device, built,
-                                       failed_at))
-                if not impl.uses_depths:
-                    dense_cache.setdefault(impl.name, {})[key] = record
-            results["records"].append(record)
-            bar.update()
+                outcome = _guarded(lambda: _build(impl, model, deit, inputs[0], built), batch, failed_at,
+                                   impl.name, device)
+                if isinstance(outcome, dict):
+                    records[impl.name].update(outcome)
+                else:
+                    fns[impl.name] = outcome
+        bar.set_postfix_str(f"{config['scale']} {config['dtype']} {config['img_size']} {profile} "
+                            f"b={batch} timing {len(fns)} implementations", refresh=False)
+        latency = batch in settings.latency_batches
+        min_repeats = max(settings.min_repeats, settings.latency_repeats if latency else 0)
+        times = time_interleaved(fns, inputs, device, settings.warmup, min_repeats,
+                                 max(settings.max_repeats, min_repeats), settings.target_s)
+        for name, outcome in times.items():
+            if isinstance(outcome, BaseException):
+                records[name].update(_failure(outcome, batch, failed_at, name, device))
+                continue
+            memory = _guarded(lambda: peak_memory(fns[name], inputs[0], device), batch, failed_at, name,
+                              device)
+            median = percentile(outcome, 50)
+            records[name].update(
+                status="ok", repeats=len(outcome), median_ms=median * 1e3, p50_ms=median * 1e3,
+                p90_ms=percentile(outcome, 90) * 1e3, p99_ms=percentile(outcome, 99) * 1e3,
+                images_per_s=batch / median,
+                peak_memory_mb=memory / 2 ** 20 if isinstance(memory, int) else None)
+        results["records"] += list(records.values())
+        bar.update(len(impls))
     _add_ratios(results["records"], config, profile)
 
 
-def _measure(impl, settings, model, deit, inputs, batch, device, built, failed_at) -> dict:
-    if impl.name in failed_at:
-        return {"status": "oom", "reason": f"out of memory at batch {failed_at[impl.name]}"}
+def _build(impl, model, deit, example, built):
+    with torch.inference_mode():
+        if impl.name.endswith("+graph") or impl.name not in built:
+            # a CUDA graph is captured for one input shape: it is rebuilt for every batch
+            built[impl.name] = impl.build(model, deit, *example)
+    return built[impl.name]
+
+
+def _guarded(action, batch, failed_at, name, device):
+    """``action()``, or the failure record of the exception it raised."""
     try:
-        with torch.inference_mode():
-            if impl.name.endswith("+graph") or impl.name not in built:
-                # a CUDA graph is captured for one input shape: rebuild it per batch
-                built[impl.name] = impl.build(model, deit, *inputs[0])
-            fn = built[impl.name]
-            latency = batch in settings.latency_batches
-            times = time_calls(fn, inputs, device, settings.warmup,
-                               max(settings.min_repeats, settings.latency_repeats if latency else 0),
-                               max(settings.max_repeats, settings.latency_repeats if latency else 0),
-                               settings.target_s)
-            memory = peak_memory(fn, inputs[0], device)
-    except Unavailable as reason:
-        built.pop(impl.name, None)
-        return {"status": "unavailable", "reason": str(reason)}
-    except torch.cuda.OutOfMemoryError:
-        built.pop(impl.name, None)
-        failed_at[impl.name] = batch
+        return action()
+    except Exception as error:  # recorded with its reason, the run goes on
+        return _failure(error, batch, failed_at, name, device)
+
+
+def _failure(error, batch, failed_at, name, device) -> dict:
+    if isinstance(error, Unavailable):
+        return {"status": "unavailable", "reason": str(error)}
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        failed_at[name] = batch
         torch.cuda.empty_cache()
         return {"status": "oom", "reason": f"out of memory at batch {batch}"}
-    except Exception as error:  # recorded with its reason, the run goes on
-        built.pop(impl.name, None)
-        return {"status": "failed", "reason": f"{type(error).__name__}: {_first_line(error)}"}
-    median = percentile(times, 50)
-    return {"status": "ok", "repeats": len(times), "median_ms": median * 1e3,
-            "p50_ms": median * 1e3, "p90_ms": percentile(times, 90) * 1e3,
-            "p99_ms": percentile(times, 99) * 1e3, "images_per_s": batch / median,
-            "peak_memory_mb": None if memory is None else memory / 2 ** 20}
+    return {"status": "failed", "reason": f"{type(error).__name__}: {_first_line(error)}"}
 
 
 def _add_ratios(records, config, profile):
@@ -865,7 +903,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--implementations", nargs="+", metavar="NAME",
                         help=f"subset of: {', '.join(i.name for i in implementations())}")
     parser.add_argument("--compile", action="store_true", help="time torch.compile on the CPU too")
-    parser.add_argument("--target-s", type=float, help="seconds of timed calls per measurement")
+    parser.add_argument("--target-s", type=float,
+                        help="seconds of timed calls per implementation and measurement")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -887,6 +927,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.target_s is not None:
         settings.target_s = args.target_s
     settings.force_compile = args.compile
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads: expected a positive integer, got {args.threads}")
+        settings.threads = args.threads
     if device == "cpu" and any(d != "fp32" for d in settings.dtypes):
         raise SystemExit(f"--dtypes: the CPU mode times fp32 only, got {settings.dtypes}")
     for size in settings.img_sizes:

@@ -489,8 +489,8 @@ def default_settings(device: str, full: bool = True) -> Settings:
                                          "triton+graph", "cuda", "cuda+graph"], target_s=0.3,
                         latency_repeats=50)
     if full:
-        return Settings("cpu", ["tiny"], ["fp32"], [96], [1, 4, 16], list(PROFILES), [1, 8],
-                        warmup=2, min_repeats=5, max_repeats=40, target_s=0.25, latency_repeats=20)
+        return Settings("cpu", ["tiny"], ["fp32"], [96], [1, 4, 16, 32], list(PROFILES), [1, 8],
+                        warmup=2, min_repeats=5, max_repeats=60, target_s=0.4, latency_repeats=30)
     return Settings("cpu", ["tiny"], ["fp32"], [96], [1, 8], ["paper"], [1, 8],
                     implementations=["deit-dense", "reference", "packed", "triton", "cuda"],
                     warmup=2, min_repeats=5, max_repeats=30, target_s=0.2, latency_repeats=15)

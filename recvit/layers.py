@@ -91,11 +91,13 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
     def forward_packed(self, rows: torch.Tensor, layout: rk.DepthLayout, step: int, num_rows: int,
-                       kv: str = "active", backend: Optional[str] = None) -> torch.Tensor:
+                       kv: str = "active", backend: Optional[str] = None,
+                       max_active: Optional[int] = None) -> torch.Tensor:
         """The layer on the active prefix ``rows[:num_rows]`` of the depth-sorted (B*N, C) buffer.
 
         Returns the new (num_rows, C) prefix. With ``kv="all"`` the keys and values of every row,
-        exited ones included, are computed from their frozen states.
+        exited ones included, are computed from their frozen states. ``max_active`` bounds the
+        active tokens of any one image at this step (default: all N, a static bound).
         """
         attn, heads, head_dim = self.attn, self.attn.num_heads, self.attn.head_dim
         dim = rows.shape[1]
@@ -104,6 +106,7 @@ class Block(nn.Module):
         query_rows = layout.attention_rows(step, num_rows)
         cu_seqlens_q = layout.cu_seqlens[step - 1]
         tokens = layout.tokens
+        max_active = tokens if max_active is None else max_active
         if kv == "active":
             normed = rk.layer_norm(prefix, *norm1, backend=backend)
             q, k, v = F.linear(normed, attn.qkv.weight, attn.qkv.bias).view(
@@ -117,7 +120,8 @@ class Block(nn.Module):
             k, v = F.linear(normed_all, attn.qkv.weight[dim:], None if bias is None else bias[dim:]).view(
                 rows.shape[0], 2, heads, head_dim).unbind(1)
             key_rows, cu_seqlens_k = layout.image_order, layout.all_rows_cu_seqlens()
-        out = rk.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, tokens, tokens, attn.scale,
+        max_keys = max_active if kv == "active" else tokens
+        out = rk.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_active, max_keys, attn.scale,
                                   q_rows=query_rows, kv_rows=key_rows, backend=backend)
         projected = F.linear(out.reshape(num_rows, dim), attn.proj.weight, attn.proj.bias)
         normed2, residual = rk.layer_norm(projected, self.norm2.weight, self.norm2.bias, self.norm2.eps,

@@ -95,12 +95,14 @@ class RecursiveBlock(nn.Module):
         rows = rk.pack(x, layout)
         if self.static_shapes:
             return rk.unpack(self._steps_static(rows, layout, kv, backend), layout)
-        # The one host sync of this path: the per-step row counts size the prefix GEMMs.
-        step_rows = layout.step_rows.tolist()
-        for step, num_rows in enumerate(step_rows, start=1):
+        # The one host sync of this path: the per-step row counts size the prefix GEMMs, the
+        # longest image per step bounds the attention tiles.
+        step_rows, longest = torch.stack([layout.step_rows, layout.image_lengths.amax(1).long()]).tolist()
+        for step, (num_rows, max_active) in enumerate(zip(step_rows, longest), start=1):
             if num_rows == 0:
                 break
-            updated = self.layer_for_step(step).forward_packed(rows, layout, step, num_rows, kv, backend)
+            updated = self.layer_for_step(step).forward_packed(rows, layout, step, num_rows, kv, backend,
+                                                               max_active)
             rows = _write_prefix(rows, updated)
         return rk.unpack(rows, layout)
 

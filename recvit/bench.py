@@ -36,6 +36,7 @@ import recvit_kernels as rk
 
 from .edge_recvit import EdgeRecViT, _init_weights
 from .factory import create_model
+from .flops import count_flops
 from .layers import Block, PatchEmbed
 
 SCALES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
@@ -139,22 +140,7 @@ def alpha_sums(depths: torch.Tensor, num_steps: int) -> tuple[float, float]:
 
 def model_flops(model: EdgeRecViT, depths: torch.Tensor) -> tuple[float, str]:
     """Active FLOPs per image of ``model`` with ``depths``, and where the number comes from."""
-    try:
-        from .flops import count_flops
-    except ImportError:
-        return _fallback_flops(model, depths), "bench fallback formula (recvit.flops missing)"
     return count_flops(model, depths.cpu()).total, "recvit.flops.count_flops"
-
-
-def _fallback_flops(model: EdgeRecViT, depths: torch.Tensor) -> float:
-    """Supplement eqs. 11, 12, 16 with kv="active": patch + ranker + sum_l 24 N_l C^2 + 4 N_l^2 C."""
-    c, n0, steps = model.embed_dim, model.num_tokens, model.num_steps
-    proj = model.patch_embed.proj
-    patch = 2.0 * (n0 - 1) * proj.in_channels * proj.kernel_size[0] ** 2 * c
-    ranker = 2.0 * n0 * (c * 2 * c + 2 * c * steps)
-    active = (depths.cpu()[:, :, None] >= torch.arange(1, steps + 1)).sum(1).double()
-    blocks = (24.0 * active * c * c + 4.0 * active ** 2 * c).sum(1).mean()
-    return patch + ranker + float(blocks)
 
 
 def dense_flops(deit: DeiTDense) -> float:

@@ -252,8 +252,8 @@ class _GatedLayer:
     def __call__(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return x + self.gates[..., None] * (self.layer(x, key_mask) - x)
 
-    def forward_packed(self, rows, layout, step, num_rows, kv="active", backend=None):
-        updated = self.layer.forward_packed(rows, layout, step, num_rows, kv, backend)
+    def forward_packed(self, rows, layout, step, num_rows, kv="active", backend=None, max_active=None):
+        updated = self.layer.forward_packed(rows, layout, step, num_rows, kv, backend, max_active)
         gates = self.gates.reshape(-1).index_select(0, layout.perm[:num_rows])[:, None]
         prefix = rows[:num_rows]
         return prefix + gates * (updated - prefix)

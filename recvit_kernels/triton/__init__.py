@@ -1,5 +1,5 @@
-"""The ``triton`` backend: Triton kernels for varlen attention, LayerNorm (+residual) and the MLP
-epilogues.
+"""The ``triton`` backend: Triton kernels for varlen attention, LayerNorm (+residual), the MLP
+epilogues and the prefix linear (a GEMM over the live rows).
 
 Available when ``triton`` imports and either a CUDA GPU is present or ``TRITON_INTERPRET=1`` (the
 interpreter runs the same kernels on CPU tensors, slowly; bf16 is not supported there). Each op
@@ -29,6 +29,7 @@ register_availability("triton", _unavailable)
 
 if _unavailable() is None:
     from ..depth_sort import _depth_sort_eager
-    from . import layer_norm, mlp, varlen_attention  # noqa: F401  (they register themselves)
+    from . import (layer_norm, mlp, prefix_linear,  # noqa: F401  (they register themselves)
+                   varlen_attention)
 
     register("depth_sort", "triton")(_depth_sort_eager)

@@ -1,10 +1,10 @@
-"""FLOPs and params accounting against the Edge-RecViT supplement (section 3) and hand counts."""
+"""FLOPs and params accounting against the Edge-RecViT supplement (section 3), hand counts, and MoR-ViT."""
 import pytest
 import torch
 
 import recvit
-from recvit.flops import (FlopsBreakdown, check_alpha_sums, count_flops, count_params, full_depth_flops,
-                          profile_flops)
+from recvit.flops import (FlopsBreakdown, check_alpha_sums, count_flops, count_params, expert_choice_flops,
+                          full_depth_flops, profile_flops)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,76 @@ def test_breakdown_gflops():
     b = FlopsBreakdown(1e9, 2e9, 3e9, 4e9, 10e9)
     assert b.blocks == 7e9
     assert b.gflops() == {"patch_embed": 1, "ranker": 2, "attention": 3, "mlp": 4, "total": 10, "blocks": 7}
+
+
+MOR = dict(img_size=48, patch_size=8, num_classes=10, embed_dim=32, num_heads=2, num_steps=5)
+
+
+def mor(**overrides):
+    return recvit.create_model("mor_vit_tiny", **{**MOR, **overrides}).eval()
+
+
+@pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
+@pytest.mark.parametrize("backend", ["eager", "packed"])
+@pytest.mark.parametrize("kv", ["active", "all"])
+def test_mor_vit_count_matches_what_the_forward_ran(routing, backend, kv):
+    """Router FLOPs = 2 C per (token, step) the router scored (MoRViTOutput.scored); attention and
+    MLP by the hand count over the forward's depths."""
+    model = mor(routing=routing, beta=0.4)
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 48, 48), return_aux=True, backend=backend)
+    counted = count_flops(model, out.depths, kv=kv)
+    assert counted.ranker == pytest.approx(2 * model.embed_dim * out.scored.sum().item() / 3, rel=1e-12)
+    attention, mlp = _hand_count(model, out.depths, kv)
+    assert counted.attention == pytest.approx(attention, rel=1e-12)
+    assert counted.mlp == pytest.approx(mlp, rel=1e-12)
+    assert counted.patch_embed == 2 * 36 * 3 * 8 ** 2 * 32
+    assert counted.total == pytest.approx(counted.patch_embed + counted.ranker + attention + mlp, rel=1e-12)
+    if routing == "expert_choice":  # fixed by N0 and beta: the same for every input
+        assert expert_choice_flops(model, kv=kv) == counted
+
+
+def test_mor_vit_router_by_formula():
+    n0, c, L = 37, 32, 5
+    token = count_flops(mor(routing="token_choice"), torch.randint(1, L + 1, (2, n0)))
+    assert token.ranker == 2 * n0 * c * L
+    model = mor(beta=0.5)
+    counts = model.active_counts(n0)
+    assert counts == [37, 19, 10, 5, 3]
+    assert expert_choice_flops(model).ranker == 2 * c * (37 + 37 + 19 + 10 + 5)  # N0 at step 1, N_{l-1} at l
+    assert expert_choice_flops(model).mlp == sum(4 * c * 4 * c * n for n in counts)
+
+
+@pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
+def test_mor_vit_full_depth(routing):
+    model = mor(routing=routing)
+    full = full_depth_flops(model)
+    n0, c, L = 37, 32, 5
+    assert full.ranker == 2 * n0 * c * L  # every router scores every token
+    assert full.blocks == 2 * L * (12 * n0 * c ** 2 + 2 * n0 ** 2 * c)
+    assert count_flops(model, torch.full((2, n0), L)) == full
+
+
+def test_mor_vit_profile():
+    token = mor(routing="token_choice")
+    depths = torch.randint(1, 6, (1, 37))
+    alpha = torch.stack([(depths >= l).double().mean() for l in range(1, 6)])
+    profiled = profile_flops(token, (float(alpha.sum()), float((alpha ** 2).sum())))
+    assert profiled.total == pytest.approx(count_flops(token, depths).total, rel=1e-12)
+    with pytest.raises(ValueError, match="alpha_sums: an expert-choice MoR-ViT's depth profile is fixed"):
+        profile_flops(mor(), (3.0, 2.5))
+    with pytest.raises(ValueError, match="model: expected a MoR-ViT with routing='expert_choice'.*EARR"):
+        expert_choice_flops(recvit.create_model("edge_recvit_tiny", img_size=32))
+    with pytest.raises(ValueError, match="routing='token_choice'"):
+        expert_choice_flops(token)
+
+
+def test_mor_vit_base_against_the_paper():
+    """MoR-B/16, beta = 0.35, 224 px: 8.34 GFLOPs = 4.17 G multiply-adds. The MoR-ViT paper's Table 2
+    counts multiply-adds (its ViT-B/16 17.6 G is ViT-B's MAC count): it gives 4.1 G."""
+    model = recvit.create_model("mor_vit_base")
+    g = expert_choice_flops(model).gflops()
+    assert round(g["total"], 2) == 8.34 and round(g["total"] / 2, 1) == 4.2
+    assert round(g["patch_embed"], 3) == 0.231 and round(g["ranker"], 4) == 0.0012
+    dense = full_depth_flops(model).gflops()
+    assert round((dense["total"] - dense["ranker"]) / 2, 1) == 17.6  # ViT-B/16 in MACs

@@ -255,7 +255,9 @@ varlen_attention_kernel(const VarlenAttentionParams p) {
 
 template <typename T>
 cudaError_t launch(const VarlenAttentionParams& p, cudaStream_t stream) {
-  const dim3 grid((p.max_seqlen_q + kBlockM - 1) / kBlockM, p.batch, p.heads);
+  // In 64 bits: max_seqlen_q may be as large as INT32_MAX, where max_seqlen_q + 63 overflows int.
+  const int64_t m_blocks = (static_cast<int64_t>(p.max_seqlen_q) + kBlockM - 1) / kBlockM;
+  const dim3 grid(static_cast<unsigned>(m_blocks), p.batch, p.heads);
   varlen_attention_kernel<T><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }

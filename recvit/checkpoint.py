@@ -4,8 +4,10 @@ Three source blocks become the recursive block: ``layers=(a, b, c)`` maps source
 ``recursion.head_layer``, ``b`` to ``recursion.shared_layer`` (run at steps 2..L-1) and ``c`` to
 ``recursion.tail_layer``. The public code uses (0, 6, 11); the supplement (Sec. 4.2) reports that
 mappings drawn from deeper source layers fine-tune to consistently higher accuracy at every scale.
-Patch embedding, [CLS], positions, final norm and classifier are mapped by name. The ranker has no
-counterpart in a ViT: it keeps its initialisation and is reported in ``missing``.
+Patch embedding, [CLS], positions, final norm and classifier are mapped by name. What assigns the
+depths (Edge-RecViT's ranker, MoR-ViT's router) has no counterpart in a ViT: it keeps its
+initialisation and is reported in ``missing`` (:func:`no_source_prefixes`). The same mapping serves
+MoR-ViT, whose layers are plain ViT layers (its gated update with g = 1 is the ViT update).
 
 Refused, never guessed: distilled DeiT checkpoints (``dist_token``/``head_dist``; their blocks were
 trained with a second token, so dropping it changes the function; the paper starts from the
@@ -30,6 +32,8 @@ import torch.nn as nn
 SOURCES = ("auto", "timm", "hf", "recvit")
 DEFAULT_LAYERS = (0, 6, 11)
 ROLES = ("head_layer", "shared_layer", "tail_layer")
+# Model parameters (top-level names) that a ViT has too; every other top-level module has no source.
+VIT_NAMES = ("cls_token", "pos_embed", "patch_embed", "recursion", "norm", "head")
 
 _TIMM_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _HF_BLOCK = re.compile(r"^(?:vit\.)?encoder\.layer\.(\d+)\.")
@@ -52,12 +56,20 @@ _HF_QKV = ("query", "key", "value")
 
 class ConvertedCheckpoint(NamedTuple):
     """state_dict: model key -> tensor, every shape checked against the model. missing: model keys
-    the source does not provide (they keep their initialisation: the ranker, plus ``keep``).
+    the source does not provide (they keep their initialisation: the ranker or router, plus ``keep``).
     unused: source keys deliberately left out (blocks not chosen, the HF pooler, kept keys)."""
 
     state_dict: dict
     missing: list
     unused: list
+
+
+def no_source_prefixes(model: nn.Module) -> tuple:
+    """Key prefixes of ``model`` that a DeiT/ViT checkpoint cannot provide: its top-level modules
+    outside :data:`VIT_NAMES` (``("ranker.",)`` for Edge-RecViT, ``("router.",)`` for MoR-ViT).
+    Loading from timm / Hugging Face leaves them initialised and lists them in ``missing``."""
+    names = {key.split(".", 1)[0] for key in model.state_dict() if "." in key}
+    return tuple(sorted(f"{name}." for name in names - set(VIT_NAMES)))
 
 
 def detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -100,7 +112,7 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     if isinstance(keep, str) or not all(isinstance(prefix, str) for prefix in keep):
         raise ValueError(f"keep={keep!r}: expected a sequence of model key prefixes, e.g. ('head.',)")
     keep = tuple(keep)
-    may_lack = ("ranker.",) if source != "recvit" else ()  # a ViT has no ranker
+    may_lack = no_source_prefixes(model) if source != "recvit" else ()  # a ViT has no ranker/router
     converted, missing, consumed, held, problems = {}, [], set(), set(), []
     for target, expected in targets.items():
         sources = names[target]

@@ -1,10 +1,11 @@
-"""Checkpoint mapping: timm and Hugging Face ViT state dicts (built here) -> Edge-RecViT."""
+"""Checkpoint mapping: timm and Hugging Face ViT state dicts (built here) -> Edge-RecViT and MoR-ViT."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from recvit import Block, EdgeRecViT, create_model
-from recvit.checkpoint import convert_state_dict, detect_source, load_checkpoint, save_checkpoint
+from recvit.checkpoint import (convert_state_dict, detect_source, load_checkpoint, no_source_prefixes,
+                               save_checkpoint)
 
 DIM, HEADS, BLOCKS, IMG, PATCH, CLASSES = 32, 4, 12, 32, 8, 10
 TOKENS = (IMG // PATCH) ** 2 + 1
@@ -264,6 +265,78 @@ def test_bad_arguments():
         load_checkpoint(small_model(), timm_state(), keep="head.")
     assert detect_source(timm_state(blocks=1)) == "timm"
     assert detect_source(to_hf(timm_state(blocks=1))) == "hf"
+
+
+def mor_model(**overrides):
+    return create_model("mor_vit_tiny", **{"img_size": IMG, "patch_size": PATCH, "num_classes": CLASSES,
+                                            "embed_dim": DIM, "num_heads": HEADS, **overrides}).eval()
+
+
+def test_no_source_prefixes_come_from_the_model():
+    assert no_source_prefixes(small_model()) == ("ranker.",)
+    assert no_source_prefixes(mor_model()) == ("router.",)
+
+
+@pytest.mark.parametrize("hf", [False, True])
+def test_vit_loads_into_mor_vit_and_the_router_keeps_its_init(hf):
+    state = timm_state()
+    model = mor_model()
+    before = snapshot(model)
+    converted = load_checkpoint(model, to_hf(state) if hf else state, layers=(2, 7, 11))
+    assert converted.missing == ["router.weight", "router.bias"]
+    loaded = model.state_dict()
+    for role, index in zip(("head_layer", "shared_layer", "tail_layer"), (2, 7, 11)):
+        for key, value in state.items():
+            if key.startswith(f"blocks.{index}."):
+                assert torch.equal(loaded[f"recursion.{role}.{key.split('.', 2)[2]}"], value)
+    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+                "norm.bias", "head.weight", "head.bias"):
+        assert torch.equal(loaded[key], state[key])
+    assert torch.equal(loaded["router.weight"], before["router.weight"])
+    assert torch.equal(loaded["router.bias"], before["router.bias"])
+
+
+@pytest.mark.parametrize("backend", ["eager", "packed"])
+def test_mor_vit_with_gates_one_equals_dense_source_forward(backend):
+    """Token choice with every depth L and router gates g = sigmoid(30) = 1 in fp32: the gated update
+    h + g (layer(h) - h) is the plain layer, so the model is the three-layer dense ViT."""
+    state = timm_state()
+    model = mor_model(routing="token_choice", num_steps=6)
+    load_checkpoint(model, state, layers=(1, 4, 9))
+    with torch.no_grad():
+        model.router.weight.zero_()
+        model.router.bias.fill_(30.0)
+        images = torch.randn(3, 3, IMG, IMG)
+        out = model(images, depths=torch.full((3, TOKENS), 6), return_aux=True, backend=backend)
+        expected = dense_reference(state, images, (1, 4, 9), 6)
+    assert torch.all(out.confidence == 1.0)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
+def test_mor_vit_save_load_round_trip(tmp_path, routing):
+    source = mor_model(routing=routing, num_steps=5)
+    load_checkpoint(source, timm_state(), layers=(0, 5, 11))
+    with torch.no_grad():
+        source.router.weight.normal_()  # a router unlike the fresh model's
+    save_checkpoint(source, tmp_path / "mor.safetensors")
+    target = mor_model(routing=routing, num_steps=5)
+    converted = load_checkpoint(target, tmp_path / "mor.safetensors")
+    assert converted.missing == [] and converted.unused == []
+    images = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        expected, got = source(images, return_aux=True), target(images, return_aux=True)
+    assert torch.equal(got.logits, expected.logits) and torch.equal(got.depths, expected.depths)
+    assert torch.equal(got.depth_logits, expected.depth_logits)
+
+
+def test_recvit_source_without_router_is_refused():
+    state = {k: v for k, v in mor_model().state_dict().items() if not k.startswith("router.")}
+    target = mor_model()
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="missing 'router.weight'"):
+        load_checkpoint(target, state)
+    assert_unchanged(target, before)
 
 
 def test_real_timm_deit_all_depth_L_equals_three_layer_timm_forward():

@@ -1,0 +1,138 @@
+"""prefix_linear: the eager op by its definition, the triton kernel vs an fp64 reference, gradients,
+bad input; GPU tests marked gpu."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import recvit_kernels as rk
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make(rows, k_dim, n_out, dtype, with_bias=True, with_residual=True):
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device=DEVICE)).to(dtype)
+    return (randn(rows, k_dim), randn(n_out, k_dim, scale=k_dim ** -0.5),
+            randn(n_out, scale=0.1) if with_bias else None, randn(rows, n_out) if with_residual else None)
+
+
+def run(x, weight, bias, live, activation, residual, backend):
+    num_rows = torch.tensor([live], device=x.device)
+    return rk.prefix_linear(x, weight, bias, num_rows, activation, residual, backend=backend)
+
+
+def test_eager_is_the_masked_definition():
+    x, weight, bias, residual = make(9, 6, 5, torch.float64)
+    out = run(x, weight, bias, 4, "gelu", residual, "eager")
+    expected = F.gelu(x[:4] @ weight.T + bias) + residual[:4]
+    torch.testing.assert_close(out[:4], expected)
+    assert torch.equal(out[4:], torch.zeros(5, 5, dtype=torch.float64))
+    assert torch.equal(run(x, weight, None, 20, None, None, "packed"), x @ weight.T)
+
+
+triton_only = pytest.mark.skipif(rk.unavailable_reason("triton") is not None,
+                                 reason=f"triton backend unavailable: {rk.unavailable_reason('triton')}")
+
+
+def check(rows, k_dim, n_out, live, dtype, with_bias=True, activation="gelu", with_residual=True):
+    x, weight, bias, residual = make(rows, k_dim, n_out, dtype, with_bias, with_residual)
+    ours = run(x, weight, bias, live, activation, residual, "triton")
+    theirs = run(x, weight, bias, live, activation, residual, "eager")
+    reference = run(*[None if t is None else t.double() for t in (x, weight, bias)], live, activation,
+                    None if residual is None else residual.double(), "eager")
+    assert ours.shape == (rows, n_out) and ours.dtype == dtype
+    assert torch.equal(ours[live:], torch.zeros_like(ours[live:]))  # exact zeros past M
+    error = (ours.double() - reference).abs().max().item()
+    baseline = (theirs.double() - reference).abs().max().item()
+    assert error <= 2 * baseline + FLOOR[dtype], (error, baseline)
+
+
+# The interpreter runs 32x32x32 tiles: 70 rows are two full blocks and a partial one.
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("live", [0, 1, 32, 33, 64, 69, 70, 100],
+                         ids=["none", "one", "boundary", "inside", "boundary2", "last", "all", "past"])
+def test_triton_live_rows(live, dtype):
+    check(70, 24, 40, live, dtype)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "plain"])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+def test_triton_epilogues(with_bias, activation, with_residual, dtype):
+    check(45, 40, 24, 37, dtype, with_bias, activation, with_residual)
+
+
+@triton_only
+@pytest.mark.parametrize("rows,k_dim,n_out,live", [(1, 8, 3, 1), (5, 72, 33, 3), (40, 1, 1, 17)])
+def test_triton_odd_shapes(rows, k_dim, n_out, live):
+    check(rows, k_dim, n_out, live, torch.float32)
+
+
+@triton_only
+def test_triton_strided_operands_and_int32_count():
+    x = torch.randn(37, 48)[:, ::2]  # column stride 2
+    weight = torch.randn(24, 20).t()  # (20, 24), transposed strides
+    residual = torch.randn(20, 37).t()
+    num_rows = torch.tensor([21], dtype=torch.int32)
+    ours = rk.prefix_linear(x, weight, None, num_rows, residual=residual, backend="triton")
+    theirs = rk.prefix_linear(x, weight, None, num_rows, residual=residual, backend="eager")
+    torch.testing.assert_close(ours, theirs)
+
+
+@triton_only
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_triton_gradients_equal_eager(activation):
+    grads = {}
+    for backend in ("triton", "eager"):
+        torch.manual_seed(1)
+        leaves = [t.requires_grad_() for t in make(50, 24, 40, torch.float32)]
+        out = run(*leaves[:3], 35, activation, leaves[3], backend)
+        (out * torch.randn_like(out)).sum().backward()
+        grads[backend] = [t.grad for t in leaves]
+    for ours, theirs in zip(grads["triton"], grads["eager"]):
+        torch.testing.assert_close(ours, theirs)
+    assert not grads["triton"][0][35:].any() and not grads["triton"][3][35:].any()
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(x=torch.zeros(4)), "x: expected 2 dimensions"),
+    (dict(x=torch.zeros(4, 6, dtype=torch.int64)), "x: expected a floating dtype"),
+    (dict(weight=torch.zeros(5, 7)), r"weight: expected \(out_features, 6\)"),
+    (dict(weight=torch.zeros(5, 6, dtype=torch.float64)), "weight: expected dtype torch.float32"),
+    (dict(bias=torch.zeros(4)), r"bias: expected \(5,\)"),
+    (dict(num_rows=torch.tensor([2.0])), "num_rows: expected dtype"),
+    (dict(num_rows=torch.tensor([2, 3])), "num_rows: expected 1 element"),
+    (dict(num_rows=torch.tensor([2], device="meta")), "num_rows: expected device cpu"),
+    (dict(num_rows=2), "num_rows: expected a torch.Tensor"),
+    (dict(activation="relu"), "activation='relu': expected one of"),
+    (dict(residual=torch.zeros(4, 6)), r"residual: expected \(4, 5\)"),
+])
+def test_bad_input(change, message):
+    args = dict(x=torch.zeros(4, 6), weight=torch.zeros(5, 6), bias=torch.zeros(5),
+                num_rows=torch.tensor([2]), activation=None, residual=None)
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=message):
+        rk.prefix_linear(**args, backend="eager")
+
+
+@triton_only
+def test_triton_declines_bfloat16_on_the_interpreter():
+    if DEVICE == "cuda":
+        pytest.skip("bf16 runs on a GPU")
+    x, weight, bias, _ = make(4, 8, 8, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="x is bfloat16"):
+        run(x, weight, bias, 2, None, None, "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("rows,k_dim,n_out", [(64 * 197, 768, 3072), (64 * 197, 3072, 768),
+                                              (8 * 577, 384, 1152)])
+@pytest.mark.parametrize("fraction", [0.0, 0.37, 1.0])
+def test_gpu_real_sizes(rows, k_dim, n_out, fraction, dtype):
+    check(rows, k_dim, n_out, int(rows * fraction), dtype)

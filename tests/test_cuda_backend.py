@@ -1,6 +1,7 @@
 """The ``cuda`` backend: availability reporting and fall back (CPU), the pure-Python CPU build, and,
 on a GPU (marked gpu), every kernel against the eager reference."""
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import torch
 
 import recvit_kernels as rk
 from recvit_kernels import _backend
-from recvit_kernels.depth_sort import _depth_sort_eager
+from recvit_kernels.depth_sort import DepthLayout, _depth_sort_eager
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -133,6 +134,243 @@ def test_cpu_build_is_pure_python(tmp_path):
     for name in ("binding.cpp", "depth_sort.cu", "varlen_attention.cu", "layer_norm.cu",
                  "recvit_kernels.h"):
         assert f"recvit_kernels/cuda/csrc/{name}" in names
+
+
+# ---------------------------------------------------------------- CPU: the kernels' algorithms
+# No GPU runs here, so these emulate csrc/depth_sort.cu and csrc/varlen_attention.cu step by step
+# (same loops, same index arithmetic; lanes and warps as tensor dimensions) and compare the result
+# with the eager ops. The tensor-core instruction is modelled from the PTX ISA's fragment layouts
+# for mma.m16n8k16 (.f16/.bf16), independently of how the kernel fills its fragments. Keep these in
+# step with the kernels.
+
+def emulate_depth_sort(depths, num_steps, threads=256):
+    """csrc/depth_sort.cu's two kernels, one image (block) at a time."""
+    batch, tokens = depths.shape
+    warps, buckets = threads // 32, num_steps + 1
+    clamped = depths.clamp(1, num_steps).to(torch.int64)
+    lane = torch.arange(threads) % 32
+    warp = torch.arange(threads) // 32
+    histogram = torch.zeros(batch, buckets, dtype=torch.int64)
+    rank = torch.zeros(batch, tokens, dtype=torch.int64)
+    for image in range(batch):  # histogram_rank_kernel
+        running = torch.zeros(buckets, dtype=torch.int64)
+        for start in range(0, tokens, threads):
+            token = start + torch.arange(threads)
+            live = token < tokens
+            depth = torch.where(live, clamped[image, token.clamp_max(tokens - 1)], 0)
+            same = (depth[:, None] == depth[None, :]) & (warp[:, None] == warp[None, :])
+            peers = same.sum(1)  # __popc(__match_any_sync(...))
+            rank_in_warp = (same & (lane[None, :] < lane[:, None])).sum(1)
+            warp_offsets = torch.zeros(warps, buckets, dtype=torch.int64)
+            leader = rank_in_warp == 0
+            warp_offsets[warp[leader], depth[leader]] = peers[leader]
+            exclusive = running + warp_offsets.cumsum(0) - warp_offsets
+            running = running + warp_offsets.sum(0)
+            rank[image, token[live]] = (exclusive[warp, depth] + rank_in_warp)[live]
+        histogram[image] = running
+        histogram[image, 0] = 0
+    perm = torch.empty(batch * tokens, dtype=torch.int64)
+    inverse_perm, image_order = torch.empty_like(perm), torch.empty_like(perm)
+    step_rows = torch.empty(num_steps, dtype=torch.int64)
+    image_lengths = torch.empty(num_steps, batch, dtype=torch.int32)
+    cu_seqlens = torch.empty(num_steps, batch + 1, dtype=torch.int32)
+    for image in range(batch):  # scatter_kernel
+        total, before, own = histogram.sum(0), histogram[:image].sum(0), histogram[image]
+        global_start = torch.zeros(buckets, dtype=torch.int64)
+        image_start = torch.zeros(buckets, dtype=torch.int64)
+        deeper = deeper_up_to_image = deeper_in_image = 0
+        for depth in range(num_steps, 0, -1):
+            global_start[depth] = deeper + before[depth]
+            image_start[depth] = deeper_in_image
+            deeper += int(total[depth])
+            deeper_in_image += int(own[depth])
+            deeper_up_to_image += int(before[depth] + own[depth])
+            image_lengths[depth - 1, image] = deeper_in_image
+            cu_seqlens[depth - 1, image + 1] = deeper_up_to_image
+            if image == 0:
+                cu_seqlens[depth - 1, 0] = 0
+                step_rows[depth - 1] = deeper
+        depth, r = clamped[image], rank[image]
+        flat = image * tokens + torch.arange(tokens)
+        position = global_start[depth] + r
+        perm[position] = flat
+        inverse_perm[flat] = position
+        image_order[image * tokens + image_start[depth] + r] = position
+    return DepthLayout(batch, tokens, num_steps, perm, inverse_perm, step_rows, image_lengths,
+                       cu_seqlens, image_order)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("batch,tokens,num_steps", [(1, 197, 12), (3, 50, 5), (2, 600, 3),
+                                                   (4, 33, 1), (2, 7, 40)])
+def test_emulated_depth_sort_equals_argsort_reference(profile, batch, tokens, num_steps):
+    torch.manual_seed(0)
+    depths = profile_depths(profile, batch, tokens, num_steps)
+    emulated = emulate_depth_sort(depths, num_steps)
+    assert_layouts_equal(emulated, _depth_sort_eager(depths, num_steps))
+
+
+LANE = torch.arange(32)
+GROUP, PAIR = LANE // 4, (LANE % 4) * 2  # groupID, 2 * threadID_in_group
+
+
+def ptx_mma(d, a, b):
+    """D += A B for every warp (leading dim), per the PTX ISA's m16n8k16 .f16/.bf16 fragments.
+
+    a: (W, 32, 4, 2) halves a0..a7 per lane, b: (W, 32, 2, 2) b0..b3, d: (W, 32, 4) c0..c3.
+    A element a_i: row groupID (+8 for i in 2,3,6,7), col 2*tig + (i&1) (+8 for i >= 4);
+    B element b_i: row 2*tig + (i&1) (+8 for i >= 2), col groupID; C element c_i: row groupID
+    (+8 for i >= 2), col 2*tig + (i&1).
+    """
+    w = a.shape[0]
+    matrix_a = torch.zeros(w, 16, 16)
+    matrix_b = torch.zeros(w, 16, 8)
+    for reg, (row_off, col_off) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):
+        for e in range(2):
+            matrix_a[:, GROUP + row_off, PAIR + col_off + e] = a[:, :, reg, e]
+    for reg in range(2):
+        for e in range(2):
+            matrix_b[:, PAIR + 8 * reg + e, GROUP] = b[:, :, reg, e]
+    product = matrix_a @ matrix_b
+    for reg in range(4):
+        d[:, :, reg] += product[:, GROUP + 8 * (reg // 2), PAIR + reg % 2]
+
+
+def emulate_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, q_rows=None, kv_rows=None,
+                             dtype=torch.float16):
+    """csrc/varlen_attention.cu, block by block; q/k/v float32 holding ``dtype`` values."""
+    heads = q.shape[1]
+    out = torch.zeros_like(q)
+    rnd = lambda t: t.to(dtype).float()  # noqa: E731  Pack<T>::two's rounding
+    warp = torch.arange(4)[:, None]
+    row0 = warp * 16 + GROUP  # (4, 32)
+
+    def position_row(position, rows, total):
+        if position < 0 or (rows is not None and position >= rows.numel()):
+            return -1
+        row = position if rows is None else int(rows[position])
+        return row if 0 <= row < total else -1
+
+    def load_tile(x, head, first, count, rows):
+        tile = torch.zeros(64, 64)
+        for r in range(count):
+            row = position_row(first + r, rows, x.shape[0])
+            if row >= 0:
+                tile[r] = x[row, head]
+        return tile
+
+    for segment in range(cu_q.numel() - 1):
+        q_start, k_start = int(cu_q[segment]), int(cu_k[segment])
+        q_len = min(max(int(cu_q[segment + 1]) - q_start, 0), max_q)
+        k_len = min(max(int(cu_k[segment + 1]) - k_start, 0), max_k)
+        for head in range(heads):
+            for m_block in range((max_q + 63) // 64):
+                m_first = m_block * 64
+                if m_first >= q_len:
+                    continue  # the block returns
+                q_count = min(q_len - m_first, 64)
+                q_tile = load_tile(q, head, q_start + m_first, q_count, q_rows)
+                q_frag = [torch.stack([torch.stack([q_tile[row0 + ro, kk * 16 + PAIR + co + e]
+                                                    for e in range(2)], -1)
+                                       for ro, co in ((0, 0), (8, 0), (0, 8), (8, 8))], 2)
+                          for kk in range(4)]  # each (4, 32, 4, 2)
+                o_acc = torch.zeros(8, 4, 32, 4)
+                row_max = torch.full((2, 4, 32), -math.inf)
+                row_sum = torch.zeros(2, 4, 32)
+                scale_log2 = scale * 1.4426950408889634
+                for n_first in range(0, k_len, 64):
+                    k_count = min(k_len - n_first, 64)
+                    k_tile = load_tile(k, head, k_start + n_first, k_count, kv_rows)
+                    v_tile = load_tile(v, head, k_start + n_first, k_count, kv_rows)
+                    s_acc = torch.zeros(8, 4, 32, 4)
+                    for j in range(8):
+                        for kk in range(4):
+                            key = j * 8 + GROUP
+                            b = torch.stack([torch.stack([k_tile[key, kk * 16 + PAIR + co + e]
+                                                          for e in range(2)], -1)
+                                             for co in (0, 8)], 1).expand(4, 32, 2, 2)
+                            ptx_mma(s_acc[j], q_frag[kk], b)
+                    column = torch.arange(8)[:, None] * 8 + PAIR[None, :]  # (8, 32)
+                    for e in range(4):
+                        valid = (column + (e & 1) < k_count)[:, None, :]
+                        s_acc[..., e] = torch.where(valid, s_acc[..., e] * scale_log2, -math.inf)
+                    alpha = torch.empty(2, 4, 32)
+                    for h in range(2):
+                        tile_max = s_acc[..., 2 * h:2 * h + 2].amax((0, 3))  # (4, 32)
+                        tile_max = tile_max.reshape(4, 8, 4).amax(2, keepdim=True).expand(4, 8, 4)
+                        new_max = torch.maximum(row_max[h], tile_max.reshape(4, 32))
+                        safe_max = torch.where(new_max == -math.inf, 0.0, new_max)
+                        alpha[h] = torch.exp2(row_max[h] - safe_max)
+                        row_max[h] = new_max
+                        row_sum[h] *= alpha[h]
+                    for e in range(4):
+                        safe = torch.where(row_max[e // 2] == -math.inf, 0.0, row_max[e // 2])
+                        s_acc[..., e] = torch.exp2(s_acc[..., e] - safe)
+                        row_sum[e // 2] += s_acc[..., e].sum(0)
+                    o_acc[..., 0:2] *= alpha[0][..., None]
+                    o_acc[..., 2:4] *= alpha[1][..., None]
+                    for kk in range(4):
+                        p_frag = rnd(torch.stack([s_acc[2 * kk][..., 0:2], s_acc[2 * kk][..., 2:4],
+                                                  s_acc[2 * kk + 1][..., 0:2],
+                                                  s_acc[2 * kk + 1][..., 2:4]], 2))
+                        key = kk * 16 + PAIR
+                        for n in range(8):
+                            col = n * 8 + GROUP
+                            b = torch.stack([torch.stack([v_tile[key + ko, col],
+                                                          v_tile[key + ko + 1, col]], -1)
+                                             for ko in (0, 8)], 1)
+                            ptx_mma(o_acc[n], p_frag, b.expand(4, 32, 2, 2))
+                for h in range(2):
+                    total = row_sum[h].reshape(4, 8, 4).sum(2, keepdim=True).expand(4, 8, 4)
+                    total = total.reshape(4, 32)
+                    inverse = torch.where(total > 0, 1.0 / total, 0.0)
+                    for w in range(4):
+                        for lane in range(32):
+                            local = int(row0[w, lane]) + 8 * h
+                            if local >= q_count:
+                                continue
+                            row = position_row(q_start + m_first + local, q_rows, q.shape[0])
+                            if row < 0:
+                                continue
+                            for n in range(8):
+                                c = n * 8 + int(PAIR[lane])
+                                out[row, head, c:c + 2] = rnd(
+                                    o_acc[n, w, lane, 2 * h:2 * h + 2] * inverse[w, lane])
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["sorted_active", "sorted_all", "plain", "clipped"])
+def test_emulated_varlen_attention_matches_eager(dtype, case):
+    """The kernel's fragments, masking and online softmax give the op's result (error vs fp64 at
+    most 2x the eager op's in ``dtype`` + floor); segments of 1, 64, 65 and >128 rows, empty ones,
+    index tables, and a static bound below the longest segment (positions past it are ignored)."""
+    torch.manual_seed(1)
+    heads, q_rows, kv_rows, max_len = 2, None, None, 150
+    if case.startswith("sorted"):
+        depths = profile_depths("cls_deep", 3, 150, 4)
+        layout = _depth_sort_eager(depths, 4)
+        total = 3 * 150
+        cu_q = layout.cu_seqlens[1]
+        q_rows = layout.attention_rows(2, total)
+        cu_k, kv_rows = ((cu_q, q_rows) if case == "sorted_active"
+                         else (layout.all_rows_cu_seqlens(), layout.image_order))
+    else:
+        lengths = torch.tensor([1, 64, 0, 65, 150])
+        total = int(lengths.sum())
+        cu_q = cu_k = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        if case == "clipped":
+            max_len = 100
+    q, k, v = (torch.randn(total, heads, 64).to(dtype) for _ in range(3))
+    args = (cu_q, cu_k, max_len, max_len, 64 ** -0.5)
+    ours = emulate_varlen_attention(q.float(), k.float(), v.float(), *args, q_rows, kv_rows, dtype)
+    reference = rk.varlen_attention(q.double(), k.double(), v.double(), *args, q_rows=q_rows,
+                                    kv_rows=kv_rows, backend="eager")
+    theirs = rk.varlen_attention(q, k, v, *args, q_rows=q_rows, kv_rows=kv_rows, backend="eager")
+    error = (ours.double() - reference).abs().max().item()
+    baseline = (theirs.double() - reference).abs().max().item()
+    assert error <= 2 * baseline + FLOOR[dtype], (error, baseline)
+    assert torch.equal((ours == 0).all(-1), (reference == 0).all(-1))  # same rows left zero
 
 
 # ---------------------------------------------------------------- GPU: kernels vs eager

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 PAPER_ALPHA_SUMS = (8.21, 6.64)  # supplement eq. 17
 PAPER_TABLE1 = {"attention": 8.433, "mlp": 15.256}  # supplement Table 1
+MOR_PAPER_GMACS = {"MoR-B/16": 4.1, "ViT-B/16": 17.6}  # MoR-ViT paper, Table 2 "FLOPs (G)"
 SCALES = ("edge_recvit_tiny", "edge_recvit_small", "edge_recvit_base")
 
 
@@ -21,22 +22,28 @@ def _build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=_info, parser=info)
 
     flops = commands.add_parser(
-        "flops", help="FLOPs per image by component, as in the Edge-RecViT supplement (section 3)")
+        "flops", help="FLOPs per image by component, as in the Edge-RecViT supplement (section 3); "
+        "MoR-ViT too")
     flops.set_defaults(handler=_flops, parser=flops)
     flops.add_argument("--model", default="edge_recvit_base", help="model name (default: %(default)s)")
     flops.add_argument("--img-size", type=_positive_int, default=None,
                        help="input resolution (default: the model's)")
+    flops.add_argument("--beta", type=float, default=None,
+                       help="MoR-ViT expert choice: fraction of active patch tokens that exit at each step "
+                       "(default: the model's, 0.35)")
     profile = flops.add_mutually_exclusive_group()
     profile.add_argument("--alpha-sums", nargs=2, type=float, metavar=("SUM_ALPHA", "SUM_ALPHA_SQ"),
                          default=None, help="depth profile sums (sum alpha_l, sum alpha_l^2) with "
-                         "alpha_l = N_l / N0; default: the paper's 8.21 6.64")
+                         "alpha_l = N_l / N0; default: the paper's 8.21 6.64 (MoR-ViT expert choice: the "
+                         "profile its beta fixes, no sums accepted)")
     profile.add_argument("--full-depth", action="store_true", help="every token at depth L (EARR disabled)")
 
     params = commands.add_parser("params", help="parameter counts (the papers' Params column)")
     params.set_defaults(handler=_params, parser=params)
     params.add_argument("--model", default=None, help="one model (default: the three Edge-RecViT scales)")
 
-    depthmap = commands.add_parser("depthmap", help="draw the ranker's per-patch depths over an image")
+    depthmap = commands.add_parser("depthmap", help="draw the per-patch depths (Edge-RecViT's ranker, "
+                                   "MoR-ViT's routing) over an image")
     depthmap.set_defaults(handler=_depthmap, parser=depthmap)
     depthmap.add_argument("image", help="image file (PNG, or any format Pillow reads)")
     depthmap.add_argument("-o", "--output", required=True, help="output figure (e.g. out.png)")
@@ -113,20 +120,36 @@ def _info(args, sub) -> int:
 
 
 def _flops(args, sub) -> int:
-    from .flops import check_alpha_sums, full_depth_flops, profile_flops
+    from .flops import check_alpha_sums, expert_choice_flops, full_depth_flops, profile_flops
 
-    overrides = {} if args.img_size is None else {"img_size": args.img_size}
+    overrides = {key: value for key, value in (("img_size", args.img_size), ("beta", args.beta))
+                 if value is not None}
     model = _model(sub, args.model, **overrides)
     try:
         full_depth_flops(model)
     except TypeError as error:
-        sub.error(f"argument --model: {args.model!r}: the supplement's accounting needs an EARR ranker: "
+        sub.error(f"argument --model: {args.model!r}: the FLOPs accounting needs an Edge-RecViT or MoR-ViT: "
                   f"{str(error).removeprefix('model: ')}")
     num_steps, tokens = model.num_steps, model.num_tokens
     size, dim = model.patch_embed.img_size, model.embed_dim
     ratio = model.recursion.head_layer.mlp.fc1.out_features / dim
+    mor = hasattr(model, "router")
+    expert_choice = getattr(model, "routing", None) == "expert_choice"
     if args.full_depth:
-        result, what = full_depth_flops(model), f"full depth (every token runs all L = {num_steps} steps)"
+        what = f"full depth (every token runs all L = {num_steps} steps)"
+        result = full_depth_flops(model)
+        if mor:
+            what += "; every router scores every token at every step"
+    elif expert_choice:
+        if args.alpha_sums:
+            sub.error(f"argument --alpha-sums: {args.model!r} routes by expert choice, whose depth profile is "
+                      f"fixed by N0 and beta (beta = {model.beta:g}); drop --alpha-sums (or use --beta)")
+        counts = model.active_counts(tokens)
+        alphas = [count / tokens for count in counts]
+        result = expert_choice_flops(model, kv="active")
+        what = (f"expert choice, beta = {model.beta:g}: active tokens per step N_l = "
+                f"{', '.join(map(str, counts))}, fixed by N0 and beta (model.active_counts), the same for "
+                f"every image (sum alpha_l = {sum(alphas):.4f}, sum alpha_l^2 = {sum(a * a for a in alphas):.4f})")
     else:
         sums = tuple(args.alpha_sums) if args.alpha_sums else PAPER_ALPHA_SUMS
         try:
@@ -139,10 +162,11 @@ def _flops(args, sub) -> int:
     print(f"{args.model}, {size}x{size} input: N0 = {tokens} tokens, C = {dim}, L = {num_steps}, "
           f"MLP ratio {ratio:g}")
     print(what)
-    print("1 MAC = 2 FLOPs; bias, softmax, norms and the classifier ignored; attention over the active "
-          "tokens (kv=\"active\").")
+    print("1 MAC = 2 FLOPs; bias, softmax, norms" + (", the router's sigmoid gates" if mor else "")
+          + " and the classifier ignored; attention over the active tokens (kv=\"active\").")
     print()
-    rows = [("Patch embedding", "patch_embed", 3), ("Ranker (EARR)", "ranker", 3),
+    router = ("Router (MoR)", "ranker", 4) if mor else ("Ranker (EARR)", "ranker", 3)
+    rows = [("Patch embedding", "patch_embed", 3), router,
             ("Attention", "attention", 3), ("MLP", "mlp", 3), ("Blocks (attn + MLP)", "blocks", 2),
             ("Total", "total", 2)]
     print(f"{'Component':<21}{'GFLOPs':>9}{'Share':>9}")
@@ -162,6 +186,11 @@ def _flops(args, sub) -> int:
               "paper's profiler on its own depth histogram, whose sums differ slightly from the quoted "
               f"ones (it implies sum alpha_l ~ {s1:.3f}, sum alpha_l^2 ~ {s2:.2f}); the formulas with the "
               "quoted sums give the split above.")
+    elif args.model == "mor_vit_base" and size == 224 and expert_choice and not args.full_depth:
+        print(f"Note: the MoR-ViT paper's Table 2 gives {MOR_PAPER_GMACS['MoR-B/16']} G for MoR-B/16 beside "
+              f"{MOR_PAPER_GMACS['ViT-B/16']} G for ViT-B/16: those count multiply-adds (ViT-B/16's "
+              f"{MOR_PAPER_GMACS['ViT-B/16']} G is its MAC count), so compare total / 2 = {g['total'] / 2:.2f} G "
+              f"MACs. The paper states no beta; beta = 0.35 is this model's default.")
     return 0
 
 
@@ -197,27 +226,34 @@ def _depthmap(args, sub) -> int:
         sub.error(f"argument --checkpoint: no such file: {args.checkpoint}")
     torch.manual_seed(args.seed)
     model = _model(sub, args.model).eval()
-    if not hasattr(model, "ranker"):
-        sub.error(f"argument --model: {args.model!r} has no depth ranker to draw")
+    if not (hasattr(model, "ranker") or hasattr(model, "router")):
+        sub.error(f"argument --model: {args.model!r} has no depth ranker or router to draw")
+    decides = "ranker" if hasattr(model, "ranker") else "router"
     if args.checkpoint is not None:
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint, no_source_prefixes
 
         try:
             loaded = load_checkpoint(model, args.checkpoint)
         except Exception as error:  # unreadable or mismatched file: torch, safetensors and ours differ
             sub.error(f"argument --checkpoint: {type(error).__name__}: {error}")
-        if any(key.startswith("ranker.") for key in loaded.missing):
-            print("note: the checkpoint has no ranker weights, so the ranker keeps its random initialisation")
+        if any(key.startswith(no_source_prefixes(model)) for key in loaded.missing):
+            print(f"note: the checkpoint has no {decides} weights, so the {decides} keeps its random "
+                  "initialisation")
     try:
         shown, pixels = load_image(args.image, model.patch_embed.img_size)
     except ValueError as error:
         sub.error(f"argument image: {str(error).removeprefix('image: ')}")
-    depths = depth_heatmap(model, pixels)[0]
+    if decides == "ranker":
+        depths = depth_heatmap(model, pixels)[0]
+    else:  # MoR-ViT: the depths its routing gives in the forward
+        with torch.no_grad():
+            depths = model(pixels, return_aux=True).depths[0, 1:]
+        depths = depths.reshape(model.patch_embed.grid_size, model.patch_embed.grid_size)
     source = args.checkpoint or f"random init, seed {args.seed}"
     plot_depthmap(shown, depths, args.output, model.num_steps,
                   title=f"{args.model} ({source}): {os.path.basename(args.image)}")
     print(f"wrote {args.output}: {depths.numel()} patches, mean depth {depths.float().mean():.2f} "
           f"of L = {model.num_steps}")
     if args.checkpoint is None:
-        print("note: no --checkpoint given, so the ranker is randomly initialised and its depths are noise")
+        print(f"note: no --checkpoint given, so the {decides} is randomly initialised and its depths are noise")
     return 0

@@ -5,6 +5,7 @@ import types
 
 import numpy as np
 import pytest
+from torch import save as torch_save
 
 import recvit
 from recvit.cli import main
@@ -60,7 +61,34 @@ def test_flops_other_model_and_size(capsys):
     assert code == 0 and "N0 = 5 tokens" in out and "Note" not in out
 
 
+def _table(out):
+    return {line[:21].strip(): line[21:].split() for line in out.splitlines() if len(line) > 21}
+
+
+def test_flops_mor_vit_base_from_its_beta(capsys):
+    code, out, _ = _run(capsys, "flops", "--model", "mor_vit_base")
+    assert code == 0
+    lines = _table(out)
+    assert "Ranker (EARR)" not in lines and lines["Router (MoR)"][0] == "0.0012"
+    assert lines["Patch embedding"][0] == "0.231"
+    assert lines["Attention"][0] == "2.839" and lines["MLP"][0] == "5.266"
+    assert lines["Total"][0] == "8.34"
+    assert "beta = 0.35" in out and "N_l = 197, 128, 83, 54, 35, 23, 15, 10, 6, 4, 2, 1" in out
+    assert "4.1 G for MoR-B/16" in out and "total / 2 = 4.17 G" in out
+    code, out, _ = _run(capsys, "flops", "--model", "mor_vit_base", "--full-depth")
+    assert code == 0 and _table(out)["Total"][0] == "35.13" and "Note" not in out
+
+
+def test_flops_mor_vit_beta(capsys):
+    code, out, _ = _run(capsys, "flops", "--model", "mor_vit_tiny", "--img-size", "64", "--beta", "0.5")
+    assert code == 0 and "N_l = 17, 9, 5, 3, 2, 1, 1, 1, 1, 1, 1, 1" in out and "Note" not in out
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["flops", "--model", "mor_vit_base", "--alpha-sums", "3", "2"],
+     "argument --alpha-sums: 'mor_vit_base' routes by expert choice, whose depth profile is fixed"),
+    (["flops", "--model", "mor_vit_base", "--beta", "1.5"], "argument --beta 1.5: cannot build 'mor_vit_base'"),
+    (["flops", "--beta", "0.3"], "argument --beta 0.3: cannot build 'edge_recvit_base'"),
     (["flops", "--model", "nope"], "argument --model: unknown model 'nope'"),
     (["flops", "--alpha-sums", "8", "9"], "argument --alpha-sums: "),
     (["flops", "--alpha-sums", "13", "12"], "argument --alpha-sums: "),
@@ -140,3 +168,26 @@ def test_python_dash_m():
     bad = subprocess.run([sys.executable, "-m", "recvit", "flops", "--model", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "argument --model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_depthmap_mor_vit(capsys, tmp_path):
+    """MoR-ViT's depths come from its forward: expert choice fixes the histogram by N and beta."""
+    import matplotlib.image
+
+    from recvit import Block
+
+    image = tmp_path / "in.png"
+    matplotlib.image.imsave(image, np.random.default_rng(0).random((32, 32, 3)))
+    code, out, _ = _run(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--model", "mor_vit_tiny")
+    counts = recvit.create_model("mor_vit_tiny").active_counts(197)
+    mean = 1 + sum(count - 1 for count in counts[1:]) / 196  # 1 + the steps >= 2 each patch ran ([CLS] out)
+    assert code == 0 and "196 patches" in out and f"mean depth {mean:.2f}" in out
+    assert "router is randomly initialised" in out
+    model = recvit.create_model("mor_vit_tiny")
+    vit = {key: value for key, value in model.state_dict().items() if not key.startswith(("router.", "recursion."))}
+    vit.update({f"blocks.{i}.{key}": value for i in range(12) for key, value in Block(192, 3).state_dict().items()})
+    weights = tmp_path / "vit.pth"
+    torch_save(vit, weights)
+    code, out, _ = _run(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--model", "mor_vit_tiny",
+                        "--checkpoint", str(weights))
+    assert code == 0 and "no router weights" in out and "randomly initialised" not in out

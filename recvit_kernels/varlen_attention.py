@@ -8,7 +8,7 @@ each query attends to the keys of its own segment, without a causal mask:
 Indexed form (the depth-sorted layout's "index table"): with ``q_rows`` given, segment positions are
 looked up through it, i.e. the queries of segment b are ``q[q_rows[cu_seqlens_q[b]:cu_seqlens_q[b+1]]]``
 and their outputs are written to those same rows; ``kv_rows`` does the same for keys and values.
-Rows of the output that no segment covers are zero.
+Rows of the output that no segment covers, and the queries of a segment without keys, are zero.
 
 ``max_seqlen_q`` / ``max_seqlen_k`` are host integers bounding the segment lengths (a static bound
 such as the image's token count keeps the call free of host syncs); the lengths themselves are only
@@ -87,10 +87,13 @@ def _varlen_attention_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     padded_q = q[query_row].transpose(1, 2)  # (B, H, max_q, D)
     padded_k = k[key_row].transpose(1, 2)
     padded_v = v[key_row].transpose(1, 2)
-    # A segment without keys would give NaN rows; it has no valid query rows either, so unmask it.
-    key_mask = key_valid | ~key_valid.any(1, keepdim=True)
+    # A segment without keys attends to nothing: its rows are zero (flash-attention's convention).
+    # Unmasking its padding keeps SDPA finite; the product with ``has_keys`` zeroes the result.
+    has_keys = key_valid.any(1, keepdim=True)
+    key_mask = key_valid | ~has_keys
     out = F.scaled_dot_product_attention(padded_q, padded_k, padded_v,
                                          attn_mask=key_mask[:, None, None, :], scale=softmax_scale)
+    out = out * has_keys[:, :, None, None]
     out = out.transpose(1, 2).reshape(batch * max_seqlen_q, *q.shape[1:])
     dump_row = q.shape[0]  # positions outside their segment are written to a row that is dropped
     target = torch.where(query_valid, query_row, dump_row).reshape(-1)

@@ -187,3 +187,16 @@ def test_auto_runs_cpu_tensors_on_packed(monkeypatch):
     x, weight = torch.randn(3, 8), torch.ones(8)
     assert rk._backend.dispatch("layer_norm", "auto", x, weight, None, 1e-6, None) is \
         rk._backend._IMPLEMENTATIONS["layer_norm"]["packed"]
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_varlen_attention_segment_without_keys_gives_zero(backend):
+    if rk.unavailable_reason(backend):
+        pytest.skip(rk.unavailable_reason(backend))
+    q, k, v = torch.randn(5, 2, 16), torch.randn(3, 2, 16), torch.randn(3, 2, 16)
+    cu_q = torch.tensor([0, 2, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 0, 3], dtype=torch.int32)  # segment 0 has queries but no keys
+    out = rk.varlen_attention(q, k, v, cu_q, cu_k, 3, 3, backend=backend)
+    assert bool((out[:2] == 0).all())
+    reference = segment_loop_attention(q[2:], k, v, torch.tensor([0, 3]), torch.tensor([0, 3]), 16 ** -0.5)
+    torch.testing.assert_close(out[2:].double(), reference, atol=1e-6, rtol=0)

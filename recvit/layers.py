@@ -3,10 +3,12 @@
 
 ``Block.forward`` is the dense pre-norm layer on (B, N, C) with an optional key mask (the eager
 reference). ``Block.forward_packed`` runs the same layer on the active prefix of the depth-sorted
-rows through the ``recvit_kernels`` ops.
+rows through the ``recvit_kernels`` ops; ``Block.forward_static`` runs it on all rows with the
+active count kept on the device (no host sync).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -99,6 +101,25 @@ class Block(nn.Module):
         exited ones included, are computed from their frozen states. ``max_active`` bounds the
         active tokens of any one image at this step (default: all N, a static bound).
         """
+        return self._forward_rows(rows, layout, step, num_rows, kv, backend, max_active, None)
+
+    def forward_static(self, rows: torch.Tensor, layout: rk.DepthLayout, step: int, kv: str = "active",
+                       backend: Optional[str] = None) -> torch.Tensor:
+        """The layer on all B*N depth-sorted rows, M = ``layout.step_rows[step - 1]`` kept on the device.
+
+        Returns (B*N, C): the first M rows updated, the others zero (the caller keeps their state).
+        No host sync and static shapes (CUDA-graph capture): the GEMMs run through
+        :func:`recvit_kernels.prefix_linear`, which on the triton backend skips the row blocks past
+        M; attention reads its lengths from ``layout.cu_seqlens`` within the static bound N.
+        """
+        return self._forward_rows(rows, layout, step, rows.shape[0], kv, backend, None,
+                                  layout.step_rows[step - 1:step])
+
+    def _forward_rows(self, rows, layout, step, num_rows, kv, backend, max_active, live):
+        """The layer on ``rows[:num_rows]``: plain GEMMs, or with ``live`` (a 1-element device
+        count) GEMMs that compute only the rows below it and zero the rest."""
+        linear = F.linear if live is None else functools.partial(rk.prefix_linear, num_rows=live,
+                                                                 backend=backend)
         attn, heads, head_dim = self.attn, self.attn.num_heads, self.attn.head_dim
         dim = rows.shape[1]
         prefix = rows[:num_rows]
@@ -109,23 +130,26 @@ class Block(nn.Module):
         max_active = tokens if max_active is None else max_active
         if kv == "active":
             normed = rk.layer_norm(prefix, *norm1, backend=backend)
-            q, k, v = F.linear(normed, attn.qkv.weight, attn.qkv.bias).view(
+            q, k, v = linear(normed, attn.qkv.weight, attn.qkv.bias).view(
                 num_rows, 3, heads, head_dim).unbind(1)
             key_rows, cu_seqlens_k = query_rows, cu_seqlens_q
         else:
             normed_all = rk.layer_norm(rows, *norm1, backend=backend)
             bias = attn.qkv.bias
-            q = F.linear(normed_all[:num_rows], attn.qkv.weight[:dim],
-                         None if bias is None else bias[:dim]).view(num_rows, heads, head_dim)
+            q = linear(normed_all[:num_rows], attn.qkv.weight[:dim],
+                       None if bias is None else bias[:dim]).view(num_rows, heads, head_dim)
             k, v = F.linear(normed_all, attn.qkv.weight[dim:], None if bias is None else bias[dim:]).view(
                 rows.shape[0], 2, heads, head_dim).unbind(1)
             key_rows, cu_seqlens_k = layout.image_order, layout.all_rows_cu_seqlens()
         max_keys = max_active if kv == "active" else tokens
         out = rk.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_active, max_keys, attn.scale,
                                   q_rows=query_rows, kv_rows=key_rows, backend=backend)
-        projected = F.linear(out.reshape(num_rows, dim), attn.proj.weight, attn.proj.bias)
+        projected = linear(out.reshape(num_rows, dim), attn.proj.weight, attn.proj.bias)
         normed2, residual = rk.layer_norm(projected, self.norm2.weight, self.norm2.bias, self.norm2.eps,
                                           residual=prefix, backend=backend)
         mlp = self.mlp
-        return rk.mlp(normed2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
-                      residual=residual, backend=backend)
+        if live is None:
+            return rk.mlp(normed2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
+                          residual=residual, backend=backend)
+        hidden = linear(normed2, mlp.fc1.weight, mlp.fc1.bias, activation="gelu")
+        return linear(hidden, mlp.fc2.weight, mlp.fc2.bias, residual=residual)

@@ -26,8 +26,9 @@ class RecursiveBlock(nn.Module):
     """Drop-in fast recursive block: (B, N, C) token states and (B, N) depths in 1..L -> new states.
 
     ``static_shapes = True`` makes the packed path free of host syncs (for CUDA-graph capture):
-    every step runs on all B*N rows and only the first M_l keep their update, so the token-wise
-    layers cost as much as the dense model while attention still skips the inactive rows.
+    every step launches over all B*N rows with M_l kept on the device and only the first M_l keep
+    their update. Attention skips the inactive rows on every backend; the token-wise GEMMs
+    (``prefix_linear``) skip them on ``triton`` and cost as much as the dense model on ``packed``.
     """
 
     static_shapes = False
@@ -111,7 +112,7 @@ class RecursiveBlock(nn.Module):
         total = rows.shape[0]
         position = torch.arange(total, device=rows.device)[:, None]
         for step in range(1, self.num_steps + 1):
-            updated = self.layer_for_step(step).forward_packed(rows, layout, step, total, kv, backend)
+            updated = self.layer_for_step(step).forward_static(rows, layout, step, kv, backend)
             rows = torch.where(position < layout.step_rows[step - 1], updated, rows)
         return rows
 

@@ -26,9 +26,12 @@ def small_model(**overrides):
 
 @pytest.mark.parametrize("kv", ["active", "all"])
 @pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize("batch", [1, 3])
-def test_triton_equals_eager(batch, profile, kv):
+@pytest.mark.parametrize("batch,static_shapes", [(1, False), (3, False), (3, True)],
+                         ids=["batch1", "batch3", "batch3-static"])
+def test_triton_equals_eager(batch, static_shapes, profile, kv):
+    """Packed prefix path, and the sync-free one (prefix GEMMs over all rows), vs eager."""
     model = small_model(num_steps=4)
+    model.recursion.static_shapes = static_shapes
     images = torch.randn(batch, 3, 32, 32)
     depths = random_depths(batch, model.num_tokens, model.num_steps, profile)
     with torch.no_grad():
@@ -49,6 +52,22 @@ def test_sync_free_path_equals_eager_with_ranker_depths(kv):
         model.recursion.static_shapes = True
         triton = model(images, kv=kv, backend="triton")
     torch.testing.assert_close(triton, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv", ["active", "all"])
+def test_forward_static_is_forward_packed_on_the_live_rows(kv):
+    """The first M rows equal the packed path's prefix, the rest are zero (callers keep them)."""
+    block = recvit.RecursiveBlock(32, 1, num_steps=4)
+    layout = rk.depth_sort(random_depths(2, 17, 4), 4)
+    rows = torch.randn(34, 32)
+    for step in range(1, 5):
+        live = int(layout.step_rows[step - 1])
+        layer = block.layer_for_step(step)
+        with torch.no_grad():
+            static = layer.forward_static(rows, layout, step, kv, "triton")
+            packed = layer.forward_packed(rows, layout, step, live, kv, "triton")
+        torch.testing.assert_close(static[:live], packed, atol=1e-5, rtol=1e-5)
+        assert not static[live:].any()
 
 
 @pytest.mark.parametrize("static_shapes", [False, True])
@@ -88,18 +107,22 @@ def test_compile_graph_needs_cuda():
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from recvit_kernels.triton.layer_norm import _layer_norm_kernel
     from recvit_kernels.triton.mlp import _epilogue_kernel
+    from recvit_kernels.triton.prefix_linear import _config as _prefix_linear_config
+    from recvit_kernels.triton.prefix_linear import _prefix_linear_kernel
     from recvit_kernels.triton.varlen_attention import _varlen_attention_kernel
 
-    def compile(fn, types, constexprs, num_warps=4):
+    def compile(fn, types, constexprs, num_warps=4, capability=80, num_stages=3):
         names = [name for name in fn.arg_names if name not in constexprs]
         signature = {**dict(zip(names, types)), **{name: "constexpr" for name in constexprs}}
-        triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 80, 32),
-                       options=dict(num_warps=num_warps))
+        triton.compile(ASTSource(fn, signature, constexprs=constexprs),
+                       target=GPUTarget("cuda", capability, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages))
 
     for dtype, head_dim in (("bf16", 64), ("fp16", 128), ("fp32", 32)):
         compile(_varlen_attention_kernel, [f"*{dtype}"] * 4 + ["*i32"] * 2 + ["*i64"] * 2 + ["i64"] * 12
@@ -109,6 +132,14 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             dict(HAS_RESIDUAL=True, HAS_BIAS=True, BLOCK_ROWS=4, BLOCK_C=1024))
     compile(_epilogue_kernel, ["*bf16"] * 4 + ["i32"] * 2 + ["i64"] * 3,
             dict(HAS_BIAS=True, GELU=True, HAS_RESIDUAL=True, BLOCK_ROWS=32, BLOCK_COLS=128))
+    for capability in (80, 90):  # prefix_linear's GPU tiles on both architectures
+        for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
+            block_m, block_n, block_k, warps, stages = _prefix_linear_config(dtype)
+            compile(_prefix_linear_kernel, [f"*{name}"] * 5 + ["*i64"] + ["i32"] * 10,
+                    dict(HAS_BIAS=True, GELU=True, HAS_RESIDUAL=True,
+                         PRECISION="ieee" if name == "fp32" else "tf32", BLOCK_M=block_m,
+                         BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8),
+                    num_warps=warps, capability=capability, num_stages=stages)
 """)
 
 
@@ -166,6 +197,30 @@ def test_gpu_forward_has_no_host_sync():
         try:
             for kv in ("active", "all"):
                 model(images, kv=kv, backend="triton")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_gpu_static_path_base_batch64():
+    """Edge-RecViT-B, bf16, batch 64: the sync-free path (prefix GEMMs) equals eager, and its
+    forward makes no host sync."""
+    model = recvit.create_model("edge_recvit_base").cuda().eval()
+    model.recursion.static_shapes = True
+    images = torch.randn(64, 3, 224, 224, device="cuda")
+    depths = random_depths(64, model.num_tokens, 12).cuda()
+    for kv in ("active", "all"):
+        _low_precision_check(model, images, torch.bfloat16, depths=depths, kv=kv)
+    images = images.bfloat16()  # the check left the model in bf16
+    calls = [dict(kv=kv, depths=given) for kv in ("active", "all") for given in (None, depths)]
+    with torch.no_grad():
+        for call in calls:  # compile every kernel variant first
+            model(images, backend="triton", **call)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for call in calls:
+                model(images, backend="triton", **call)
         finally:
             torch.cuda.set_sync_debug_mode("default")
 

@@ -254,8 +254,13 @@ class _GatedLayer:
 
     def forward_packed(self, rows, layout, step, num_rows, kv="active", backend=None, max_active=None):
         updated = self.layer.forward_packed(rows, layout, step, num_rows, kv, backend, max_active)
-        gates = self.gates.reshape(-1).index_select(0, layout.perm[:num_rows])[:, None]
-        prefix = rows[:num_rows]
+        return self._gated(rows[:num_rows], updated, layout)
+
+    def forward_static(self, rows, layout, step, kv="active", backend=None):
+        return self._gated(rows, self.layer.forward_static(rows, layout, step, kv, backend), layout)
+
+    def _gated(self, prefix, updated, layout):
+        gates = self.gates.reshape(-1).index_select(0, layout.perm[:prefix.shape[0]])[:, None]
         return prefix + gates * (updated - prefix)
 
 

@@ -81,18 +81,23 @@ def dispatch(op: str, backend: Optional[str], *args, **kwargs) -> Callable:
     """The implementation of ``op`` that ``backend`` selects for these arguments.
 
     An explicitly named backend that cannot run the call raises ``RuntimeError`` with the reason;
-    ``auto`` falls back along :data:`AUTO_ORDER` and logs why.
+    ``auto`` falls back along :data:`AUTO_ORDER` and logs why. An explicitly named backend that is
+    available but has no kernel for ``op`` at all (the cuda backend has no GEMMs, say) hands the op
+    to the backends after it in :data:`AUTO_ORDER`, as ``auto`` would, and logs it.
     """
     _load_optional_backends()
     name = resolve_backend(backend)
     candidates = AUTO_ORDER if name == "auto" else (name,)
+    falling_back = name == "auto"
     if name == "auto" and _on_cpu(args):
         candidates = ("packed",)  # the Triton interpreter is for testing: never faster on a CPU
+    elif name in AUTO_ORDER and unavailable_reason(name) is None and name not in _IMPLEMENTATIONS.get(op, {}):
+        candidates, falling_back = AUTO_ORDER[AUTO_ORDER.index(name):], True
     for candidate in candidates:
         reason = _why_not(op, candidate, args, kwargs)
         if reason is None:
             return _IMPLEMENTATIONS[op][candidate]
-        if name != "auto":
+        if not falling_back:
             raise RuntimeError(f"{op}: backend={candidate!r} cannot run this call: {reason}")
         key = (op, candidate, reason)
         if key not in _logged_fallbacks:

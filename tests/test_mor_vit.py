@@ -279,3 +279,14 @@ def test_bad_routing_depths_images_and_loss_input():
     edge = recvit.create_model("edge_recvit_tiny", **{**SMALL}).eval()
     with torch.no_grad(), pytest.raises(TypeError, match="output"):
         MoRViTLoss()(edge(images, return_aux=True), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("kv", ["active", "all"])
+def test_token_choice_sync_free_path_equals_eager(kv, monkeypatch):
+    model = small_model(routing="token_choice")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        eager = model(images, kv=kv, backend="eager")
+        monkeypatch.setattr(model.recursion, "static_shapes", True)
+        static = model(images, kv=kv, backend="packed")
+    torch.testing.assert_close(static, eager, atol=1e-5, rtol=1e-5)

@@ -200,3 +200,17 @@ def test_varlen_attention_segment_without_keys_gives_zero(backend):
     assert bool((out[:2] == 0).all())
     reference = segment_loop_attention(q[2:], k, v, torch.tensor([0, 3]), torch.tensor([0, 3]), 16 ** -0.5)
     torch.testing.assert_close(out[2:].double(), reference, atol=1e-6, rtol=0)
+
+
+def test_explicit_backend_without_the_op_hands_it_on(monkeypatch, caplog):
+    # a stand-in "cuda" backend that is available but has no mlp kernel
+    monkeypatch.setitem(rk._backend._AVAILABILITY, "cuda", lambda: None)
+    monkeypatch.setitem(rk._backend._AVAILABILITY, "triton", lambda: "not here")
+    monkeypatch.setattr(rk._backend, "_IMPLEMENTATIONS",
+                        {op: {b: f for b, f in impls.items() if b != "cuda"}
+                         for op, impls in rk._backend._IMPLEMENTATIONS.items()})
+    x = torch.randn(3, 8)
+    with caplog.at_level("INFO", logger="recvit_kernels"):
+        chosen = rk._backend.dispatch("mlp", "cuda", x)
+    assert chosen is rk._backend._IMPLEMENTATIONS["mlp"]["packed"]
+    assert "falling back from cuda: the cuda backend has no mlp implementation" in caplog.text

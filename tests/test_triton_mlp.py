@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import recvit_kernels as rk
+from tolerance import assert_flash_rule
 
 pytest.importorskip("triton")
 if rk.unavailable_reason("triton") is not None:
@@ -26,9 +27,7 @@ def check(rows, dim, hidden, dtype, with_bias=True, with_residual=True):
     theirs = rk.mlp(*args, backend="eager")
     reference = rk.mlp(*[None if a is None else a.double() for a in args], backend="eager")
     assert ours.shape == theirs.shape and ours.dtype == dtype
-    error = (ours.double() - reference).abs().max().item()
-    baseline = (theirs.double() - reference).abs().max().item()
-    assert error <= 2 * baseline + FLOOR[dtype], (error, baseline)
+    assert_flash_rule(ours, theirs, reference, FLOOR[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

@@ -206,7 +206,8 @@ def make_shapes_dataset(root: str, images_per_class: int = 32, val_per_class: in
                         seed: int = 0) -> list[str]:
     """Write ``root/train/<class>/*.png`` and ``root/val/<class>/*.png``: each image one coloured
     shape (class ``"<colour>-<shape>"``, colours from :data:`COLOURS`, shapes from :data:`SHAPES`) of
-    random size and place on a noisy grey background. Returns the class names."""
+    random size and place on a noisy grey background (``val_per_class=0``: no ``val/``). Returns the
+    class names."""
     Image = _require_pillow()
     from PIL import ImageDraw
 
@@ -221,7 +222,7 @@ def make_shapes_dataset(root: str, images_per_class: int = 32, val_per_class: in
         return low + (high - low) * torch.rand(1, generator=generator).item()
 
     for split, count in (("train", images_per_class), ("val", val_per_class)):
-        for name in classes:
+        for name in classes if count else ():  # no val/ folder at all without val images
             colour, _, shape = name.partition("-")
             folder = os.path.join(root, split, name)
             os.makedirs(folder, exist_ok=True)

@@ -118,7 +118,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if changed:
             parser.error(f"argument --resume: these settings differ from the checkpoint's and would change "
                          f"the run: {', '.join(changed)}")
-        args = argparse.Namespace(**{**saved, **{key: given[key] for key in given if key in RUN_CONTROL},
+        # the run-control settings not given: the checkpoint's data and output, the defaults otherwise
+        fresh = {key: getattr(args, key) for key in RUN_CONTROL if key not in ("data", "output")}
+        args = argparse.Namespace(**{**saved, **fresh, **{key: given[key] for key in given if key in RUN_CONTROL},
                                      "resume": path})
     _check(parser, args)
     return args
@@ -249,21 +251,22 @@ def _build(args, context):
     return model, train_set, val_set
 
 
-def _load_init(model, args, context) -> None:
+def load_init(model: nn.Module, path: str, layers: Sequence[int] = (0, 6, 11)) -> str:
+    """Load ``path`` (DeiT/ViT in timm's or Hugging Face's format, or a recvit checkpoint; see
+    :func:`recvit.load_checkpoint`) into ``model``; a classifier of another size (a new label set)
+    keeps its initialisation. Returns a line saying what kept its initialisation."""
     from .checkpoint import load_checkpoint
 
     try:
-        loaded = load_checkpoint(model, args.init, layers=tuple(args.layers))
-        note = ""
+        loaded, note = load_checkpoint(model, path, layers=tuple(layers)), ""
     except ValueError as error:
         try:  # a label set of another size: everything but the classifier
-            loaded = load_checkpoint(model, args.init, layers=tuple(args.layers), keep=("head.",))
+            loaded = load_checkpoint(model, path, layers=tuple(layers), keep=("head.",))
         except ValueError:
             raise error from None
         note = f"; the classifier is re-initialised for {model.num_classes} classes"
     fresh = sorted({key.split(".")[0] for key in loaded.missing})
-    _log(context, f"init: {args.init}" + (f" (kept their initialisation: {', '.join(fresh)})" if fresh else "")
-         + note)
+    return f"init: {path}" + (f" (kept their initialisation: {', '.join(fresh)})" if fresh else "") + note
 
 
 def _train(args, context) -> TrainResult:
@@ -273,7 +276,7 @@ def _train(args, context) -> TrainResult:
     model, train_set, val_set = _build(args, context)
     classes = train_set.dataset.classes
     if args.init is not None and args.resume is None:
-        _load_init(model, args, context)
+        _log(context, load_init(model, args.init, args.layers))
     model.to(context.device)
     sampler = DistributedSampler(train_set, context.world_size, context.rank, shuffle=True, seed=args.seed,
                                  drop_last=True)

@@ -118,10 +118,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if changed:
             parser.error(f"argument --resume: these settings differ from the checkpoint's and would change "
                          f"the run: {', '.join(changed)}")
-        # the run-control settings not given: the checkpoint's data and output, the defaults otherwise
-        fresh = {key: getattr(args, key) for key in RUN_CONTROL if key not in ("data", "output")}
-        args = argparse.Namespace(**{**saved, **fresh, **{key: given[key] for key in given if key in RUN_CONTROL},
-                                     "resume": path})
+        # run-control settings not given are the checkpoint's, except --stop-after (once only)
+        args = argparse.Namespace(**{**saved, "stop_after": None,
+                                     **{key: given[key] for key in given if key in RUN_CONTROL}, "resume": path})
     _check(parser, args)
     return args
 

@@ -239,3 +239,17 @@ def test_image_folder_and_seeded_augmentation(tmp_path):
     assert torch.equal(evaluation[0][0], evaluation[0][0])
     with pytest.raises(ValueError, match="no class sub-folders"):
         ImageFolder(str(tmp_path / "train" / "red-disc"))
+
+
+@pytest.mark.gpu
+def test_bf16_training_on_a_gpu(tmp_path):
+    """One process on the GPU with bf16 autocast (the default there): the loss falls, the weights stay
+    fp32 and finite, and validation runs."""
+    make_shapes_dataset(str(tmp_path / "data"), images_per_class=32, val_per_class=8, size=32, seed=8)
+    result = train.run(train.parse_args(["--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"),
+                                         "--device", "cuda", "--epochs", "3", "--batch-size", "16", *TINY]))
+    history = result.history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_top1"] >= 75.0 and history[-1]["val_gflops_per_image"] > 0
+    for name, param in result.model.named_parameters():
+        assert param.is_cuda and param.dtype == torch.float32 and torch.isfinite(param).all(), name

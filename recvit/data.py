@@ -1,10 +1,9 @@
 """Image data for training and evaluation: an ImageFolder (one sub-folder of images per class).
 
 torchvision's ``ImageFolder`` and transforms are used where torchvision imports (the CUDA machines
-have it); elsewhere (there is no CPU build of torchvision here) a small Pillow loader with the same
-class order, file extensions and transforms takes its place. Both give the same classes and the same
-kind of augmentation; pixel values differ slightly (resampling details), so a model's accuracy does
-not depend on which one ran, but bitwise results do.
+have it); elsewhere (there is no CPU build of torchvision here) a small Pillow loader takes its place:
+the same class order and file extensions, and transforms that repeat torchvision's step for step
+(the same random draws, rounding and PIL calls), so both give the same tensors.
 
 Augmentation is reproducible per sample: the random crop and flip of sample ``i`` in epoch ``e``
 are drawn from a generator seeded by ``(seed, e, i)``, whatever process or data-loader worker loads
@@ -79,40 +78,43 @@ class ImageFolder(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# The Pillow transforms (torchvision's RandomResizedCrop / flip / Resize + CenterCrop / Normalize),
-# drawing their randomness from torch's global generator like torchvision's do.
+# The Pillow transforms: torchvision's RandomResizedCrop, RandomHorizontalFlip, Resize + CenterCrop,
+# ToTensor and Normalize on PIL images, step for step (the same random draws from torch's global
+# generator, the same rounding, the same PIL calls), so both give the same tensors.
 
 
 class _RandomResizedCrop:
     def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-        self.size, self.scale, self.log_ratio = size, scale, (math.log(ratio[0]), math.log(ratio[1]))
+        self.size, self.scale, self.ratio = size, scale, ratio
 
     def __call__(self, image):
         width, height = image.size
-        area = width * height
+        area = height * width
+        log_ratio = torch.log(torch.tensor(self.ratio))
         for _ in range(10):
-            target = area * torch.empty(1).uniform_(*self.scale).item()
-            aspect = math.exp(torch.empty(1).uniform_(*self.log_ratio).item())
-            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1]).item()
+            aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
             if 0 < w <= width and 0 < h <= height:
-                top = torch.randint(0, height - h + 1, (1,)).item()
-                left = torch.randint(0, width - w + 1, (1,)).item()
+                top = torch.randint(0, height - h + 1, size=(1,)).item()
+                left = torch.randint(0, width - w + 1, size=(1,)).item()
                 break
-        else:  # fall back to a centre crop within the ratio range
-            ratio, low, high = width / height, math.exp(self.log_ratio[0]), math.exp(self.log_ratio[1])
-            if ratio < low:
-                w, h = width, round(width / low)
-            elif ratio > high:
-                w, h = round(height * high), height
+        else:  # a centre crop within the ratio range
+            in_ratio = float(width) / float(height)
+            if in_ratio < min(self.ratio):
+                w, h = width, int(round(width / min(self.ratio)))
+            elif in_ratio > max(self.ratio):
+                w, h = int(round(height * max(self.ratio))), height
             else:
                 w, h = width, height
             top, left = (height - h) // 2, (width - w) // 2
-        Image = _require_pillow()
-        return image.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        crop = image.crop((left, top, left + w, top + h))
+        return crop.resize((self.size, self.size), _require_pillow().BILINEAR)
 
 
 def _flip(image):
-    if torch.rand(1).item() < 0.5:
+    if torch.rand(1) < 0.5:
         return image.transpose(_require_pillow().FLIP_LEFT_RIGHT)
     return image
 
@@ -123,20 +125,22 @@ class _ResizeCenterCrop:
 
     def __call__(self, image):
         width, height = image.size
-        scale = self.resize / min(width, height)
-        width, height = max(self.size, round(width * scale)), max(self.size, round(height * scale))
-        image = image.resize((width, height), _require_pillow().BILINEAR)
-        left, top = (width - self.size) // 2, (height - self.size) // 2
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize, int(self.resize * long / short)
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), _require_pillow().BILINEAR)
+        top, left = int(round((new_h - self.size) / 2.0)), int(round((new_w - self.size) / 2.0))
         return image.crop((left, top, left + self.size, top + self.size))
 
 
 def _to_normalized_tensor(image) -> torch.Tensor:
     import numpy as np
 
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.array(image, np.uint8, copy=True)).permute(2, 0, 1).float().div(255)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (pixels - mean) / std
+    return pixels.sub_(mean).div_(std)
 
 
 def _compose(steps: Sequence[Callable]) -> Callable:
@@ -147,11 +151,15 @@ def _compose(steps: Sequence[Callable]) -> Callable:
     return apply
 
 
-def build_transform(img_size: int, train: bool, min_scale: float = 0.08) -> Callable:
+def build_transform(img_size: int, train: bool, min_scale: float = 0.08,
+                    torchvision: Optional[bool] = None) -> Callable:
     """Training: random resized crop (area ``min_scale``..1) + horizontal flip; evaluation: resize
     to ``img_size / 0.875`` and centre crop; then ImageNet normalisation (no MixUp/CutMix: the paper
-    leaves label mixing out, it confuses the ranker's supervision)."""
-    if have_torchvision():
+    leaves label mixing out, it confuses the ranker's supervision). ``torchvision``: use its
+    transforms (True), the Pillow ones (False), or torchvision where it imports (None)."""
+    if torchvision is None:
+        torchvision = have_torchvision()
+    if torchvision:
         from torchvision import transforms as T
 
         steps = ([T.RandomResizedCrop(img_size, scale=(min_scale, 1.0)), T.RandomHorizontalFlip()] if train
@@ -162,11 +170,14 @@ def build_transform(img_size: int, train: bool, min_scale: float = 0.08) -> Call
     return _compose(steps + [_to_normalized_tensor])
 
 
-def image_folder(root: str, img_size: int, train: bool, min_scale: float = 0.08) -> Dataset:
-    """torchvision's ImageFolder where it imports, else :class:`ImageFolder`; ``.classes`` lists the
-    class names in index order either way."""
-    transform = build_transform(img_size, train, min_scale)
-    if have_torchvision():
+def image_folder(root: str, img_size: int, train: bool, min_scale: float = 0.08,
+                 torchvision: Optional[bool] = None) -> Dataset:
+    """torchvision's ImageFolder and transforms, or :class:`ImageFolder` with the Pillow ones
+    (``torchvision`` as in :func:`build_transform`); ``.classes`` lists the class names in index order."""
+    if torchvision is None:
+        torchvision = have_torchvision()
+    transform = build_transform(img_size, train, min_scale, torchvision)
+    if torchvision:
         from torchvision.datasets import ImageFolder as TorchvisionImageFolder
 
         find_classes(root)  # the same error messages with either loader

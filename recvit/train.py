@@ -148,7 +148,7 @@ def _check(parser, args) -> None:
         parser.error(f"argument --lr: expected > 0, got {args.lr}")
     if args.stop_after is not None and args.stop_after < 1:
         parser.error(f"argument --stop-after: expected >= 1, got {args.stop_after}")
-    if args.init is not None and not os.path.isfile(args.init):
+    if args.init is not None and args.resume is None and not os.path.isfile(args.init):
         parser.error(f"argument --init: no such file: {args.init}")
 
 

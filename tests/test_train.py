@@ -253,3 +253,26 @@ def test_bf16_training_on_a_gpu(tmp_path):
     assert history[-1]["val_top1"] >= 75.0 and history[-1]["val_gflops_per_image"] > 0
     for name, param in result.model.named_parameters():
         assert param.is_cuda and param.dtype == torch.float32 and torch.isfinite(param).all(), name
+
+
+def test_torchvision_and_pillow_loaders_agree(tmp_path):
+    """Where torchvision imports (the GPU machines) it loads the folder; the Pillow loader must give the
+    same classes, targets and tensors, augmentation included (checked bitwise against torchvision 0.28)."""
+    pytest.importorskip("torchvision")
+    from PIL import Image
+
+    from recvit.data import image_folder
+
+    make_shapes_dataset(str(tmp_path), images_per_class=3, val_per_class=2, size=40)
+    for index, size in enumerate([(50, 37), (37, 61), (200, 90)]):  # odd shapes: every rounding path
+        Image.effect_noise(size, 40).convert("RGB").save(tmp_path / "train" / "red-disc" / f"odd{index}.png")
+    for split, train_mode in (("train", True), ("train", False), ("val", False)):
+        theirs = SeededSamples(image_folder(str(tmp_path / split), 24, train_mode, torchvision=True), seed=3)
+        ours = SeededSamples(image_folder(str(tmp_path / split), 24, train_mode, torchvision=False), seed=3)
+        assert type(theirs.dataset).__module__.startswith("torchvision") and isinstance(ours.dataset, ImageFolder)
+        assert theirs.dataset.classes == ours.dataset.classes and theirs.dataset.targets == ours.dataset.targets
+        for epoch in range(2):
+            theirs.set_epoch(epoch)
+            ours.set_epoch(epoch)
+            for i in range(len(ours)):
+                assert torch.equal(theirs[i][0], ours[i][0]), (split, train_mode, epoch, i)

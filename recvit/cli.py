@@ -1,4 +1,4 @@
-"""The ``recvit`` command line (also ``python -m recvit``): info, flops, params, depthmap, bench."""
+"""The ``recvit`` command line (also ``python -m recvit``): info, flops, params, depthmap, bench, train, eval."""
 from __future__ import annotations
 
 import argparse
@@ -55,6 +55,11 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.add_parser("bench", add_help=False,
                         help="quick side-by-side of the backends (arguments go to recvit.bench; "
                         "see recvit bench --help)")
+    commands.add_parser("train", add_help=False,
+                        help="fine-tune an Edge-RecViT on an ImageFolder, torchrun for DDP (see recvit train --help)")
+    commands.add_parser("eval", add_help=False,
+                        help="top-1/top-5, mean depth, GFLOPs/image, images/s on an ImageFolder split "
+                        "(see recvit eval --help)")
     return parser
 
 
@@ -71,6 +76,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from . import bench
 
         return bench.main(argv[1:]) or 0
+    if argv[:1] == ["train"]:
+        from . import train
+
+        return train.main(argv[1:])
+    if argv[:1] == ["eval"]:
+        from . import evaluate
+
+        return evaluate.main(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
     return args.handler(args, args.parser)

@@ -30,9 +30,12 @@ def du_loss(depth_probs: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
     return num_steps * (expected * actual).sum()
 
 
-def cce_loss(logits: torch.Tensor, confidence: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of ``logits`` (B, K) scaled by the mean of ``confidence`` (B, N) per image."""
-    return F.cross_entropy(logits.float() * confidence.float().mean(1, keepdim=True), target)
+def cce_loss(logits: torch.Tensor, confidence: torch.Tensor, target: torch.Tensor,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of ``logits`` (B, K) scaled by the mean of ``confidence`` (B, N) per image
+    (``label_smoothing`` as in :func:`torch.nn.functional.cross_entropy`)."""
+    return F.cross_entropy(logits.float() * confidence.float().mean(1, keepdim=True), target,
+                           label_smoothing=label_smoothing)
 
 
 @dataclass
@@ -44,14 +47,15 @@ class EdgeRecViTLosses:
 
 
 class EdgeRecViTLoss(nn.Module):
-    """Combines the three terms from a :class:`recvit.RecViTOutput` and class targets (B,)."""
+    """Combines the three terms from a :class:`recvit.RecViTOutput` and class targets (B,);
+    ``label_smoothing`` applies to the CCE term."""
 
-    def __init__(self, lambda_stb: float = 1e-3, lambda_du: float = 0.1):
+    def __init__(self, lambda_stb: float = 1e-3, lambda_du: float = 0.1, label_smoothing: float = 0.0):
         super().__init__()
-        self.lambda_stb, self.lambda_du = lambda_stb, lambda_du
+        self.lambda_stb, self.lambda_du, self.label_smoothing = lambda_stb, lambda_du, label_smoothing
 
     def forward(self, output, target: torch.Tensor) -> EdgeRecViTLosses:
-        cce = cce_loss(output.logits, output.confidence[:, 1:], target)
+        cce = cce_loss(output.logits, output.confidence[:, 1:], target, self.label_smoothing)
         stb = stb_loss(output.depth_logits[:, 1:])
         du = du_loss(output.depth_probs[:, 1:], output.depths[:, 1:])
         return EdgeRecViTLosses(cce + self.lambda_stb * stb + self.lambda_du * du, cce, stb, du)

@@ -1,0 +1,112 @@
+"""A full training step (forward + backward + AdamW) of Edge-RecViT (packed, the eager reference)
+against the dense DeiT of the same scale, timed interleaved on the present device.
+
+    python -m benchmarks.train_step [--scale small] [--batch 8] [--img-size 224] [--profile paper]
+                                    [--rounds 9] [--out benchmarks/results/train-step]
+
+Edge-RecViT runs with the depths of the named profile (``paper``: the supplement's sum alpha = 8.21,
+sum alpha^2 = 6.64; ``ranker``: its own ranker's, random at initialisation) and the recipe's loss
+(CCE with label smoothing + 1e-3 STB + 0.1 DU); DeiT with label-smoothed cross-entropy. Every
+implementation has its own weights and AdamW. One step of each per round, in turn; the ratios
+are taken within a round (so a change of machine load reaches both sides), and reported as the
+median with the 25th-75th percentiles.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import recvit
+from recvit.bench import SCALES, DeiTDense, device_info, device_slug, percentile, profile_depths, time_interleaved
+
+
+def _step_fn(model, optimizer, loss_fn):
+    def step(images, targets, depths):
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model, images, targets, depths).backward()
+        optimizer.step()
+    return step
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", default="small", choices=sorted(SCALES))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--profile", default="paper", choices=("paper", "ranker"))
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds (after 2 warm-up rounds)")
+    parser.add_argument("--backends", nargs="+", default=["packed", "eager"])
+    parser.add_argument("--out", default=None, help="write results.json and results.md under OUT/<device>/")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    dim, heads = SCALES[args.scale]
+    base = recvit.create_model(f"edge_recvit_{args.scale}", img_size=args.img_size).to(device).train()
+    deit = DeiTDense(args.img_size, embed_dim=dim, num_heads=heads).to(device).train()
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    targets = torch.randint(0, 1000, (args.batch,), device=device)
+    generator = torch.Generator().manual_seed(0)
+    depths = profile_depths(args.profile, args.batch, base.num_tokens, base.num_steps, generator)
+    depths = None if depths is None else depths.to(device)
+    criterion = recvit.EdgeRecViTLoss(label_smoothing=0.1)
+
+    fns = {}
+    for backend in args.backends:
+        model = copy.deepcopy(base)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        fns[f"edge-recvit-{backend}"] = _step_fn(model, optimizer, lambda m, x, y, d, b=backend: criterion(
+            m(x, depths=d, return_aux=True, backend=b), y).total)
+    fns["deit-dense"] = _step_fn(deit, torch.optim.AdamW(deit.parameters(), lr=1e-4, weight_decay=0.05),
+                                 lambda m, x, y, d: F.cross_entropy(m(x), y, label_smoothing=0.1))
+    times = time_interleaved(fns, [(images, targets, depths)], device, warmup=2, min_repeats=args.rounds,
+                             max_repeats=args.rounds, target_s=0.0)
+    failed = {name: repr(value) for name, value in times.items() if isinstance(value, Exception)}
+    times = {name: value for name, value in times.items() if name not in failed}
+
+    def summary(values):
+        return {"median": percentile(values, 50), "p25": percentile(values, 25), "p75": percentile(values, 75)}
+
+    ratios = {}
+    for name in times:
+        for other in times:
+            if name != other:
+                ratios[f"{other} / {name}"] = summary([b / a for a, b in zip(times[name], times[other])])
+    flops = recvit.count_flops(base, depths if depths is not None else base(images, return_aux=True).depths)
+    result = {"device": device_info(device), "settings": vars(args), "failed": failed,
+              "forward_gflops_per_image": {"edge-recvit": flops.total / 1e9},
+              "seconds_per_step": {name: summary(values) for name, values in times.items()},
+              "raw_seconds": times, "speedup": ratios}
+    lines = [f"Training step (forward + backward + AdamW), {args.scale}, batch {args.batch}, {args.img_size} px, "
+             f"fp32, depth profile {args.profile!r}, {args.rounds} interleaved rounds on "
+             f"{result['device']['name']} ({result['device']['torch_threads']} threads), commit "
+             f"{result['device']['git_commit'][:10]}.", "",
+             "| implementation | s/step median | p25 | p75 |", "|---|---|---|---|"]
+    lines += [f"| {name} | {s['median']:.3f} | {s['p25']:.3f} | {s['p75']:.3f} |"
+              for name, s in result["seconds_per_step"].items()]
+    lines += ["", "| speed-up (time of the second / time of the first, per round) | median | p25 | p75 |",
+              "|---|---|---|---|"]
+    lines += [f"| {name} | {s['median']:.2f}x | {s['p25']:.2f}x | {s['p75']:.2f}x |" for name, s in ratios.items()
+              if name.endswith("edge-recvit-packed")]
+    text = "\n".join(lines)
+    print(text)
+    if failed:
+        print("failed:", failed)
+    if args.out:
+        folder = os.path.join(args.out, device_slug(result["device"]))
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "results.json"), "w") as handle:
+            json.dump(result, handle, indent=1)
+        with open(os.path.join(folder, "results.md"), "w") as handle:
+            handle.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -235,7 +235,8 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
                              f"{type(error).__name__}: {error}") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as file:  # a file object: torch.load must not go by the name either
+                state = torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             raise ValueError(f"{path}: a torch file holding more than tensors, which weights_only=True "
                              f"refuses (a whole pickled model or objects of other classes?); recvit reads "
@@ -258,16 +259,18 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
 
 def file_format(path: Union[str, os.PathLike]) -> str:
     """'safetensors' or 'torch' from the file's first bytes (never its name); ValueError naming the
-    file otherwise. safetensors: an 8-byte little-endian header length, then a JSON header; torch:
+    file otherwise. safetensors: an 8-byte little-endian header length (at most 100 MB), then a
+    JSON header; torch:
     a zip archive (``torch.save``'s default) or a legacy pickle (protocol byte 0x80)."""
     path = os.fspath(path)
     with open(path, "rb") as file:
         head = file.read(9)
     size = os.path.getsize(path)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"
-    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+    # safetensors caps its header at 100 MB; a truncated file still starts like one (its reader says why).
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= 100_000_000:
         return "safetensors"
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "torch"
     raise ValueError(f"{path}: not a checkpoint file recvit can read: expected safetensors (an 8-byte header "
                      f"length, then a JSON header) or a torch file (a zip archive or a pickle), but the file "
                      f"({size} bytes) starts with {head[:8]!r}")

@@ -269,3 +269,12 @@ def test_public_forward_on_the_gpu_backends(tmp_path, backend):
         out = model(images, return_aux=True)
     assert torch.equal(out.depths, ref_depths)
     assert_flash_rule(out.logits, plain, reference, floor=1e-4)
+
+
+def test_flops_count_the_three_layer_ranker():
+    model = public_model()
+    earr = public_model(ranker="earr")
+    depths = torch.full((1, TOKENS), STEPS)
+    extra = recvit.count_flops(model, depths).ranker - recvit.count_flops(earr, depths).ranker
+    assert extra == 2 * TOKENS * (2 * DIM) ** 2  # the 2C x 2C linear
+    assert recvit.count_flops(earr, depths).ranker == 2 * TOKENS * (DIM * 2 * DIM + 2 * DIM * STEPS)

@@ -486,8 +486,11 @@ def _fit_hint(state_dict, source: str, names: dict, model: nn.Module) -> str:
         found["num_classes"] = classes
     fits = []
     for name in list_models():
-        with torch.device("meta"):
-            candidate = create_model(name)
+        try:
+            with torch.device("meta"):
+                candidate = create_model(name)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            continue  # a model that cannot be built without memory is left out of the hint
         if getattr(candidate, "embed_dim", None) != width:
             continue
         if source == "recvit" and set(candidate.state_dict()) != set(state_dict):

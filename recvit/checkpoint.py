@@ -495,6 +495,8 @@ def _fit_hint(state_dict, source: str, names: dict, model: nn.Module) -> str:
             continue
         if source == "recvit" and set(candidate.state_dict()) != set(state_dict):
             continue
+        if source == "public" and not hasattr(candidate, "ranker"):
+            continue  # the public code's model is an Edge-RecViT
         changed = {key: value for key, value in found.items() if key != "embed_dim" and (
             getattr(candidate, key, None) if key == "num_classes" else getattr(candidate.patch_embed, key)) != value}
         if source == "public":

@@ -32,35 +32,36 @@ def public_config(**changes):
     return config
 
 
-def public_state(seed=0, prefix="mor_vit.", classifier=True):
+def public_state(seed=0, prefix="mor_vit.", classifier=True, dim=DIM):
     """Random weights under the public code's key names (MoRViTForImageClassification)."""
     gen = torch.Generator().manual_seed(seed)
+    hidden = dim * HIDDEN // DIM
 
     def rand(*shape, scale=0.2, offset=0.0):
         return torch.randn(*shape, generator=gen) * scale + offset
 
     state = {
-        f"{prefix}embeddings.cls_token": rand(1, 1, DIM, scale=1.0),
-        f"{prefix}embeddings.position_embeddings": rand(1, TOKENS, DIM, scale=1.0),
-        f"{prefix}embeddings.patch_embeddings.weight": rand(DIM, 3, PATCH, PATCH, scale=0.05),
-        f"{prefix}embeddings.patch_embeddings.bias": rand(DIM),
+        f"{prefix}embeddings.cls_token": rand(1, 1, dim, scale=1.0),
+        f"{prefix}embeddings.position_embeddings": rand(1, TOKENS, dim, scale=1.0),
+        f"{prefix}embeddings.patch_embeddings.weight": rand(dim, 3, PATCH, PATCH, scale=0.05),
+        f"{prefix}embeddings.patch_embeddings.bias": rand(dim),
         # Large router weights: the depths spread over 1..L.
-        f"{prefix}router.router.0.weight": rand(2 * DIM, DIM, scale=0.5),
-        f"{prefix}router.router.2.weight": rand(2 * DIM, 2 * DIM, scale=0.3),
-        f"{prefix}router.router.4.weight": rand(STEPS, 2 * DIM, scale=0.3),
-        f"{prefix}layernorm.weight": rand(DIM, offset=1.0), f"{prefix}layernorm.bias": rand(DIM),
+        f"{prefix}router.router.0.weight": rand(2 * dim, dim, scale=0.5),
+        f"{prefix}router.router.2.weight": rand(2 * dim, 2 * dim, scale=0.3),
+        f"{prefix}router.router.4.weight": rand(STEPS, 2 * dim, scale=0.3),
+        f"{prefix}layernorm.weight": rand(dim, offset=1.0), f"{prefix}layernorm.bias": rand(dim),
     }
     for role in ROLES:
         block = f"{prefix}block_{role}."
         for name in ("query", "key", "value", "proj"):
-            state[f"{block}attention.{name}.weight"] = rand(DIM, DIM)
-            state[f"{block}attention.{name}.bias"] = rand(DIM)
+            state[f"{block}attention.{name}.weight"] = rand(dim, dim)
+            state[f"{block}attention.{name}.bias"] = rand(dim)
         for name in ("layernorm_before", "layernorm_after"):
-            state[f"{block}{name}.weight"], state[f"{block}{name}.bias"] = rand(DIM, offset=1.0), rand(DIM)
-        state[f"{block}intermediate.weight"], state[f"{block}intermediate.bias"] = rand(HIDDEN, DIM), rand(HIDDEN)
-        state[f"{block}output.weight"], state[f"{block}output.bias"] = rand(DIM, HIDDEN), rand(DIM)
+            state[f"{block}{name}.weight"], state[f"{block}{name}.bias"] = rand(dim, offset=1.0), rand(dim)
+        state[f"{block}intermediate.weight"], state[f"{block}intermediate.bias"] = rand(hidden, dim), rand(hidden)
+        state[f"{block}output.weight"], state[f"{block}output.bias"] = rand(dim, hidden), rand(dim)
     if classifier:
-        state["classifier.weight"], state["classifier.bias"] = rand(LABELS, DIM), rand(LABELS)
+        state["classifier.weight"], state["classifier.bias"] = rand(LABELS, dim), rand(LABELS)
     return state
 
 
@@ -213,6 +214,15 @@ def test_bad_public_checkpoint_is_refused_and_model_untouched(edit, kwargs, matc
     before = snapshot(model)
     with pytest.raises(ValueError, match=match):
         load_checkpoint(model, edit(public_state()), **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_checkpoint_of_another_width_names_the_model_it_fits():
+    model = public_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"fit create_model\('edge_recvit_small', img_size=32, patch_size=8, "
+                                         r"num_classes=10, ranker='public_3layer'\); this model has embed_dim 32"):
+        load_checkpoint(model, public_state(dim=384))
     assert_unchanged(model, before)
 
 

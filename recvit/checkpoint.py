@@ -369,8 +369,9 @@ def from_pretrained(path: Union[str, os.PathLike], kv: str = "all", backend: Opt
     except (TypeError, ValueError) as error:
         raise ValueError(f"{config_path}: cannot build the model it describes: {error}") from None
     if model.recursion.head_layer.mlp.fc1.out_features != hidden:
-        raise ValueError(f"{config_path}: intermediate_size {hidden} is not a multiple of hidden_size {dim} "
-                         f"this package can build")
+        raise ValueError(f"{config_path}: intermediate_size {hidden} with hidden_size {dim}: the MLP width this "
+                         f"package builds from mlp_ratio = {hidden}/{dim} rounds to "
+                         f"{model.recursion.head_layer.mlp.fc1.out_features}; not supported")
     candidates = [os.path.join(path, name) for name in ("model.safetensors", "pytorch_model.bin")]
     weights = next((name for name in candidates if os.path.isfile(name)), None)
     if weights is None:

@@ -252,6 +252,11 @@ def test_from_pretrained_takes_settings_from_the_config(tmp_path):
                  r"model_type 'vit': expected 'mor_vit'", id="other-model"),
     pytest.param(lambda d: (d / "config.json").write_text(json.dumps(public_config(hidden_act="relu"))),
                  ValueError, "hidden_act 'relu'", id="relu"),
+    pytest.param(lambda d: (d / "config.json").write_text(json.dumps(public_config(use_abs_pos_emb=False))),
+                 ValueError, "use_abs_pos_emb false", id="no-positions"),
+    pytest.param(lambda d: (d / "config.json").write_text(json.dumps(public_config(
+        hidden_size=56, num_attention_heads=4, intermediate_size=61))), ValueError,
+                 "intermediate_size 61 with hidden_size 56: .* rounds to 60", id="mlp-width"),
     pytest.param(lambda d: (d / "config.json").write_text(json.dumps(public_config())), FileNotFoundError,
                  r"no weights: expected .*model.safetensors or .*pytorch_model.bin", id="no-weights"),
     pytest.param(lambda d: write_checkpoint(d, config=public_config(hidden_size=48, num_attention_heads=4)),

@@ -133,7 +133,8 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     and check it fits.
 
     ``layers``: source blocks for (head, shared, tail) of a timm / Hugging Face ViT (default
-    (0, 6, 11)); refused for recvit and public checkpoints, which hold the recursive block already.
+    (0, 6, 11)); any other value is refused for recvit and public checkpoints, which hold the
+    recursive block already.
     ``keep``: model key prefixes that keep their initialisation instead of being loaded
     (``("head.",)`` for a new label set). Raises ValueError listing every missing, unknown or
     mis-shaped key.
@@ -144,7 +145,8 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     _refuse_distilled(state_dict)
     if source == "auto":
         source = detect_source(state_dict)
-    if source in ("recvit", "public") and layers is not None:
+    # The default passed explicitly changes nothing (callers that always pass layers= keep working).
+    if source in ("recvit", "public") and layers is not None and tuple(layers) != DEFAULT_LAYERS:
         raise ValueError(f"layers={layers!r}: only for a timm / Hugging Face ViT, whose blocks are picked "
                          f"for the recursive block; this {source} checkpoint holds its head, shared and tail "
                          f"layers already, drop layers=")

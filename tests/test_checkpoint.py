@@ -449,3 +449,4 @@ def test_layers_on_a_recvit_checkpoint_is_refused(tmp_path):
     save_checkpoint(small_model(), tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match=r"layers=\(3, 6, 11\): only for a timm / Hugging Face ViT"):
         load_checkpoint(small_model(), tmp_path / "m.safetensors", layers=(3, 6, 11))
+    load_checkpoint(small_model(), tmp_path / "m.safetensors", layers=(0, 6, 11))  # the default: no effect

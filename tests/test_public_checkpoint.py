@@ -207,7 +207,7 @@ def _drop(key):
                  r"got \(64, 32\)", id="wrong-shape"),
     pytest.param(lambda s: {**s, "mor_vit.block_head.attention.proj.dora_A": torch.zeros(4, DIM)}, {},
                  r"(?s)no place.*dora_A.*merge_all_dora_weights", id="unmerged-dora"),
-    pytest.param(lambda s: s, {"layers": (0, 6, 11)}, r"layers=\(0, 6, 11\): only for a timm", id="layers"),
+    pytest.param(lambda s: s, {"layers": (1, 6, 11)}, r"layers=\(1, 6, 11\): only for a timm", id="layers"),
 ])
 def test_bad_public_checkpoint_is_refused_and_model_untouched(edit, kwargs, match):
     model = public_model()

@@ -1,10 +1,10 @@
 """recvit: recursive Vision Transformers with token-level dynamic depth (Edge-RecViT, MoR-ViT),
 running attention and MLP over only the shrinking set of active tokens.
 """
-from .checkpoint import (ConvertedCheckpoint, convert_state_dict, load_checkpoint, no_source_prefixes,
-                         save_checkpoint)
+from .checkpoint import (ConvertedCheckpoint, convert_state_dict, from_pretrained, load_checkpoint,
+                         no_source_prefixes, save_checkpoint)
 from .depthmap import depth_heatmap, plot_depthmap
-from .edge_recvit import EdgeAwareRanker, EdgeRecViT, RecViTOutput
+from .edge_recvit import EdgeAwareRanker, EdgeRecViT, RecViTOutput, ThreeLayerRanker
 from .factory import create_model, list_models, register_model
 from .flops import (FlopsBreakdown, count_flops, count_params, expert_choice_flops, full_depth_flops,
                     profile_flops)
@@ -21,7 +21,7 @@ __all__ = [
     "FlopsBreakdown", "GatedRecursiveBlock", "GraphedForward", "MoRViT", "MoRViTLoss",
     "MoRViTOutput", "RecViTOutput", "RecursiveBlock", "balancing_loss", "cce_loss", "compile_graph",
     "convert_state_dict", "count_flops", "count_params", "create_model", "depth_heatmap", "du_loss",
-    "expert_choice_flops", "full_depth_flops", "list_models", "load_checkpoint",
+    "expert_choice_flops", "from_pretrained", "full_depth_flops", "list_models", "load_checkpoint",
     "no_source_prefixes", "plot_depthmap", "profile_flops", "register_model", "router_z_loss",
-    "save_checkpoint", "stb_loss",
+    "save_checkpoint", "stb_loss", "ThreeLayerRanker",
 ]

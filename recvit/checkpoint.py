@@ -1,4 +1,5 @@
-"""Checkpoint mapping: DeiT/ViT weights in timm's or Hugging Face's key format -> Edge-RecViT.
+"""Checkpoint mapping: DeiT/ViT weights in timm's or Hugging Face's key format -> Edge-RecViT;
+checkpoints of the public Edge-RecViT code; recvit's own files.
 
 Three source blocks become the recursive block: ``layers=(a, b, c)`` maps source block ``a`` to
 ``recursion.head_layer``, ``b`` to ``recursion.shared_layer`` (run at steps 2..L-1) and ``c`` to
@@ -17,20 +18,35 @@ model's image and patch size must match the source's. Hugging Face ViT uses Laye
 where timm and this package use 1e-6; the state dict does not carry eps, build the model with
 ``eps=1e-12`` to reproduce a Hugging Face model exactly.
 
+The public Edge-RecViT code (RicardoLee510520/Edge-RecViT, which names its model ``MoRViT``, config
+``model_type: "mor_vit"``) saves ``mor_vit.block_head/block_shared/block_tail`` with separate query,
+key and value, ``attention.proj``, ``intermediate``, ``output``, ``layernorm_before/after``,
+``mor_vit.embeddings.patch_embeddings`` (a bare conv), ``mor_vit.layernorm``, ``classifier`` and its
+three-layer router under ``mor_vit.router.router.{0,2,4}`` (``source="public"``): it needs a model
+built with ``ranker="public_3layer"``; :func:`from_pretrained` builds that model from the
+checkpoint's ``config.json`` (eps 1e-12, ``kv="all"``) and loads it.
+
 Every key and shape is checked before anything is copied: a checkpoint that does not fit raises a
-ValueError naming the keys and shapes, and the model is left untouched.
+ValueError naming the keys and shapes (and, for another model size, the model its shapes fit),
+and the model is left untouched. Files are read by their bytes, not their name: safetensors, or a
+torch file (zip or legacy pickle) read with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import re
-from typing import Mapping, NamedTuple, Sequence, Union
+from typing import Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-SOURCES = ("auto", "timm", "hf", "recvit")
+SOURCES = ("auto", "timm", "hf", "recvit", "public")
 DEFAULT_LAYERS = (0, 6, 11)
+# What save_checkpoint writes for each extension; load_checkpoint reads any of them by their bytes.
+SAFETENSORS_EXTENSIONS = (".safetensors",)
+TORCH_EXTENSIONS = (".pt", ".pth", ".bin")
 ROLES = ("head_layer", "shared_layer", "tail_layer")
 # Model parameters (top-level names) that a ViT has too; every other top-level module has no source.
 VIT_NAMES = ("cls_token", "pos_embed", "patch_embed", "recursion", "norm", "head")
@@ -52,6 +68,28 @@ _HF_IN_BLOCK = {
     "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
 }
 _HF_QKV = ("query", "key", "value")
+# The public Edge-RecViT code (MoRViTForImageClassification; its bare MoRViT lacks "mor_vit.").
+_PUBLIC_BLOCK = re.compile(r"^(?:mor_vit\.)?block_(head|shared|tail)\.")
+_PUBLIC_TOP = {
+    "cls_token": "embeddings.cls_token",
+    "pos_embed": "embeddings.position_embeddings",
+    "patch_embed.proj.weight": "embeddings.patch_embeddings.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embeddings.bias",
+    "ranker.fc1.weight": "router.router.0.weight",
+    "ranker.fc2.weight": "router.router.2.weight",
+    "ranker.fc3.weight": "router.router.4.weight",
+    "norm.weight": "layernorm.weight",
+    "norm.bias": "layernorm.bias",
+}
+_PUBLIC_IN_BLOCK = {
+    "norm1": "layernorm_before", "attn.proj": "attention.proj", "norm2": "layernorm_after",
+    "mlp.fc1": "intermediate", "mlp.fc2": "output",
+}
+# The public code's config (MoRViTConfig) defaults, for keys a config.json leaves out.
+_PUBLIC_CONFIG = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                  "intermediate_size": 3072, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+                  "image_size": 224, "patch_size": 16, "num_channels": 3, "qkv_bias": True,
+                  "use_abs_pos_emb": True}
 
 
 class ConvertedCheckpoint(NamedTuple):
@@ -73,7 +111,7 @@ def no_source_prefixes(model: nn.Module) -> tuple:
 
 
 def detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """'recvit', 'timm' or 'hf' from the key names; ValueError if none fits."""
+    """'recvit', 'timm', 'hf' or 'public' from the key names; ValueError if none fits."""
     keys = list(state_dict)
     if any(key.startswith("recursion.") for key in keys):
         return "recvit"
@@ -81,18 +119,25 @@ def detect_source(state_dict: Mapping[str, torch.Tensor]) -> str:
         return "timm"
     if any(_HF_BLOCK.match(key) for key in keys):
         return "hf"
+    if any(_PUBLIC_BLOCK.match(key) for key in keys):
+        return "public"
     raise ValueError(f"state_dict: cannot tell its key format (expected timm 'blocks.{{i}}.*', Hugging "
-                     f"Face 'vit.encoder.layer.{{i}}.*' or recvit 'recursion.*'); first keys: {keys[:5]}")
+                     f"Face 'vit.encoder.layer.{{i}}.*', the public Edge-RecViT code's "
+                     f"'mor_vit.block_head.*' or recvit 'recursion.*'); first keys: {keys[:5]}")
 
 
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module, source: str = "auto",
-                       layers: Sequence[int] = DEFAULT_LAYERS,
+                       layers: Optional[Sequence[int]] = None,
                        keep: Sequence[str] = ()) -> ConvertedCheckpoint:
-    """Map a timm / Hugging Face ViT (or recvit) state dict onto ``model``'s keys and check it fits.
+    """Map a timm / Hugging Face ViT, public Edge-RecViT or recvit state dict onto ``model``'s keys
+    and check it fits.
 
-    ``layers``: source blocks for (head, shared, tail); ignored for ``source="recvit"``. ``keep``:
-    model key prefixes that keep their initialisation instead of being loaded (``("head.",)`` for a
-    new label set). Raises ValueError listing every missing, unknown or mis-shaped key.
+    ``layers``: source blocks for (head, shared, tail) of a timm / Hugging Face ViT (default
+    (0, 6, 11)); any other value is refused for recvit and public checkpoints, which hold the
+    recursive block already.
+    ``keep``: model key prefixes that keep their initialisation instead of being loaded
+    (``("head.",)`` for a new label set). Raises ValueError listing every missing, unknown or
+    mis-shaped key.
     """
     _check_state_dict(state_dict)
     if source not in SOURCES:
@@ -100,10 +145,20 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     _refuse_distilled(state_dict)
     if source == "auto":
         source = detect_source(state_dict)
+    # The default passed explicitly changes nothing (callers that always pass layers= keep working).
+    if source in ("recvit", "public") and layers is not None and tuple(layers) != DEFAULT_LAYERS:
+        raise ValueError(f"layers={layers!r}: only for a timm / Hugging Face ViT, whose blocks are picked "
+                         f"for the recursive block; this {source} checkpoint holds its head, shared and tail "
+                         f"layers already, drop layers=")
+    if source == "public":
+        _check_public_ranker(model)
     targets = model.state_dict()
     if source == "recvit":
         names, block_of = {key: [key] for key in targets}, {}
+    elif source == "public":
+        names, block_of = {key: _public_source_names(key, state_dict) for key in targets}, {}
     else:
+        layers = DEFAULT_LAYERS if layers is None else layers
         layers = _check_layers(layers, state_dict, source)
         names = {key: _source_names(key, layers, source, state_dict) for key in targets}
         pattern = _TIMM_BLOCK if source == "timm" else _HF_BLOCK
@@ -112,8 +167,8 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     if isinstance(keep, str) or not all(isinstance(prefix, str) for prefix in keep):
         raise ValueError(f"keep={keep!r}: expected a sequence of model key prefixes, e.g. ('head.',)")
     keep = tuple(keep)
-    may_lack = no_source_prefixes(model) if source != "recvit" else ()  # a ViT has no ranker/router
-    converted, missing, consumed, held, problems = {}, [], set(), set(), []
+    may_lack = no_source_prefixes(model) if source in ("timm", "hf") else ()  # a ViT has no ranker/router
+    converted, missing, consumed, held, problems, mismatched = {}, [], set(), set(), [], False
     for target, expected in targets.items():
         sources = names[target]
         if target.startswith(keep):
@@ -133,13 +188,14 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
         part = (expected.shape[0] // len(sources),) + tuple(expected.shape[1:])
         bad = [(name, tuple(state_dict[name].shape)) for name in sources if state_dict[name].shape != part]
         if bad:
+            mismatched = True
             problems.extend(f"{name!r} -> {target!r}: expected shape {part}, got {shape}"
                             for name, shape in bad)
             continue
         converted[target] = torch.cat([state_dict[name] for name in sources]) if len(sources) > 1 \
             else state_dict[sources[0]]
 
-    chosen = set(layers) if source != "recvit" else set()
+    chosen = set(layers) if source in ("timm", "hf") else set()
     unused, unknown = [], []
     for key in state_dict:
         if key in consumed:
@@ -153,23 +209,44 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     if unknown:
         problems.append(f"source keys with no place in this model (layer scale, qk-norm, register "
                         f"tokens, ... are not supported): {unknown}")
+        if any("dora_" in key for key in unknown):
+            problems.append("the DoRA adapters of the public code are not merged: call "
+                            "model.mor_vit.merge_all_dora_weights() there and save again")
     if problems:
+        hint = _fit_hint(state_dict, source, names, model) if mismatched else ""
+        shown = problems if len(problems) <= 12 else problems[:10] + [f"... and {len(problems) - 10} more"]
         raise ValueError(f"checkpoint (source={source!r}) does not fit {type(model).__name__}; nothing "
-                         f"was loaded:\n  " + "\n  ".join(problems))
+                         f"was loaded." + (f" {hint}" if hint else "") + "\n  " + "\n  ".join(shown))
     return ConvertedCheckpoint(converted, missing, unused)
 
 
 def read_state_dict(path: Union[str, os.PathLike]) -> dict:
-    """Tensors from a ``.safetensors`` file, or a torch file (``weights_only``), with a top-level
-    ``"state_dict"`` / ``"model"`` entry unwrapped and a DDP ``"module."`` prefix removed."""
+    """Tensors from a safetensors file or a torch file (``weights_only``), told apart by their
+    bytes, with a top-level ``"state_dict"`` / ``"model"`` entry unwrapped and a DDP ``"module."``
+    prefix removed. Errors name the file and what was expected."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path={path!r}: no such checkpoint file")
-    if path.endswith(".safetensors"):
+    kind = file_format(path)
+    if kind == "safetensors":
         from safetensors.torch import load_file
-        state = load_file(path, device="cpu")
+        try:
+            state = load_file(path, device="cpu")
+        except Exception as error:  # safetensors raises its own SafetensorError and others
+            raise ValueError(f"{path}: a safetensors file that cannot be read (truncated or corrupt?): "
+                             f"{type(error).__name__}: {error}") from None
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with open(path, "rb") as file:  # a file object: torch.load must not go by the name either
+                state = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"{path}: a torch file holding more than tensors, which weights_only=True "
+                             f"refuses (a whole pickled model or objects of other classes?); recvit reads "
+                             f"state dicts only: save model.state_dict() instead"
+                             f"{_unsupported_global(error)}") from None
+        except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, ... for bad files
+            raise ValueError(f"{path}: a torch file that cannot be read (truncated or corrupt?): "
+                             f"{type(error).__name__}: {error}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
@@ -182,31 +259,127 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
     return dict(state)
 
 
+def file_format(path: Union[str, os.PathLike]) -> str:
+    """'safetensors' or 'torch' from the file's first bytes (never its name); ValueError naming the
+    file otherwise. safetensors: an 8-byte little-endian header length (at most 100 MB), then a
+    JSON header; torch:
+    a zip archive (``torch.save``'s default) or a legacy pickle (protocol byte 0x80)."""
+    path = os.fspath(path)
+    with open(path, "rb") as file:
+        head = file.read(9)
+    size = os.path.getsize(path)
+    # safetensors caps its header at 100 MB; a truncated file still starts like one (its reader says why).
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= 100_000_000:
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "torch"
+    raise ValueError(f"{path}: not a checkpoint file recvit can read: expected safetensors (an 8-byte header "
+                     f"length, then a JSON header) or a torch file (a zip archive or a pickle), but the file "
+                     f"({size} bytes) starts with {head[:8]!r}")
+
+
 def load_checkpoint(model: nn.Module, path_or_state_dict, source: str = "auto",
-                    layers: Sequence[int] = DEFAULT_LAYERS, keep: Sequence[str] = ()) -> ConvertedCheckpoint:
+                    layers: Optional[Sequence[int]] = None, keep: Sequence[str] = ()) -> ConvertedCheckpoint:
     """Convert (see :func:`convert_state_dict`), check every key and shape, then copy into ``model``.
 
-    ``path_or_state_dict``: a ``.safetensors`` / torch file path or a state dict. Returns the
-    :class:`ConvertedCheckpoint` (its ``missing`` lists what kept its initialisation).
+    ``path_or_state_dict``: a safetensors / torch file path (the format is read from the file's
+    bytes) or a state dict. Returns the :class:`ConvertedCheckpoint` (its ``missing`` lists what
+    kept its initialisation).
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
-        state = read_state_dict(path_or_state_dict)
+        path = os.fspath(path_or_state_dict)
+        state = read_state_dict(path)
+        try:
+            converted = convert_state_dict(state, model, source, layers, keep)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     elif isinstance(path_or_state_dict, Mapping):
-        state = path_or_state_dict
+        converted = convert_state_dict(path_or_state_dict, model, source, layers, keep)
     else:
         raise TypeError(f"path_or_state_dict: expected a file path or a state dict, got "
                         f"{type(path_or_state_dict).__name__}")
-    converted = convert_state_dict(state, model, source, layers, keep)
     result = model.load_state_dict(converted.state_dict, strict=False)
     assert not result.unexpected_keys and sorted(result.missing_keys) == sorted(converted.missing)
     return converted
 
 
 def save_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Write ``model.state_dict()`` to ``path`` as safetensors (loads back with ``source="recvit"``)."""
-    from safetensors.torch import save_file
+    """Write ``model.state_dict()`` to ``path``: safetensors for ``.safetensors``, ``torch.save``
+    for ``.pt`` / ``.pth`` / ``.bin``; any other extension is refused. :func:`load_checkpoint`
+    reads either back (``source="recvit"``, detected)."""
+    path = os.fspath(path)
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in SAFETENSORS_EXTENSIONS + TORCH_EXTENSIONS:
+        raise ValueError(f"path={path!r}: expected the extension .safetensors (safetensors) or one of "
+                         f"{', '.join(TORCH_EXTENSIONS)} (torch.save), got {extension or 'none'!r}")
     tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
-    save_file(tensors, os.fspath(path), metadata={"format": "pt", "source": "recvit"})
+    if extension in SAFETENSORS_EXTENSIONS:
+        from safetensors.torch import save_file
+        save_file(tensors, path, metadata={"format": "pt", "source": "recvit"})
+    else:
+        torch.save(tensors, path)
+
+
+def from_pretrained(path: Union[str, os.PathLike], kv: str = "all", backend: Optional[str] = None) -> nn.Module:
+    """Build the Edge-RecViT of a public Edge-RecViT checkpoint directory and load its weights.
+
+    ``path``: the directory the public code's ``save_pretrained`` writes: ``config.json`` (its
+    ``MoRViTConfig``: hidden size, heads, layers = L, image and patch size, labels, layer_norm_eps)
+    and ``model.safetensors`` or ``pytorch_model.bin``. The model gets the public code's
+    three-layer ranker (``ranker="public_3layer"``), LayerNorm eps from the config and
+    ``kv="all"``, which is what the public forward computes: every token is a key at every step.
+    The result is the public code's evaluation path (``training=False``: argmax depths, no
+    sampling, no Gumbel noise), returned in eval mode.
+    """
+    from .edge_recvit import EdgeRecViT
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"path={path!r}: expected a directory with config.json and model.safetensors "
+                                f"(or pytorch_model.bin)")
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as file:
+            config = json.load(file)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{config_path}: no such file; from_pretrained needs the public code's "
+                                f"config.json beside the weights") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path}: not a JSON file: {error}") from None
+    if not isinstance(config, dict) or config.get("model_type") != "mor_vit":
+        kind = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_path}: model_type {kind!r}: expected 'mor_vit' (the public Edge-RecViT "
+                         f"code's config)")
+    config = {**_PUBLIC_CONFIG, **config}
+    if config["hidden_act"] != "gelu":
+        raise ValueError(f"{config_path}: hidden_act {config['hidden_act']!r}: only 'gelu' is supported (the "
+                         f"public code uses ReLU for anything else)")
+    if not config["use_abs_pos_emb"]:
+        raise ValueError(f"{config_path}: use_abs_pos_emb false: a model without position embeddings is not "
+                         f"supported")
+    if "num_labels" in config:
+        num_classes = config["num_labels"]
+    else:  # transformers' PretrainedConfig: num_labels = len(id2label), 2 without one
+        num_classes = len(config["id2label"]) if config.get("id2label") else 2
+    dim, hidden = config["hidden_size"], config["intermediate_size"]
+    try:
+        model = EdgeRecViT(img_size=config["image_size"], patch_size=config["patch_size"],
+                           in_chans=config["num_channels"], num_classes=num_classes, embed_dim=dim,
+                           num_heads=config["num_attention_heads"], mlp_ratio=hidden / dim,
+                           num_steps=config["num_hidden_layers"], qkv_bias=config["qkv_bias"],
+                           eps=config["layer_norm_eps"], kv=kv, backend=backend, ranker="public_3layer")
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{config_path}: cannot build the model it describes: {error}") from None
+    if model.recursion.head_layer.mlp.fc1.out_features != hidden:
+        raise ValueError(f"{config_path}: intermediate_size {hidden} with hidden_size {dim}: the MLP width this "
+                         f"package builds from mlp_ratio = {hidden}/{dim} rounds to "
+                         f"{model.recursion.head_layer.mlp.fc1.out_features}; not supported")
+    candidates = [os.path.join(path, name) for name in ("model.safetensors", "pytorch_model.bin")]
+    weights = next((name for name in candidates if os.path.isfile(name)), None)
+    if weights is None:
+        raise FileNotFoundError(f"path={path!r}: no weights: expected {' or '.join(candidates)}")
+    load_checkpoint(model, weights, source="public")
+    return model.eval()
 
 
 def _check_state_dict(state_dict) -> None:
@@ -261,6 +434,83 @@ def _source_names(target: str, layers, source, state_dict) -> list:
     if module == "attn.qkv":
         return [f"{layer}attention.attention.{name}.{param}" for name in _HF_QKV]
     return [f"{layer}{_HF_IN_BLOCK.get(module, module)}.{param}"]
+
+
+def _unsupported_global(error: Exception) -> str:
+    """torch's 'Unsupported global: GLOBAL module.Class' line of a weights_only refusal, if any."""
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    return f" (it holds a {match.group(1)})" if match else ""
+
+
+def _check_public_ranker(model: nn.Module) -> None:
+    from .edge_recvit import ThreeLayerRanker
+
+    if not isinstance(getattr(model, "ranker", None), ThreeLayerRanker):
+        raise ValueError(f"state_dict: a checkpoint of the public Edge-RecViT code, whose router has three "
+                         f"layers: it loads into an EdgeRecViT built with ranker='public_3layer' (this is "
+                         f"{type(model).__name__} with {type(getattr(model, 'ranker', None)).__name__}); "
+                         f"recvit.from_pretrained(directory) builds it from the checkpoint's config.json")
+
+
+def _public_source_names(target: str, state_dict) -> list:
+    """The public-code key(s) that hold model key ``target`` (three for the split q/k/v)."""
+    prefix = "mor_vit." if any(key.startswith("mor_vit.") for key in state_dict) else ""
+    if target in _HF_CLASSIFIER:
+        return [_HF_CLASSIFIER[target]]
+    if not target.startswith("recursion."):
+        return [prefix + _PUBLIC_TOP.get(target, target)]
+    role, rest = target[len("recursion."):].split(".", 1)
+    block = f"{prefix}block_{role.removesuffix('_layer')}."
+    module, param = rest.rsplit(".", 1)
+    if module == "attn.qkv":
+        return [f"{block}attention.{name}.{param}" for name in _HF_QKV]
+    return [f"{block}{_PUBLIC_IN_BLOCK.get(module, module)}.{param}"]
+
+
+def _fit_hint(state_dict, source: str, names: dict, model: nn.Module) -> str:
+    """'its shapes fit <model>, ...' from the checkpoint's width, tokens, classes and depth count."""
+    from .factory import create_model, list_models
+
+    def shape(target, dim):
+        sources = names.get(target) or [None]
+        value = state_dict.get(sources[0])
+        return value.shape[dim] if isinstance(value, torch.Tensor) and value.dim() > dim else None
+
+    width, tokens, classes = shape("cls_token", 2), shape("pos_embed", 1), shape("head.weight", 0)
+    patch = shape("patch_embed.proj.weight", 3)
+    if width is None:
+        return ""
+    found = {"embed_dim": width}
+    if tokens and patch and round((tokens - 1) ** 0.5) ** 2 == tokens - 1:
+        found["img_size"] = round((tokens - 1) ** 0.5) * patch
+    if patch:
+        found["patch_size"] = patch
+    if classes:
+        found["num_classes"] = classes
+    fits = []
+    for name in list_models():
+        try:
+            with torch.device("meta"):
+                candidate = create_model(name)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            continue  # a model that cannot be built without memory is left out of the hint
+        if getattr(candidate, "embed_dim", None) != width:
+            continue
+        if source == "recvit" and set(candidate.state_dict()) != set(state_dict):
+            continue
+        if source == "public" and not hasattr(candidate, "ranker"):
+            continue  # the public code's model is an Edge-RecViT
+        changed = {key: value for key, value in found.items() if key != "embed_dim" and (
+            getattr(candidate, key, None) if key == "num_classes" else getattr(candidate.patch_embed, key)) != value}
+        if source == "public":
+            changed["ranker"] = "public_3layer"
+        args = "".join(f", {key}={value!r}" for key, value in changed.items())
+        fits.append(f"create_model({name!r}{args})")
+    what = ", ".join(f"{key} {value}" for key, value in found.items())
+    if not fits:
+        return f"The checkpoint's shapes ({what}) fit none of the registered models ({', '.join(list_models())})."
+    return (f"The checkpoint's shapes ({what}) fit {' or '.join(fits)}; this model has embed_dim "
+            f"{getattr(model, 'embed_dim', '?')}.")
 
 
 def _join(names) -> str:

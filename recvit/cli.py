@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -16,6 +17,7 @@ SCALES = ("edge_recvit_tiny", "edge_recvit_small", "edge_recvit_base")
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recvit", description="Recursive ViTs with token-level dynamic depth (Edge-RecViT, MoR-ViT).")
+    parser.add_argument("--version", action="version", version=f"recvit {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = commands.add_parser("info", help="versions, device and which backends can run here (and why not)")
@@ -49,7 +51,9 @@ def _build_parser() -> argparse.ArgumentParser:
     depthmap.add_argument("-o", "--output", required=True, help="output figure (e.g. out.png)")
     depthmap.add_argument("--model", default="edge_recvit_base", help="model name (default: %(default)s)")
     depthmap.add_argument("--checkpoint", default=None,
-                          help="weights to load (default: random initialisation, whose depths mean nothing)")
+                          help="weights to load (a file, or a public Edge-RecViT checkpoint directory with "
+                          "config.json, which also sets the model; default: random initialisation, whose "
+                          "depths mean nothing)")
     depthmap.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
 
     commands.add_parser("bench", add_help=False,
@@ -70,6 +74,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _quiet_broken_pipe(run):
+    """``recvit info | head``: when the reader closes the pipe, stop without a traceback."""
+    @functools.wraps(run)
+    def wrapper(*args, **kwargs):
+        try:
+            status = run(*args, **kwargs)
+            sys.stdout.flush()  # a block-buffered pipe fails here, not at exit
+            return status
+        except BrokenPipeError:
+            # Python's documented way: point stdout at devnull so the exit flush does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+    return wrapper
+
+
+@_quiet_broken_pipe
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
@@ -124,17 +150,24 @@ def _info(args, sub) -> int:
     print(f"torch   {torch.__version__}")
     print(f"triton  {triton_version}")
     print(f"device  {device}")
+    status = 0
     if os.environ.get("RECVIT_BACKEND"):
-        print(f"RECVIT_BACKEND={os.environ['RECVIT_BACKEND']}")
+        try:
+            chosen = f"-> {rk.resolve_backend(None)}"
+        except ValueError as error:
+            chosen, status = f"INVALID, every forward will refuse it: {error}", 1
+        print(f"RECVIT_BACKEND={os.environ['RECVIT_BACKEND']} {chosen}")
     print("backends:")
     for name, reason in rk.available_backends().items():
         print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
-    return 0
+    return status
 
 
 def _flops(args, sub) -> int:
     from .flops import check_alpha_sums, expert_choice_flops, full_depth_flops, profile_flops
 
+    if args.beta is not None:
+        _require_beta(sub, args.model)
     overrides = {key: value for key, value in (("img_size", args.img_size), ("beta", args.beta))
                  if value is not None}
     model = _model(sub, args.model, **overrides)
@@ -207,6 +240,21 @@ def _flops(args, sub) -> int:
     return 0
 
 
+def _require_beta(sub, name: str) -> None:
+    """--beta only for a model with a beta (MoR-ViT's expert choice), checked on a meta-device build."""
+    import torch
+
+    from .factory import create_model, list_models
+
+    if name not in list_models():
+        return  # _model reports the unknown name
+    with torch.device("meta"):
+        probe = create_model(name)
+    if not hasattr(probe, "beta"):
+        sub.error(f"argument --beta: {name!r} has no beta: --beta sets MoR-ViT's expert choice (mor_vit_*); an "
+                  f"Edge-RecViT's depths come from its ranker (its profile: --alpha-sums or --full-depth)")
+
+
 def _params(args, sub) -> int:
     from .flops import PARAMS_CONVENTION, count_params
 
@@ -235,27 +283,49 @@ def _depthmap(args, sub) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         sub.error(f"argument -o/--output: directory does not exist: {out_dir}")
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        sub.error(f"argument --checkpoint: no such file: {args.checkpoint}")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(args.output)[1].lower().lstrip(".")
+    if extension not in formats:
+        given = f"'.{extension}'" if extension else "(no extension)"
+        sub.error(f"argument -o/--output: unknown figure format {given}: expected one of "
+                  f"{', '.join('.' + name for name in sorted(formats))}")
+    public = args.checkpoint is not None and os.path.isdir(args.checkpoint)
+    if args.checkpoint is not None and not (public or os.path.isfile(args.checkpoint)):
+        sub.error(f"argument --checkpoint: no such file or directory: {args.checkpoint}")
     torch.manual_seed(args.seed)
-    model = _model(sub, args.model).eval()
+    if public:  # a public Edge-RecViT checkpoint directory: config.json + weights
+        from .checkpoint import from_pretrained
+
+        try:
+            model = from_pretrained(args.checkpoint)
+        except (OSError, ValueError) as error:
+            sub.error(f"argument --checkpoint: {error}")
+        args.model = "public Edge-RecViT"
+    else:
+        model = _model(sub, args.model).eval()
     if not (hasattr(model, "ranker") or hasattr(model, "router")):
         sub.error(f"argument --model: {args.model!r} has no depth ranker or router to draw")
     decides = "ranker" if hasattr(model, "ranker") else "router"
-    if args.checkpoint is not None:
+    if args.checkpoint is not None and not public:
         from .checkpoint import load_checkpoint, no_source_prefixes
 
         try:
             loaded = load_checkpoint(model, args.checkpoint)
-        except Exception as error:  # unreadable or mismatched file: torch, safetensors and ours differ
-            sub.error(f"argument --checkpoint: {type(error).__name__}: {error}")
+        except ValueError as error:  # unreadable or mismatched: the message names the file and why
+            sub.error(f"argument --checkpoint: {error}")
         if any(key.startswith(no_source_prefixes(model)) for key in loaded.missing):
             print(f"note: the checkpoint has no {decides} weights, so the {decides} keeps its random "
                   "initialisation")
     try:
-        shown, pixels = load_image(args.image, model.patch_embed.img_size)
+        shown, pixels, (height, width) = load_image(args.image, model.patch_embed.img_size)
     except ValueError as error:
         sub.error(f"argument image: {str(error).removeprefix('image: ')}")
+    if height != width:
+        side = min(height, width)
+        print(f"note: the {width}x{height} image was centre-cropped to {side}x{side} (as for evaluation), "
+              f"then resized to {model.patch_embed.img_size}x{model.patch_embed.img_size}")
     if decides == "ranker":
         depths = depth_heatmap(model, pixels)[0]
     else:  # MoR-ViT: the depths its routing gives in the forward

@@ -4,6 +4,7 @@ beside it (the figures of the Edge-RecViT papers). Plotting needs matplotlib (``
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,11 +24,18 @@ def require_matplotlib() -> None:
                           "(or pip install matplotlib)") from error
 
 
-def load_image(path: str, img_size: int) -> tuple[np.ndarray, torch.Tensor]:
-    """Read an image file (PNG, or any format Pillow reads) and resize it to ``img_size``.
+class LoadedImage(NamedTuple):
+    """shown: (S, S, 3) float in [0, 1] for display; pixels: (1, 3, S, S) model input (ImageNet
+    mean/std); size: (height, width) of the file before the centre crop."""
 
-    Returns the resized image (img_size, img_size, 3) float in [0, 1] for display, and the model
-    input (1, 3, img_size, img_size) normalised with the ImageNet mean and std.
+    shown: np.ndarray
+    pixels: torch.Tensor
+    size: tuple
+
+
+def load_image(path: str, img_size: int) -> LoadedImage:
+    """Read an image file (PNG, or any format Pillow reads), centre-crop it to a square (the largest
+    centred one, as evaluation transforms do; nothing is stretched) and resize it to ``img_size``.
     """
     require_matplotlib()
     import matplotlib.image
@@ -46,13 +54,17 @@ def load_image(path: str, img_size: int) -> tuple[np.ndarray, torch.Tensor]:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (3, 4):
         raise ValueError(f"image: expected a grey, RGB or RGBA image, got array shape {array.shape}")
-    pixels = torch.from_numpy(np.ascontiguousarray(array[..., :3], dtype=np.float32))
+    height, width = array.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = array[top:top + side, left:left + side, :3]
+    pixels = torch.from_numpy(np.ascontiguousarray(square, dtype=np.float32))
     pixels = pixels.permute(2, 0, 1)[None]
     resized = F.interpolate(pixels, size=(img_size, img_size), mode="bilinear", align_corners=False,
                             antialias=True).clamp(0.0, 1.0)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return resized[0].permute(1, 2, 0).numpy(), (resized - mean) / std
+    return LoadedImage(resized[0].permute(1, 2, 0).numpy(), (resized - mean) / std, (height, width))
 
 
 @torch.no_grad()
@@ -65,9 +77,11 @@ def depth_heatmap(model: nn.Module, image_tensor: torch.Tensor) -> torch.Tensor:
 
 
 def plot_depthmap(image, depths, path: str, num_steps: int = 12, title: str = "") -> None:
-    """Save a figure to ``path``: ``image`` (H, W, 3) in [0, 1] (or a (3, H, W) tensor), the same
-    under a translucent heatmap of ``depths`` (grid, grid) in 1..L with a colour bar, and a
-    histogram of the depths.
+    """Save a figure to ``path``: ``image`` (H, W, 3) in [0, 1] (or a (3, H, W) tensor); the depth
+    of every patch (``depths`` (grid, grid) in 1..L) drawn opaque, one colour per depth with its
+    number, beside the colour bar, so a colour reads as exactly one depth; the same colours over a
+    grayscale copy of the image (a colour image under a translucent map would shift the colours);
+    and a histogram of the depths.
     """
     require_matplotlib()
     import matplotlib
@@ -85,19 +99,29 @@ def plot_depthmap(image, depths, path: str, num_steps: int = 12, title: str = ""
 
     cmap = matplotlib.colormaps["jet"].resampled(num_steps)  # one colour per depth, deep = red
     height, width = image.shape[:2]
-    figure = Figure(figsize=(14.5, 4.6), layout="constrained")
-    image_axes, map_axes, hist_axes = figure.subplots(1, 3, width_ratios=(1, 1.15, 1.1))
+    extent = (0, width, height, 0)
+    style = dict(cmap=cmap, vmin=0.5, vmax=num_steps + 0.5, interpolation="nearest", extent=extent)
+    figure = Figure(figsize=(19, 4.6), layout="constrained")
+    image_axes, map_axes, over_axes, hist_axes = figure.subplots(1, 4, width_ratios=(1, 1.15, 1, 1.1))
     image_axes.imshow(image)
-    image_axes.set_axis_off()
     image_axes.set_title("image")
-    map_axes.imshow(image)
-    heat = map_axes.imshow(depths, cmap=cmap, vmin=0.5, vmax=num_steps + 0.5, alpha=0.55,
-                           interpolation="nearest", extent=(0, width, height, 0))
-    map_axes.set_axis_off()
+    heat = map_axes.imshow(depths, **style)
     map_axes.set_title("depth per patch")
+    rows, cols = depths.shape
+    if max(rows, cols) <= 32:  # the number in each patch, black or white for contrast
+        for (row, col), depth in np.ndenumerate(depths):
+            shade = np.asarray(cmap((depth - 0.5) / num_steps)[:3]) @ (0.299, 0.587, 0.114)
+            map_axes.text((col + 0.5) * width / cols, (row + 0.5) * height / rows, str(int(depth)),
+                          ha="center", va="center", fontsize=6 if max(rows, cols) > 16 else 8,
+                          color="black" if shade > 0.5 else "white")
     colorbar = figure.colorbar(heat, ax=map_axes, ticks=range(1, num_steps + 1), fraction=0.046)
     colorbar.set_label("depth (recursion steps)")
-    colorbar.solids.set_alpha(1.0)
+    gray = image @ np.array([0.299, 0.587, 0.114])
+    over_axes.imshow(gray, cmap="gray", vmin=0, vmax=1)
+    over_axes.imshow(depths, alpha=0.5, **style)
+    over_axes.set_title("depth over the image (grayscale)")
+    for axes in (image_axes, map_axes, over_axes):
+        axes.set_axis_off()
 
     levels = np.arange(1, num_steps + 1)
     counts = np.array([(depths == level).sum() for level in levels])

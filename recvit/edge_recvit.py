@@ -1,5 +1,9 @@
-"""Edge-RecViT: patch embedding + [CLS] + learned positions -> EARR ranker (per-token depth) ->
+"""Edge-RecViT: patch embedding + [CLS] + learned positions -> ranker (per-token depth) ->
 recursive block (head, shared x (L-2), tail) -> final norm -> classifier on [CLS].
+
+Two rankers (``EdgeRecViT(ranker=...)``): ``"earr"`` (default), the paper's EARR with two bias-free
+linears; ``"public_3layer"``, the router of the public Edge-RecViT code (RicardoLee510520/Edge-RecViT),
+three bias-free linears, which its checkpoints need (:func:`recvit.from_pretrained`).
 """
 from __future__ import annotations
 
@@ -34,8 +38,17 @@ class RecViTOutput:
     features: torch.Tensor
 
 
+def _rank(logits: torch.Tensor):
+    """Depth logits (B, N, L) -> (logits, softmax probabilities, depth = argmax + 1, confidence =
+    the chosen depth's probability); the argmax is taken on the logits, as the public code does."""
+    probs = logits.float().softmax(-1)
+    index = logits.argmax(-1)
+    return logits, probs, index + 1, probs.gather(-1, index[..., None])[..., 0]
+
+
 class EdgeAwareRanker(nn.Module):
-    """EARR: Linear C->2C, GELU, Linear 2C->L, both without bias; softmax over the L depths."""
+    """EARR (the paper's ranker): Linear C->2C, GELU, Linear 2C->L, both without bias; softmax over
+    the L depths."""
 
     def __init__(self, dim: int, num_steps: int):
         super().__init__()
@@ -45,24 +58,45 @@ class EdgeAwareRanker(nn.Module):
 
     def forward(self, tokens: torch.Tensor):
         """(B, N, C) -> logits (B, N, L), probabilities, depth = argmax + 1, confidence = max prob."""
-        logits = self.fc2(self.act(self.fc1(tokens)))
-        probs = logits.float().softmax(-1)
-        confidence, index = probs.max(-1)
-        return logits, probs, index + 1, confidence
+        return _rank(self.fc2(self.act(self.fc1(tokens))))
+
+
+class ThreeLayerRanker(nn.Module):
+    """The public Edge-RecViT code's router (its ``TokenChoiceRouter``): Linear C->2C, GELU,
+    Linear 2C->2C, ReLU, Linear 2C->L, all without bias. Its evaluation path (``training=False``)
+    takes depth = argmax + 1 with no sampling and no Gumbel noise, which is what this computes."""
+
+    def __init__(self, dim: int, num_steps: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * dim, bias=False)
+        self.act1 = nn.GELU()
+        self.fc2 = nn.Linear(2 * dim, 2 * dim, bias=False)
+        self.act2 = nn.ReLU()
+        self.fc3 = nn.Linear(2 * dim, num_steps, bias=False)
+
+    def forward(self, tokens: torch.Tensor):
+        """(B, N, C) -> logits (B, N, L), probabilities, depth = argmax + 1, confidence = max prob."""
+        return _rank(self.fc3(self.act2(self.fc2(self.act1(self.fc1(tokens))))))
+
+
+RANKERS = {"earr": EdgeAwareRanker, "public_3layer": ThreeLayerRanker}
 
 
 class EdgeRecViT(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 768, num_heads: int = 12,
                  mlp_ratio: float = 4.0, num_steps: int = 12, qkv_bias: bool = True, eps: float = 1e-6,
-                 kv: str = "active", backend: Optional[str] = None):
+                 kv: str = "active", backend: Optional[str] = None, ranker: str = "earr"):
         super().__init__()
+        if ranker not in RANKERS:
+            raise ValueError(f"ranker={ranker!r}: expected one of {tuple(RANKERS)} ('earr': the paper's "
+                             f"two-layer ranker; 'public_3layer': the public code's three-layer router)")
         self.num_steps, self.num_classes, self.embed_dim = num_steps, num_classes, embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_tokens = self.patch_embed.num_patches + 1
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
-        self.ranker = EdgeAwareRanker(embed_dim, num_steps)
+        self.ranker = RANKERS[ranker](embed_dim, num_steps)
         self.recursion = RecursiveBlock(embed_dim, num_heads, num_steps, mlp_ratio, qkv_bias, eps, kv,
                                         backend)
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
@@ -81,17 +115,18 @@ class EdgeRecViT(nn.Module):
                 return_aux: bool = False, kv: Optional[str] = None, backend: Optional[str] = None):
         """Logits (B, classes), or a :class:`RecViTOutput` with ``return_aux=True``.
 
-        ``depths`` (B, N) in 1..L, [CLS] included, overrides the ranker's depths (used as given).
-        ``kv`` and ``backend`` override the model's settings for this call.
+        ``depths`` (B, N) in 1..L, [CLS] included, overrides the ranker's depths; [CLS] (column
+        0) is forced to L there too, as for the ranker's depths (the classifier reads it after the
+        tail step). ``kv`` and ``backend`` override the model's settings for this call.
         """
         tokens = self.embed(images)
         depth_logits, depth_probs, ranked, confidence = self.ranker(tokens)
         if depths is None:
             depths = ranked.clone()
-            depths[:, 0] = self.num_steps  # [CLS] always runs every step
         else:
             self._check_depth_override(depths, tokens)
-            depths = depths.to(torch.int64)
+            depths = depths.to(torch.int64, copy=True)
+        depths[:, 0] = self.num_steps  # [CLS] always runs every step
         states = self.recursion(tokens, depths, kv=kv and check_kv(kv), backend=backend)
         features = self.norm(states)
         logits = self.head(features[:, 0])

@@ -6,7 +6,8 @@ papers), N_l the active tokens of an image at step l and N0 = P + 1 the tokens o
 (P patches and [CLS]):
 
 - patch embedding: 2 * P * in_chans * p^2 * C               (eq. 11)
-- ranker (EARR):   2 * N0 * (C * 2C + 2C * L)               (eq. 12)
+- ranker (EARR):   2 * N0 * (C * 2C + 2C * L)               (eq. 12); the public code's
+  three-layer ranker: 2 * N0 * (C * 2C + 2C * 2C + 2C * L)
 - MoR-ViT router (the ``ranker`` field; one row of ``Linear(C, L)`` per step and token scored):
   token choice scores every token once with all L rows: 2 * N0 * C * L; expert choice scores at
   step 1 every token and at step l >= 2 the N_{l-1} tokens that ran step l-1:
@@ -72,7 +73,7 @@ class _Dims:
     hidden: int        # H, the MLP hidden width
     num_steps: int     # L
     router: str        # "earr" (Edge-RecViT), or MoR-ViT's "expert_choice" / "token_choice"
-    ranker_hidden: int  # EARR's hidden width (2C in the paper); 0 for MoR-ViT
+    ranker_macs: int   # MACs per token of the ranker's linears (EARR: C*2C + 2C*L); 0 for MoR-ViT
     kv: str
 
 
@@ -88,7 +89,8 @@ def _dims(model: nn.Module) -> _Dims:
                  in_chans=proj.in_channels, patch_size=proj.kernel_size[0], dim=proj.out_channels,
                  hidden=recursion.head_layer.mlp.fc1.out_features, num_steps=recursion.num_steps,
                  router="earr" if earr else model.routing,
-                 ranker_hidden=model.ranker.fc1.out_features if earr else 0, kv=recursion.kv)
+                 ranker_macs=sum(m.in_features * m.out_features for m in model.ranker.modules()
+                                 if isinstance(m, nn.Linear)) if earr else 0, kv=recursion.kv)
 
 
 def _patch_flops(d: _Dims) -> float:
@@ -99,8 +101,8 @@ def _patch_flops(d: _Dims) -> float:
 def _router_flops(d: _Dims, active: Optional[torch.Tensor]) -> float:
     """Ranker / router FLOPs per image (module docstring); ``active`` (B, L) N_l per image, needed
     for expert choice only (its mean over the images)."""
-    if d.router == "earr":  # eq. 12
-        return 2.0 * d.tokens * (d.dim * d.ranker_hidden + d.ranker_hidden * d.num_steps)
+    if d.router == "earr":  # eq. 12 (the public code's three-layer ranker: one more 2C x 2C linear)
+        return 2.0 * d.tokens * d.ranker_macs
     if d.router == "token_choice":
         return 2.0 * d.tokens * d.dim * d.num_steps
     scored = d.tokens + active[:, :-1].sum(1)  # N0 at step 1, N_{l-1} at step l >= 2

@@ -44,8 +44,16 @@ class PatchEmbed(nn.Module):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"images: expected shape (batch, {expected[0]}, {expected[1]}, "
                              f"{expected[2]}), got {shape}")
+        if images.shape[0] == 0:
+            raise ValueError(f"images: expected at least one image, got an empty batch {tuple(images.shape)}")
         if not images.dtype.is_floating_point:
             raise ValueError(f"images: expected a floating dtype, got {images.dtype}")
+        weight = self.proj.weight
+        if images.dtype != weight.dtype and not torch.is_autocast_enabled(images.device.type):
+            raise ValueError(f"images: dtype {images.dtype} differs from the model's {weight.dtype}: convert "
+                             f"the images (images.to({weight.dtype})) or the model (model.to({images.dtype}))")
+        if images.device != weight.device:
+            raise ValueError(f"images: on {images.device}, the model on {weight.device}: move one of them")
         return self.proj(images).flatten(2).transpose(1, 2)
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .edge_recvit import RecViTOutput
+
 
 def stb_loss(depth_logits: torch.Tensor) -> torch.Tensor:
     """(B, N, L) patch-token depth logits -> squared log-sum-exp, averaged."""
@@ -55,6 +57,13 @@ class EdgeRecViTLoss(nn.Module):
         self.lambda_stb, self.lambda_du, self.label_smoothing = lambda_stb, lambda_du, label_smoothing
 
     def forward(self, output, target: torch.Tensor) -> EdgeRecViTLosses:
+        from .mor_vit import MoRViTOutput
+
+        if not isinstance(output, RecViTOutput):
+            raise TypeError(f"output: expected the RecViTOutput of model(images, return_aux=True) (the loss "
+                            f"needs the depths and the ranker's probabilities), got {type(output).__name__}")
+        if isinstance(output, MoRViTOutput):
+            raise TypeError("output: a MoRViTOutput: MoR-ViT's objective is recvit.MoRViTLoss")
         cce = cce_loss(output.logits, output.confidence[:, 1:], target, self.label_smoothing)
         stb = stb_loss(output.depth_logits[:, 1:])
         du = du_loss(output.depth_probs[:, 1:], output.depths[:, 1:])

@@ -69,8 +69,12 @@ class RecursiveBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, depths: torch.Tensor, kv: Optional[str] = None,
                 backend: Optional[str] = None) -> torch.Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"x: expected shape (batch, tokens, dim), got {tuple(x.shape)}")
+        dim = self.head_layer.norm1.normalized_shape[0]
+        if x.dim() != 3 or x.shape[-1] != dim:
+            raise ValueError(f"x: expected shape (batch, tokens, {dim}) for this block's dim={dim}, got "
+                             f"{tuple(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"x: expected at least one image and one token, got shape {tuple(x.shape)}")
         if depths.shape != x.shape[:2]:
             raise ValueError(f"depths: expected shape {tuple(x.shape[:2])}, got {tuple(depths.shape)}")
         if values_checkable(depths):

@@ -350,3 +350,103 @@ def test_real_timm_deit_all_depth_L_equals_three_layer_timm_forward():
         expected = source.head(source.norm(x)[:, 0])
         got = model(images, depths=torch.full((2, model.num_tokens), 12))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("extension", [".safetensors", ".pt", ".pth", ".bin"])
+def test_save_load_round_trip_for_every_extension(tmp_path, extension):
+    source = small_model()
+    path = tmp_path / f"model{extension}"
+    save_checkpoint(source, path)
+    written = path.read_bytes()
+    assert written[:4] == b"PK\x03\x04" if extension != ".safetensors" else written[8:9] == b"{"
+    target = small_model()
+    load_checkpoint(target, path)
+    assert all(torch.equal(value, target.state_dict()[key]) for key, value in source.state_dict().items())
+
+
+def test_format_comes_from_the_bytes_not_the_name(tmp_path):
+    source = small_model()
+    save_checkpoint(source, tmp_path / "a.safetensors")
+    save_checkpoint(source, tmp_path / "b.pth")
+    (tmp_path / "a.safetensors").rename(tmp_path / "really_safetensors.pth")
+    (tmp_path / "b.pth").rename(tmp_path / "really_torch.safetensors")
+    torch.save(source.state_dict(), tmp_path / "legacy_pickle.bin", _use_new_zipfile_serialization=False)
+    for name in ("really_safetensors.pth", "really_torch.safetensors", "legacy_pickle.bin"):
+        target = small_model()
+        load_checkpoint(target, tmp_path / name)
+        assert torch.equal(target.pos_embed, source.pos_embed)
+
+
+def test_save_refuses_an_unknown_extension(tmp_path):
+    with pytest.raises(ValueError, match=r"path=.*m.ckpt.*expected the extension .safetensors .* \.pt, \.pth, \.bin"):
+        save_checkpoint(small_model(), tmp_path / "m.ckpt")
+    assert not (tmp_path / "m.ckpt").exists()
+
+
+class _NotAStateDict:
+    pass
+
+
+def _write_bad_file(tmp_path, kind):
+    path = tmp_path / f"{kind}.pth"
+    if kind == "truncated-safetensors":
+        save_checkpoint(small_model(), tmp_path / "full.safetensors")
+        path.write_bytes((tmp_path / "full.safetensors").read_bytes()[:2000])
+    elif kind == "truncated-torch":
+        save_checkpoint(small_model(), tmp_path / "full.pth")
+        path.write_bytes((tmp_path / "full.pth").read_bytes()[:2000])
+    elif kind == "text":
+        path.write_text('{"weights": [1, 2, 3]}')
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "huge-header":
+        path.write_bytes((10 ** 12).to_bytes(8, "little") + b"{}")
+    elif kind == "pickled-object":
+        torch.save({"model": _NotAStateDict()}, path)
+    elif kind == "list":
+        torch.save([torch.zeros(2)], path)
+    return path
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("truncated-safetensors", "a safetensors file that cannot be read"),
+    ("truncated-torch", "a torch file that cannot be read"),
+    ("text", r"not a checkpoint file recvit can read: expected safetensors .* or a torch file .* starts with b'\{"),
+    ("empty", r"not a checkpoint file .*\(0 bytes\)"),
+    ("huge-header", "not a checkpoint file recvit can read"),
+    ("pickled-object", r"a torch file holding more than tensors.*save model.state_dict\(\) instead.*_NotAStateDict"),
+    ("list", "expected a state dict"),
+])
+def test_corrupt_or_foreign_files_name_the_file_and_what_was_expected(tmp_path, kind, match):
+    path = _write_bad_file(tmp_path, kind)
+    model = small_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match) as error:
+        load_checkpoint(model, path)
+    assert str(path) in str(error.value)
+    assert_unchanged(model, before)
+
+
+def test_checkpoint_of_another_size_says_which_model_fits(tmp_path):
+    tiny = create_model("edge_recvit_tiny", img_size=IMG, patch_size=PATCH, num_classes=CLASSES)
+    save_checkpoint(tiny, tmp_path / "tiny.safetensors")
+    model = small_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(model, tmp_path / "tiny.safetensors")
+    message = str(error.value)
+    assert message.startswith(str(tmp_path / "tiny.safetensors"))
+    assert (f"fit create_model('edge_recvit_tiny', img_size={IMG}, patch_size={PATCH}, num_classes={CLASSES}); "
+            f"this model has embed_dim {DIM}") in message
+    assert "... and" in message and len(message.splitlines()) <= 13  # the key list is cut short
+    assert_unchanged(model, before)
+    odd = {**timm_state(), "cls_token": torch.zeros(1, 1, 40)}
+    with pytest.raises(ValueError, match="embed_dim 40.*fit none of the registered models"):
+        load_checkpoint(small_model(), odd)
+
+
+def test_layers_on_a_recvit_checkpoint_is_refused(tmp_path):
+    save_checkpoint(small_model(), tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"layers=\(3, 6, 11\): only for a timm / Hugging Face ViT"):
+        load_checkpoint(small_model(), tmp_path / "m.safetensors", layers=(3, 6, 11))
+    load_checkpoint(small_model(), tmp_path / "m.safetensors", layers=(0, 6, 11))  # the default: no effect

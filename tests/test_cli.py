@@ -88,7 +88,7 @@ def test_flops_mor_vit_beta(capsys):
     (["flops", "--model", "mor_vit_base", "--alpha-sums", "3", "2"],
      "argument --alpha-sums: 'mor_vit_base' routes by expert choice, whose depth profile is fixed"),
     (["flops", "--model", "mor_vit_base", "--beta", "1.5"], "argument --beta 1.5: cannot build 'mor_vit_base'"),
-    (["flops", "--beta", "0.3"], "argument --beta 0.3: cannot build 'edge_recvit_base'"),
+    (["flops", "--beta", "0.3"], "argument --beta: 'edge_recvit_base' has no beta: --beta sets MoR-ViT's"),
     (["flops", "--model", "nope"], "argument --model: unknown model 'nope'"),
     (["flops", "--alpha-sums", "8", "9"], "argument --alpha-sums: "),
     (["flops", "--alpha-sums", "13", "12"], "argument --alpha-sums: "),
@@ -98,6 +98,9 @@ def test_flops_mor_vit_beta(capsys):
     (["flops", "--full-depth", "--alpha-sums", "1", "1"], "not allowed with"),
     (["params", "--model", "nope"], "argument --model: unknown model"),
     (["depthmap", "missing.png", "-o", "out.png"], "argument image: no such file"),
+    (["depthmap", __file__, "-o", "out.xyz"], "argument -o/--output: unknown figure format '.xyz': expected one "
+     "of"),
+    (["depthmap", __file__, "-o", "out"], "argument -o/--output: unknown figure format (no extension)"),
     ([], "required: COMMAND"),
 ])
 def test_bad_input_exits(capsys, argv, message):
@@ -149,6 +152,69 @@ def test_depthmap_checkpoint(capsys, tmp_path):
     assert "argument --checkpoint: " in err and "expected shape" in err
     assert "argument --checkpoint: no such file" in _fails(
         capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(tmp_path / "x.pt"))
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"recvit {recvit.__version__}"
+
+
+def test_invalid_recvit_backend_is_reported_by_info(capsys, monkeypatch):
+    monkeypatch.setenv("RECVIT_BACKEND", "bogus")
+    code, out, _ = _run(capsys, "info")
+    assert code == 1 and "RECVIT_BACKEND=bogus INVALID" in out and "'auto', 'eager'" in out
+    monkeypatch.setenv("RECVIT_BACKEND", "packed")
+    code, out, _ = _run(capsys, "info")
+    assert code == 0 and "RECVIT_BACKEND=packed -> packed" in out
+
+
+def test_closed_pipe_ends_quietly():
+    """``recvit info | head -1``: the reader is gone before recvit writes; no BrokenPipeError."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "recvit", "info"], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1 and done.stderr == ""
+
+
+def test_depthmap_validates_the_output_format_before_building_the_model(capsys, tmp_path, monkeypatch):
+    import recvit.factory
+
+    monkeypatch.setattr(recvit.factory, "create_model", lambda *a, **k: pytest.fail("the model was built"))
+    image = tmp_path / "in.png"
+    image.write_bytes(b"")
+    assert "unknown figure format '.xyz'" in _fails(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.xyz"))
+
+
+def test_depthmap_says_it_centre_crops(capsys, tmp_path):
+    import matplotlib.image
+
+    image = tmp_path / "wide.png"
+    matplotlib.image.imsave(image, np.random.default_rng(0).random((40, 64, 3)))
+    code, out, _ = _run(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.svg"), "--model", "edge_recvit_tiny")
+    assert code == 0 and "the 64x40 image was centre-cropped to 40x40" in out
+    assert (tmp_path / "o.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_depthmap_of_a_public_checkpoint_directory(capsys, tmp_path):
+    import matplotlib.image
+
+    from test_public_checkpoint import IMG, write_checkpoint
+
+    write_checkpoint(tmp_path)
+    image = tmp_path / "in.png"
+    matplotlib.image.imsave(image, np.random.default_rng(0).random((IMG, IMG, 3)))
+    code, out, _ = _run(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(tmp_path))
+    assert code == 0 and "16 patches" in out and "randomly initialised" not in out
+    (tmp_path / "config.json").write_text("{}")
+    assert "argument --checkpoint: " in _fails(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"),
+                                               "--checkpoint", str(tmp_path))
 
 
 def test_bench_passes_arguments_through(monkeypatch):

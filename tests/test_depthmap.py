@@ -25,13 +25,32 @@ def test_depth_heatmap_is_the_rankers_patch_depths():
 def test_load_image_resizes_and_normalises(tmp_path):
     path = tmp_path / "grey.png"
     matplotlib.image.imsave(path, np.full((30, 50), 0.5), cmap="gray", vmin=0, vmax=1)  # RGBA on disk
-    shown, pixels = load_image(str(path), 32)
-    assert shown.shape == (32, 32, 3) and pixels.shape == (1, 3, 32, 32)
+    shown, pixels, size = load_image(str(path), 32)
+    assert shown.shape == (32, 32, 3) and pixels.shape == (1, 3, 32, 32) and size == (30, 50)
     grey = shown[0, 0, 0]
     assert abs(grey - 0.5) < 0.01
     for channel in range(3):
         expected = (grey - IMAGENET_MEAN[channel]) / IMAGENET_STD[channel]
         assert torch.allclose(pixels[0, channel], torch.tensor(expected, dtype=torch.float32), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30)])
+def test_load_image_centre_crops_a_non_square_image(tmp_path, shape):
+    """A wide (tall) image keeps its centred square: the red and blue bands at the sides are cut
+    off, never squeezed in."""
+    image = np.zeros(shape + (3,))
+    image[..., 1] = 1.0  # green
+    axis = int(np.argmax(shape))
+    band = [slice(None)] * 2
+    band[axis] = slice(0, 10)
+    image[tuple(band) + (0,)], image[tuple(band) + (1,)] = 1.0, 0.0  # red
+    band[axis] = slice(shape[axis] - 10, None)
+    image[tuple(band) + (2,)], image[tuple(band) + (1,)] = 1.0, 0.0  # blue
+    path = tmp_path / "bands.png"
+    matplotlib.image.imsave(path, image)
+    shown, _, size = load_image(str(path), 24)
+    assert size == shape
+    np.testing.assert_allclose(shown, np.broadcast_to([0.0, 1.0, 0.0], shown.shape), atol=1e-3)
 
 
 def test_plot_depthmap_writes_a_png(tmp_path):
@@ -45,8 +64,15 @@ def test_plot_depthmap_writes_a_png(tmp_path):
     path = tmp_path / "depthmap.png"
     plot_depthmap(image, torch.from_numpy(depths), str(path), num_steps=12, title="synthetic")
     picture = matplotlib.image.imread(path)
-    assert picture.ndim == 3 and picture.shape[1] > 2 * picture.shape[0]  # image, heatmap, histogram
+    assert picture.ndim == 3 and picture.shape[1] > 3 * picture.shape[0]  # image, map, overlay, histogram
     assert picture[..., :3].std() > 0.05  # something was drawn
+    # Depth colours are drawn opaque, so they appear exactly as on the colour bar over whole
+    # patches (a translucent overlay on a colour image would shift them): depth 5 fills 16 patches.
+    cmap = matplotlib.colormaps["jet"].resampled(12)
+    for depth, patches in ((5, 16), (12, 20), (2, 160)):
+        colour = np.asarray(cmap((depth - 0.5) / 12)[:3])
+        exact = (np.abs(picture[..., :3] - colour).max(-1) < 1.5 / 255).sum()
+        assert exact > patches * 200, (depth, exact)
 
 
 def test_plot_depthmap_takes_a_chw_tensor(tmp_path):

@@ -169,6 +169,9 @@ def test_loss_combination_and_ranker_gradient_through_cce():
     (torch.randn(1, 1, 32, 32), "images: expected shape"),
     (torch.randn(1, 3, 64, 64), "images: expected shape"),
     (torch.zeros(1, 3, 32, 32, dtype=torch.long), "images: expected a floating"),
+    (torch.randn(1, 3, 32, 32, dtype=torch.float64),
+     r"images: dtype torch.float64 differs from the model's torch.float32: convert the images"),
+    (torch.randn(0, 3, 32, 32), r"images: expected at least one image, got an empty batch \(0, 3, 32, 32\)"),
 ])
 def test_bad_images(images, match):
     with pytest.raises(ValueError, match=match):
@@ -193,3 +196,46 @@ def test_bad_depths_kv_backend_and_names():
         recvit.create_model("edge_recvit_huge")
     with pytest.raises(ValueError, match="num_steps"):
         recvit.RecursiveBlock(16, 2, num_steps=1)
+
+
+def test_float64_images_run_under_a_float64_model():
+    model = small_model().double()
+    assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("x,match", [
+    (torch.randn(1, 5, 100), r"x: expected shape \(batch, tokens, 16\) for this block's dim=16, got \(1, 5, 100\)"),
+    (torch.randn(0, 5, 16), r"x: expected at least one image and one token, got shape \(0, 5, 16\)"),
+])
+def test_recursive_block_bad_states(x, match):
+    block = recvit.RecursiveBlock(16, 2, num_steps=4)
+    with pytest.raises(ValueError, match=match):
+        block(x, torch.ones(x.shape[:2], dtype=torch.long))
+
+
+def test_loss_needs_the_aux_output():
+    model = small_model()
+    images, target = torch.randn(2, 3, 32, 32), torch.tensor([1, 4])
+    with pytest.raises(TypeError, match=r"output: expected the RecViTOutput of model\(images, return_aux=True\)"
+                                        r".*got Tensor"):
+        recvit.EdgeRecViTLoss()(model(images), target)
+    mor = recvit.create_model("mor_vit_tiny", **SMALL)
+    with pytest.raises(TypeError, match="MoRViTLoss"):
+        recvit.EdgeRecViTLoss()(mor(images, return_aux=True), target)
+
+
+@pytest.mark.parametrize("backend", ["eager", "packed"])
+def test_cls_is_forced_to_full_depth_in_overrides(backend):
+    """An override with [CLS] below L runs [CLS] at L, as the ranker's depths do: the result and the
+    reported depths equal those of the override with column 0 set to L."""
+    model = small_model()
+    images = torch.randn(2, 3, 32, 32)
+    depths = random_depths(2, model.num_tokens, model.num_steps)
+    depths[:, 0] = 3
+    forced = depths.clone()
+    forced[:, 0] = model.num_steps
+    with torch.no_grad():
+        got = model(images, depths=depths, return_aux=True, backend=backend)
+        expected = model(images, depths=forced, return_aux=True, backend=backend)
+    assert torch.equal(got.depths, forced) and torch.equal(got.logits, expected.logits)
+    assert int(depths[0, 0]) == 3  # the caller's tensor is not modified

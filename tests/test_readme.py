@@ -1,10 +1,12 @@
 """Every code block of the README runs as written.
 
-``python`` blocks are executed; each command of a ``bash`` block is run, or shown to run elsewhere:
-``recvit ...`` commands run here through ``recvit.cli.main`` (the console script and ``python -m
-recvit`` call the same function, see test_cli.py); the set-up and test commands must be the ones
+``python`` blocks are executed. The commands of a ``bash`` block run in order, in one temporary
+directory (a later command may use what an earlier one wrote): ``recvit ...`` commands through
+``recvit.cli.main`` (the console script and ``python -m recvit`` call the same function, see
+test_cli.py); ``python -c`` commands in a subprocess; the set-up and test commands must be the ones
 ``.ci/run`` runs; the CUDA build and the benchmark harness (minutes on a CPU; here only their entry
-points are checked) run in the GPU test.
+points are checked) run in the GPU test; ``torchrun ... -m recvit.train`` lines (templates that need
+the user's data set and GPUs) must be accepted by the training parser.
 The blocks run in a temporary directory that holds the files the README names as the user's:
 ``photo.png`` (a non-square picture) and ``public_run/`` (a public Edge-RecViT checkpoint directory).
 A block or command that fits none of these fails the test.
@@ -36,15 +38,22 @@ def blocks(language):
     return found
 
 
-def commands():
-    """Each command line of the bash blocks, comments dropped, '&&' chains split."""
+def block_commands(block):
+    """The commands of a bash block, each as its words: continuations joined, comments dropped,
+    '&&' chains split."""
     found = []
-    for param in blocks("bash"):
-        for line in param.values[0].splitlines():
-            command = " ".join(shlex.split(line, comments=True))
-            if command:
-                found.extend(part.strip() for part in re.split(r"\s&&\s", command))
+    for line in block.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        while words:
+            end = words.index("&&") if "&&" in words else len(words)
+            found.append(words[:end])
+            words = words[end + 1:]
     return found
+
+
+def commands():
+    """Every bash command of the README as one normalised line."""
+    return [" ".join(words) for param in blocks("bash") for words in block_commands(param.values[0])]
 
 
 def kind(command):
@@ -54,6 +63,10 @@ def kind(command):
         return "gpu"
     if command.startswith("recvit ") or command == "recvit":
         return "cli"
+    if command.startswith("python -c "):
+        return "python"
+    if command.startswith("torchrun "):
+        return "torchrun"
     return "ci"
 
 
@@ -90,15 +103,33 @@ def test_python_block_runs(code, user_files):
     exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
 
 
-@pytest.mark.parametrize("command", [c for c in commands() if kind(c) == "cli"])
-def test_cli_command_runs(command, user_files, capsys):
-    try:
-        code = main(shlex.split(command)[1:])
-    except SystemExit as exit_info:  # --version, or a usage error
-        code = exit_info.code
-    out = capsys.readouterr()
-    assert code == 0, out.err
-    assert out.out
+@pytest.mark.parametrize("block", [b for b in blocks("bash") if any(
+    kind(" ".join(words)) in ("cli", "python") for words in block_commands(b.values[0]))])
+def test_bash_block_runs(block, user_files, capsys):
+    for words in block_commands(block):
+        command = " ".join(words)
+        if kind(command) == "cli":
+            try:
+                code = main(words[1:])
+            except SystemExit as exit_info:  # --version, or a usage error
+                code = exit_info.code
+            out = capsys.readouterr()
+            assert code == 0, f"{command}: {out.err}"
+            assert out.out, command
+        elif kind(command) == "python":
+            done = subprocess.run([sys.executable, *words[1:]], cwd=user_files, capture_output=True, text=True)
+            assert done.returncode == 0, f"{command}: {done.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("command", [c for c in commands() if kind(c) == "torchrun"])
+def test_torchrun_templates_parse(command):
+    """The multi-GPU recipes need the user's data set: their arguments must be the trainer's."""
+    from recvit.train import _parser
+
+    argv = shlex.split(command)
+    module = argv.index("-m")
+    assert argv[module + 1] == "recvit.train", command
+    _parser().parse_args(argv[module + 2:])
 
 
 @pytest.mark.parametrize("command", [c for c in commands() if kind(c) == "ci"])

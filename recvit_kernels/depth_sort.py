@@ -10,7 +10,7 @@ Everything here is computed on the device without a host synchronisation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -42,6 +42,7 @@ class DepthLayout:
     image_lengths: torch.Tensor
     cu_seqlens: torch.Tensor
     image_order: torch.Tensor
+    _starts: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
 
     def attention_rows(self, step: int, total: int) -> torch.Tensor:
         """(total,) int64: the sorted rows active at ``step`` (1-based), image-major.
@@ -58,9 +59,12 @@ class DepthLayout:
         return self.image_order[image * self.tokens + offset]
 
     def all_rows_cu_seqlens(self) -> torch.Tensor:
-        """(B+1,) int32 segment bounds of ``image_order`` when every token is a key (kv="all")."""
-        return torch.arange(0, (self.batch + 1) * self.tokens, self.tokens,
-                            device=self.perm.device, dtype=torch.int32)
+        """(B+1,) int32 segment bounds b*N of ``image_order`` (every token of each image); built on
+        the first call and kept, so a forward builds it once for all its steps."""
+        if self._starts is None:
+            self._starts = torch.arange(0, (self.batch + 1) * self.tokens, self.tokens,
+                                        device=self.perm.device, dtype=torch.int32)
+        return self._starts
 
 
 def check_depths(depths: torch.Tensor, num_steps: int, name: str = "depths") -> None:

@@ -3,6 +3,8 @@
 Same contract as :func:`recvit_kernels.layer_norm`: normalises the last dimension of ``x``; with
 ``residual`` returns ``(layer_norm(x + residual), x + residual)``. float32, float16 and bfloat16,
 widths up to the kernel's register budget (1024); other calls are declined with the reason.
+``num_rows`` is accepted and ignored: the kernel normalises every row (the contract leaves the
+rows past it unspecified).
 """
 from __future__ import annotations
 
@@ -31,6 +33,6 @@ def _supports(x, weight, bias, eps, residual) -> Optional[str]:
 
 
 @register("layer_norm", "cuda", supports=_supports)
-def layer_norm_cuda(x, weight, bias, eps, residual):
+def layer_norm_cuda(x, weight, bias, eps, residual, num_rows=None):
     out, summed = extension().layer_norm(x, weight, bias, eps, residual)
     return out if residual is None else (out, summed)

@@ -13,8 +13,10 @@ into it in place and its other rows keep their values, which is how the sync-fre
 exited tokens' states without copying them. ``out`` is for inference: it is refused when autograd
 would need the overwritten values.
 
-The ``eager`` / ``packed`` implementation computes every row (sync-free but as costly as a full
-linear); the ``triton`` one does the GEMM work, and the stores, of the live rows only.
+The ``eager`` / ``packed`` implementation computes every row and zeroes those past M (sync-free
+but as costly as a full linear); the ``triton`` one does the GEMM work, and the stores, of the
+live rows only. Gradients treat the rows past M as constants (zero gradient), as the eager
+definition does.
 """
 from __future__ import annotations
 
@@ -73,9 +75,9 @@ def _prefix_linear_eager(x, weight, bias, num_rows, activation, residual, out=No
         result = F.gelu(result)
     if residual is not None:
         result = result + residual
-    if out is None:
-        return result
     live = torch.arange(x.shape[0], device=x.device)[:, None] < num_rows
+    if out is None:  # the rows past M, unspecified by the contract, are zero here
+        return torch.where(live, result, result.new_zeros(()))
     return out.copy_(torch.where(live, result, out))
 
 

@@ -57,7 +57,8 @@ def test_sync_free_path_equals_eager_with_ranker_depths(kv):
 
 @pytest.mark.parametrize("kv", ["active", "all"])
 def test_forward_static_is_forward_packed_on_the_live_rows(kv):
-    """The first M rows equal the packed path's prefix, the rest are zero (callers keep them)."""
+    """The first M rows equal the packed path's prefix; written in place (``out``), the rows past M
+    are left exactly as they were."""
     block = recvit.RecursiveBlock(32, 1, num_steps=4)
     layout = rk.depth_sort(random_depths(2, 17, 4), 4)
     rows = torch.randn(34, 32)
@@ -67,8 +68,11 @@ def test_forward_static_is_forward_packed_on_the_live_rows(kv):
         with torch.no_grad():
             static = layer.forward_static(rows, layout, step, kv, "triton")
             packed = layer.forward_packed(rows, layout, step, live, kv, "triton")
+            in_place = rows.clone()
+            layer.forward_static(in_place, layout, step, kv, "triton", out=in_place)
         torch.testing.assert_close(static[:live], packed, atol=1e-5, rtol=1e-5)
-        assert not static[live:].any()
+        torch.testing.assert_close(in_place[:live], packed, atol=1e-5, rtol=1e-5)
+        assert torch.equal(in_place[live:], rows[live:])
 
 
 @pytest.mark.parametrize("static_shapes", [False, True])

@@ -104,6 +104,10 @@ class _PrefixLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, bias, num_rows, residual = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        # rows past M are not computed; the eager definition's zeros there pass no gradient, and
+        # masking x keeps whatever an unwritten row of it holds out of the weight gradient
+        live = torch.arange(x.shape[0], device=x.device)[:, None] < num_rows
+        x = torch.where(live, x, x.new_zeros(()))
         grads = recompute_grads(
             lambda x, w, b, r: _prefix_linear_eager(x, w, b, num_rows, ctx.activation, r),
             (x, weight, bias, residual), (*needs[:3], needs[5]), (grad_out,))

@@ -18,8 +18,9 @@ Bytes written: an out-of-place aten op writes its outputs (``nbytes``), an in-pl
 op the tensors it mutates; a Triton kernel writes what its ``tl.store`` calls store under their
 masks (counted in the interpreter, so only with ``execute=True``).
 
-Run ``PYTHONPATH=$PWD python tests/launches.py`` for the launch counts of Edge-RecViT-Base (static
-and packed paths, both kv modes) and of the dense DeiT-B baseline of ``recvit.bench``.
+Run ``PYTHONPATH=$PWD python tests/launches.py [1x224 256x32 ...]`` (batch x image size) for the
+launch counts of Edge-RecViT-Base (static and packed paths, both kv modes) and of the dense DeiT-B
+baseline of ``recvit.bench``.
 """
 from __future__ import annotations
 
@@ -165,10 +166,22 @@ def trace_launches(execute: bool = False):
             os.environ["RECVIT_CHECK_VALUES"] = saved_env
 
 
-def base_models(dtype=torch.float16):
-    """Edge-RecViT-Base and the dense DeiT-B, eval mode, in ``dtype`` on the CPU."""
-    return (recvit.create_model("edge_recvit_base").eval().to(dtype),
-            DeiTDense().eval().to(dtype))
+def base_models(dtype=torch.float16, img_size: int = 224):
+    """Edge-RecViT-Base and the dense DeiT-B, eval mode, in ``dtype`` on the CPU.
+
+    Fp16 stands in for bf16 (the same casts; the interpreter refuses bf16). The modules are built
+    on the meta device and their weights drawn from a normal distribution, which is fast: weight
+    values do not change a launch (the ranker's depths may change, but the sync-free path reads
+    none of them on the host, and the packed path runs every step while [CLS] is active).
+    """
+    with torch.device("meta"):
+        models = (recvit.create_model("edge_recvit_base", img_size=img_size), DeiTDense(img_size))
+    with torch.no_grad():
+        for model in models:
+            model.to_empty(device="cpu")
+            for parameter in model.parameters():
+                parameter.normal_(0, 0.02)
+    return tuple(model.eval().to(dtype) for model in models)
 
 
 def count_forward(model, images, **kwargs) -> LaunchTrace:
@@ -178,10 +191,10 @@ def count_forward(model, images, **kwargs) -> LaunchTrace:
     return trace
 
 
-def launch_counts(batch: int = 1, dtype=torch.float16) -> dict:
+def launch_counts(batch: int = 1, img_size: int = 224, dtype=torch.float16) -> dict:
     """{name: LaunchTrace} for the dense DeiT-B and Edge-RecViT-Base on the triton backend."""
-    model, deit = base_models(dtype)
-    images = torch.randn(batch, 3, 224, 224, dtype=dtype)
+    model, deit = base_models(dtype, img_size)
+    images = torch.randn(batch, 3, img_size, img_size, dtype=dtype)
     traces = {"dense DeiT-B": count_forward(deit, images)}
     for static in (True, False):
         model.recursion.static_shapes = static
@@ -193,11 +206,14 @@ def launch_counts(batch: int = 1, dtype=torch.float16) -> dict:
 
 
 def main(argv) -> int:
-    batches = [int(b) for b in argv] or [1]
-    for batch in batches:
-        traces = launch_counts(batch)
+    """``launches.py [BATCH[xIMG_SIZE]] ...``, e.g. ``1x224 256x32`` (default ``1x224``)."""
+    for spec in argv or ["1x224"]:
+        batch, _, img_size = spec.partition("x")
+        batch, img_size = int(batch), int(img_size or 224)
+        traces = launch_counts(batch, img_size)
         dense = traces["dense DeiT-B"].count()
-        print(f"batch {batch}: launches per forward (aten + triton), host syncs, ratio to dense")
+        print(f"batch {batch}, {img_size} px: launches per forward (aten + triton), host syncs, "
+              f"ratio to dense")
         for name, trace in traces.items():
             print(f"  {name:18s} {trace.count():4d} = {trace.count('aten'):3d} + "
                   f"{trace.count('triton'):3d}  syncs {trace.syncs}  x{trace.count() / dense:.2f}")

@@ -130,11 +130,13 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                        options=dict(num_warps=num_warps, num_stages=num_stages))
 
     for dtype, head_dim in (("bf16", 64), ("fp16", 128), ("fp32", 32)):
-        compile(_varlen_attention_kernel, [f"*{dtype}"] * 4 + ["*i32"] * 2 + ["*i64"] * 2 + ["i64"] * 12
-                + ["fp32"], dict(HAS_Q_ROWS=True, HAS_KV_ROWS=True, HEAD_DIM=head_dim, BLOCK_M=64,
+        compile(_varlen_attention_kernel, [f"*{dtype}"] * 4 + ["*i32"] * 2 + ["*i64"] * 2 + ["*i32"] * 2
+                + ["i32"] * 2 + ["i64"] * 12 + ["fp32"],
+                dict(HAS_Q_ROWS=True, HAS_KV_ROWS=True, HAS_USED_Q=True, HAS_USED_K=True,
+                     HEAD_DIM=head_dim, BLOCK_M=64,
                                  BLOCK_N=64, PRECISION="ieee" if dtype == "fp32" else "tf32"))
-    compile(_layer_norm_kernel, ["*bf16"] * 6 + ["i32", "i32", "fp32"] + ["i64"] * 4,
-            dict(HAS_RESIDUAL=True, HAS_BIAS=True, BLOCK_ROWS=4, BLOCK_C=1024))
+    compile(_layer_norm_kernel, ["*bf16"] * 6 + ["*i64", "i32", "i32", "fp32"] + ["i64"] * 4,
+            dict(HAS_RESIDUAL=True, HAS_BIAS=True, HAS_NUM_ROWS=True, BLOCK_ROWS=4, BLOCK_C=1024))
     compile(_epilogue_kernel, ["*bf16"] * 4 + ["i32"] * 2 + ["i64"] * 3,
             dict(HAS_BIAS=True, GELU=True, HAS_RESIDUAL=True, BLOCK_ROWS=32, BLOCK_COLS=128))
     for capability in (80, 90):  # prefix_linear's GPU tiles on both architectures

@@ -42,7 +42,11 @@ class DepthLayout:
     image_lengths: torch.Tensor
     cu_seqlens: torch.Tensor
     image_order: torch.Tensor
-    _starts: Optional[torch.Tensor] = field(default=None, init=False, repr=False)
+    _starts: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._starts = torch.arange(0, (self.batch + 1) * self.tokens, self.tokens,
+                                    device=self.perm.device, dtype=torch.int32)
 
     def attention_rows(self, step: int, total: int) -> torch.Tensor:
         """(total,) int64: the sorted rows active at ``step`` (1-based), image-major.
@@ -59,11 +63,8 @@ class DepthLayout:
         return self.image_order[image * self.tokens + offset]
 
     def all_rows_cu_seqlens(self) -> torch.Tensor:
-        """(B+1,) int32 segment bounds b*N of ``image_order`` (every token of each image); built on
-        the first call and kept, so a forward builds it once for all its steps."""
-        if self._starts is None:
-            self._starts = torch.arange(0, (self.batch + 1) * self.tokens, self.tokens,
-                                        device=self.perm.device, dtype=torch.int32)
+        """(B+1,) int32 segment bounds b*N of ``image_order`` (every token of each image), built with
+        the layout: once per forward for all its steps."""
         return self._starts
 
 

@@ -53,6 +53,7 @@ class Launch:
 class LaunchTrace:
     launches: list = field(default_factory=list)
     syncs: int = 0
+    running: list = field(default_factory=list)  # the Triton launch being interpreted, if any
 
     def count(self, kind=None) -> int:
         return sum(1 for launch in self.launches if kind is None or launch.kind == kind)
@@ -87,6 +88,8 @@ class _AtenCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
+        if self.trace.running:  # the interpreter's own copies of a Triton launch's arguments
+            return out
         if name == "_local_scalar_dense":
             self.trace.syncs += 1
         elif name not in ALLOCATIONS | VIEWS_WITHOUT_ALIAS_INFO and not _is_view(func):
@@ -117,7 +120,7 @@ def trace_launches(execute: bool = False):
     from triton.runtime.interpreter import InterpreterBuilder
 
     trace = LaunchTrace()
-    current = []
+    current = trace.running
     saved_env = os.environ.get("RECVIT_CHECK_VALUES")
     os.environ["RECVIT_CHECK_VALUES"] = "0"
     patched = []

@@ -77,3 +77,27 @@ def test_static_step_bytes_with_all_keys(monkeypatch):
     per_row = (written[0] - fixed) / rows[0]
     for step, (bytes_, live) in enumerate(zip(written, rows), start=1):
         assert bytes_ == fixed + per_row * live, (step, written, rows)
+
+
+@pytest.mark.parametrize("live", [0, 1, 33, 70])
+def test_kernels_store_only_live_rows(live):
+    """Each kernel of the static path stores exactly the live rows' bytes (no zero tiles)."""
+    x, residual, weight = torch.randn(70, 24), torch.randn(70, 24), torch.randn(24, 24)
+    count = torch.tensor([live])
+    with torch.no_grad(), trace_launches(execute=True) as trace:
+        rk.layer_norm(x, weight[0], weight[1], 1e-6, residual=residual, num_rows=count, backend="triton")
+        rk.prefix_linear(x, weight, weight[2], count, "gelu", residual, backend="triton")
+    stored = [launch.bytes_written for launch in trace.launches if launch.kind == "triton"]
+    assert stored == [2 * live * 24 * 4, live * 24 * 4]
+
+    depths = torch.randint(1, 4, (3, 17))
+    layout = rk.depth_sort(depths, 3)
+    q = torch.randn(51, 2, 16)
+    with torch.no_grad(), trace_launches(execute=True) as trace:
+        for step in range(1, 4):
+            rk.varlen_attention(q, q, q, layout.all_rows_cu_seqlens(), layout.all_rows_cu_seqlens(), 17, 17,
+                                q_rows=layout.image_order, kv_rows=layout.image_order,
+                                seqused_q=layout.image_lengths[step - 1],
+                                seqused_k=layout.image_lengths[step - 1], backend="triton")
+    stored = [launch.bytes_written for launch in trace.launches if launch.kind == "triton"]
+    assert stored == [int(m) * 2 * 16 * 4 for m in layout.step_rows]

@@ -27,8 +27,8 @@ def small_model(**overrides):
 
 @pytest.mark.parametrize("kv", ["active", "all"])
 @pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize("batch,static_shapes", [(1, False), (3, False), (3, True)],
-                         ids=["batch1", "batch3", "batch3-static"])
+@pytest.mark.parametrize("batch,static_shapes", [(1, False), (1, True), (3, False), (3, True)],
+                         ids=["batch1", "batch1-static", "batch3", "batch3-static"])
 def test_triton_equals_eager(batch, static_shapes, profile, kv):
     """Packed prefix path, and the sync-free one (prefix GEMMs over all rows), vs eager."""
     model = small_model(num_steps=4)

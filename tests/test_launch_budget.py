@@ -10,6 +10,8 @@ prints the same numbers at 224 px), and small images keep the real aten work on 
 """
 import collections
 
+import torch
+
 import pytest
 
 import recvit_kernels as rk
@@ -17,7 +19,7 @@ import recvit_kernels as rk
 if rk.unavailable_reason("triton") is not None:
     pytest.skip(f"triton backend unavailable: {rk.unavailable_reason('triton')}", allow_module_level=True)
 
-from launches import launch_counts  # noqa: E402  (imports the triton backend)
+from launches import launch_counts, trace_launches  # noqa: E402  (imports the triton backend)
 
 STATIC_BUDGET, PACKED_BUDGET = 1.15, 1.3
 NUM_STEPS = 12
@@ -53,3 +55,24 @@ def test_no_aten_work_per_step(traces, path):
                                if launch.kind == "aten")
     per_step = {name for name, count in aten.items() if count >= NUM_STEPS} - per_step_allowed
     assert not per_step, aten
+
+
+def test_cuda_layer_norm_casts_weights_once():
+    """The cuda LayerNorm reads fp32 weights: a bf16 model's are cast on the first call only
+    (they were cast on every call: 48 launches per forward), and again after they change."""
+    from recvit_kernels.cuda.layer_norm import _FP32_COPIES, fp32_copy
+
+    weight = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    with trace_launches() as trace:
+        first, second = fp32_copy(weight), fp32_copy(weight)
+    assert trace.count() == 1 and second is first
+    torch.testing.assert_close(first, weight.float())
+    with torch.no_grad():
+        weight.mul_(2)
+    assert fp32_copy(weight) is not first
+    torch.testing.assert_close(fp32_copy(weight), weight.float())
+    full = torch.randn(8)
+    assert fp32_copy(full) is full and fp32_copy(None) is None
+    key = id(weight)
+    del weight
+    assert key not in _FP32_COPIES

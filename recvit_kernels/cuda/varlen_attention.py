@@ -43,11 +43,14 @@ def varlen_attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
             _compact_logged = True
             logger.info("varlen_attention: the cuda kernel takes no seqused_q/k; the glue packs the "
                         "used positions into compact tables on every call (extra launches)")
+        same = seqused_k is seqused_q and kv_rows is q_rows and cu_seqlens_k is cu_seqlens_q
         if seqused_q is not None:
             if q_rows is None:
                 q_rows = torch.arange(q.shape[0], device=q.device)
             cu_seqlens_q, q_rows = compact_segments(cu_seqlens_q, seqused_q, q_rows)
-        if seqused_k is not None:
+        if same:  # kv="active": the keys' table is the queries'
+            cu_seqlens_k, kv_rows = cu_seqlens_q, q_rows
+        elif seqused_k is not None:
             if kv_rows is None:
                 kv_rows = torch.arange(k.shape[0], device=k.device)
             cu_seqlens_k, kv_rows = compact_segments(cu_seqlens_k, seqused_k, kv_rows)

@@ -3,8 +3,8 @@
 
 ``Block.forward`` is the dense pre-norm layer on (B, N, C) with an optional key mask (the eager
 reference). ``Block.forward_packed`` runs the same layer on the active prefix of the depth-sorted
-rows through the ``recvit_kernels`` ops; ``Block.forward_static`` runs it on all rows with the
-active count kept on the device (no host sync).
+rows through the ``recvit_kernels`` ops; ``Block.forward_static`` runs it on the static B*N rows
+with the active count kept on the device (no host sync), computing the live rows only.
 """
 from __future__ import annotations
 
@@ -102,62 +102,68 @@ class Block(nn.Module):
 
     def forward_packed(self, rows: torch.Tensor, layout: rk.DepthLayout, step: int, num_rows: int,
                        kv: str = "active", backend: Optional[str] = None,
-                       max_active: Optional[int] = None) -> torch.Tensor:
+                       max_active: Optional[int] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The layer on the active prefix ``rows[:num_rows]`` of the depth-sorted (B*N, C) buffer.
 
         Returns the new (num_rows, C) prefix. With ``kv="all"`` the keys and values of every row,
         exited ones included, are computed from their frozen states. ``max_active`` bounds the
-        active tokens of any one image at this step (default: all N, a static bound).
+        active tokens of any one image at this step (default: all N, a static bound). With ``out``
+        ((num_rows, C), inference only; ``rows[:num_rows]`` itself is fine) the MLP's last
+        epilogue writes the new prefix there.
         """
-        return self._forward_rows(rows, layout, step, num_rows, kv, backend, max_active, None)
+        return self._forward_rows(rows, layout, step, num_rows, kv, backend, max_active, None, out)
 
     def forward_static(self, rows: torch.Tensor, layout: rk.DepthLayout, step: int, kv: str = "active",
-                       backend: Optional[str] = None) -> torch.Tensor:
-        """The layer on all B*N depth-sorted rows, M = ``layout.step_rows[step - 1]`` kept on the device.
+                       backend: Optional[str] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The layer on the B*N depth-sorted rows, M = ``layout.step_rows[step - 1]`` kept on the device.
 
-        Returns (B*N, C): the first M rows updated, the others zero (the caller keeps their state).
-        No host sync and static shapes (CUDA-graph capture): the GEMMs run through
-        :func:`recvit_kernels.prefix_linear`, which on the triton backend skips the row blocks past
-        M; attention reads its lengths from ``layout.cu_seqlens`` within the static bound N.
+        Returns (B*N, C) whose first M rows are the update and whose other rows are unspecified;
+        with ``out`` (inference only; ``rows`` itself is fine) the M updated rows are written into
+        ``out`` in place by the last GEMM's epilogue and ``out`` is returned, its other rows
+        untouched. No host sync and static shapes (CUDA-graph capture); on the triton backend every
+        kernel reads M (or the per-image lengths) on the device and works on the live rows only.
         """
         return self._forward_rows(rows, layout, step, rows.shape[0], kv, backend, None,
-                                  layout.step_rows[step - 1:step])
+                                  layout.step_rows[step - 1:step], out)
 
-    def _forward_rows(self, rows, layout, step, num_rows, kv, backend, max_active, live):
+    def _forward_rows(self, rows, layout, step, num_rows, kv, backend, max_active, live, out=None):
         """The layer on ``rows[:num_rows]``: plain GEMMs, or with ``live`` (a 1-element device
-        count) GEMMs that compute only the rows below it and zero the rest."""
+        count) kernels that compute, and write, only the rows below it.
+
+        Attention reads every step's rows from one table, ``layout.image_order`` with the static
+        starts b*N and the used lengths ``layout.image_lengths[step - 1]``.
+        """
         linear = F.linear if live is None else functools.partial(rk.prefix_linear, num_rows=live,
                                                                  backend=backend)
         attn, heads, head_dim = self.attn, self.attn.num_heads, self.attn.head_dim
         dim = rows.shape[1]
         prefix = rows[:num_rows]
         norm1 = (self.norm1.weight, self.norm1.bias, self.norm1.eps)
-        query_rows = layout.attention_rows(step, num_rows)
-        cu_seqlens_q = layout.cu_seqlens[step - 1]
+        starts, used = layout.all_rows_cu_seqlens(), layout.image_lengths[step - 1]
         tokens = layout.tokens
         max_active = tokens if max_active is None else max_active
         if kv == "active":
-            normed = rk.layer_norm(prefix, *norm1, backend=backend)
+            normed = rk.layer_norm(prefix, *norm1, num_rows=live, backend=backend)
             q, k, v = linear(normed, attn.qkv.weight, attn.qkv.bias).view(
                 num_rows, 3, heads, head_dim).unbind(1)
-            key_rows, cu_seqlens_k = query_rows, cu_seqlens_q
-        else:
+            used_keys, max_keys = used, max_active
+        else:  # the keys of every token, exited ones from their frozen states
             normed_all = rk.layer_norm(rows, *norm1, backend=backend)
             bias = attn.qkv.bias
             q = linear(normed_all[:num_rows], attn.qkv.weight[:dim],
                        None if bias is None else bias[:dim]).view(num_rows, heads, head_dim)
             k, v = F.linear(normed_all, attn.qkv.weight[dim:], None if bias is None else bias[dim:]).view(
                 rows.shape[0], 2, heads, head_dim).unbind(1)
-            key_rows, cu_seqlens_k = layout.image_order, layout.all_rows_cu_seqlens()
-        max_keys = max_active if kv == "active" else tokens
-        out = rk.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_active, max_keys, attn.scale,
-                                  q_rows=query_rows, kv_rows=key_rows, backend=backend)
-        projected = linear(out.reshape(num_rows, dim), attn.proj.weight, attn.proj.bias)
+            used_keys, max_keys = None, tokens
+        attended = rk.varlen_attention(q, k, v, starts, starts, max_active, max_keys, attn.scale,
+                                       q_rows=layout.image_order, kv_rows=layout.image_order,
+                                       seqused_q=used, seqused_k=used_keys, backend=backend)
+        projected = linear(attended.reshape(num_rows, dim), attn.proj.weight, attn.proj.bias)
         normed2, residual = rk.layer_norm(projected, self.norm2.weight, self.norm2.bias, self.norm2.eps,
-                                          residual=prefix, backend=backend)
+                                          residual=prefix, num_rows=live, backend=backend)
         mlp = self.mlp
         if live is None:
             return rk.mlp(normed2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
-                          residual=residual, backend=backend)
+                          residual=residual, out=out, backend=backend)
         hidden = linear(normed2, mlp.fc1.weight, mlp.fc1.bias, activation="gelu")
-        return linear(hidden, mlp.fc2.weight, mlp.fc2.bias, residual=residual)
+        return linear(hidden, mlp.fc2.weight, mlp.fc2.bias, residual=residual, out=out)

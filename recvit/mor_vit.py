@@ -252,12 +252,19 @@ class _GatedLayer:
     def __call__(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return x + self.gates[..., None] * (self.layer(x, key_mask) - x)
 
-    def forward_packed(self, rows, layout, step, num_rows, kv="active", backend=None, max_active=None):
+    def forward_packed(self, rows, layout, step, num_rows, kv="active", backend=None, max_active=None,
+                       out=None):
         updated = self.layer.forward_packed(rows, layout, step, num_rows, kv, backend, max_active)
-        return self._gated(rows[:num_rows], updated, layout)
+        gated = self._gated(rows[:num_rows], updated, layout)
+        return gated if out is None else out.copy_(gated)
 
-    def forward_static(self, rows, layout, step, kv="active", backend=None):
-        return self._gated(rows, self.layer.forward_static(rows, layout, step, kv, backend), layout)
+    def forward_static(self, rows, layout, step, kv="active", backend=None, out=None):
+        """Rows past M_l of the result are unspecified; with ``out`` the live ones are merged in."""
+        gated = self._gated(rows, self.layer.forward_static(rows, layout, step, kv, backend), layout)
+        if out is None:
+            return gated
+        live = torch.arange(rows.shape[0], device=rows.device)[:, None] < layout.step_rows[step - 1]
+        return out.copy_(torch.where(live, gated, out))
 
     def _gated(self, prefix, updated, layout):
         gates = self.gates.reshape(-1).index_select(0, layout.perm[:prefix.shape[0]])[:, None]

@@ -26,9 +26,11 @@ class RecursiveBlock(nn.Module):
     """Drop-in fast recursive block: (B, N, C) token states and (B, N) depths in 1..L -> new states.
 
     ``static_shapes = True`` makes the packed path free of host syncs (for CUDA-graph capture):
-    every step launches over all B*N rows with M_l kept on the device and only the first M_l keep
-    their update. Attention skips the inactive rows on every backend; the token-wise GEMMs
-    (``prefix_linear``) skip them on ``triton`` and cost as much as the dense model on ``packed``.
+    every step launches over a static bound of B*N rows with M_l kept on the device. On ``triton``
+    every kernel reads M_l (or the per-image lengths) there and touches the live rows only; in
+    inference the last GEMM writes the live prefix into the row buffer in place. Attention skips
+    the inactive rows on every backend; the token-wise layers cost as much as the dense model on
+    ``packed``.
     """
 
     static_shapes = False
@@ -103,22 +105,42 @@ class RecursiveBlock(nn.Module):
         # The one host sync of this path: the per-step row counts size the prefix GEMMs, the
         # longest image per step bounds the attention tiles.
         step_rows, longest = torch.stack([layout.step_rows, layout.image_lengths.amax(1).long()]).tolist()
+        records = _records_grad(self, rows)
         for step, (num_rows, max_active) in enumerate(zip(step_rows, longest), start=1):
             if num_rows == 0:
                 break
-            updated = self.layer_for_step(step).forward_packed(rows, layout, step, num_rows, kv, backend,
-                                                               max_active)
-            rows = _write_prefix(rows, updated)
+            layer = self.layer_for_step(step)
+            if records:
+                updated = layer.forward_packed(rows, layout, step, num_rows, kv, backend, max_active)
+                rows = torch.cat([updated, rows[num_rows:]])
+            else:  # the MLP's last epilogue writes the new prefix in place
+                layer.forward_packed(rows, layout, step, num_rows, kv, backend, max_active,
+                                     out=rows[:num_rows])
         return rk.unpack(rows, layout)
 
     def _steps_static(self, rows, layout, kv, backend):
-        """All L steps on every row; M_l stays on the device as a row mask (no host sync)."""
-        total = rows.shape[0]
-        position = torch.arange(total, device=rows.device)[:, None]
+        """All L steps on the static rows, M_l read on the device (no host sync).
+
+        Inference: each step's fc2 epilogue writes the live prefix into ``rows`` in place (``rows``
+        is the fresh buffer ``pack`` made), so the exited rows are never touched. Under autograd
+        the step is out of place and merged with a ``torch.where`` over all rows (training only).
+        """
+        records = _records_grad(self, rows)
+        position = torch.arange(rows.shape[0], device=rows.device)[:, None] if records else None
         for step in range(1, self.num_steps + 1):
-            updated = self.layer_for_step(step).forward_static(rows, layout, step, kv, backend)
-            rows = torch.where(position < layout.step_rows[step - 1], updated, rows)
+            layer = self.layer_for_step(step)
+            if records:
+                updated = layer.forward_static(rows, layout, step, kv, backend)
+                rows = torch.where(position < layout.step_rows[step - 1], updated, rows)
+            else:
+                layer.forward_static(rows, layout, step, kv, backend, out=rows)
         return rows
+
+
+def _records_grad(block: nn.Module, rows: torch.Tensor) -> bool:
+    """Whether autograd records the steps (then they run out of place, keeping the old rows)."""
+    return torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad
+                                                                  for p in block.parameters()))
 
 
 def _write_prefix(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,11 @@ import torch
 def values_checkable(tensor: torch.Tensor) -> bool:
     """Whether value checks (which read device memory back to the host) may run on ``tensor``.
 
-    Always on the CPU; on a GPU only with ``RECVIT_CHECK_VALUES=1``, because reading values back
-    stalls the device and breaks CUDA-graph capture.
+    On the CPU unless ``RECVIT_CHECK_VALUES=0``; on a GPU only with ``RECVIT_CHECK_VALUES=1``,
+    because reading values back stalls the device and breaks CUDA-graph capture.
     """
-    return tensor.device.type == "cpu" or os.environ.get("RECVIT_CHECK_VALUES") == "1"
+    setting = os.environ.get("RECVIT_CHECK_VALUES")
+    return setting == "1" or (tensor.device.type == "cpu" and setting != "0")
 
 
 def check_tensor(name: str, tensor, dim: int, dtype=None, device=None) -> None:

@@ -10,7 +10,7 @@ Everything here is computed on the device without a host synchronisation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -42,6 +42,11 @@ class DepthLayout:
     image_lengths: torch.Tensor
     cu_seqlens: torch.Tensor
     image_order: torch.Tensor
+    _starts: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._starts = torch.arange(0, (self.batch + 1) * self.tokens, self.tokens,
+                                    device=self.perm.device, dtype=torch.int32)
 
     def attention_rows(self, step: int, total: int) -> torch.Tensor:
         """(total,) int64: the sorted rows active at ``step`` (1-based), image-major.
@@ -58,9 +63,9 @@ class DepthLayout:
         return self.image_order[image * self.tokens + offset]
 
     def all_rows_cu_seqlens(self) -> torch.Tensor:
-        """(B+1,) int32 segment bounds of ``image_order`` when every token is a key (kv="all")."""
-        return torch.arange(0, (self.batch + 1) * self.tokens, self.tokens,
-                            device=self.perm.device, dtype=torch.int32)
+        """(B+1,) int32 segment bounds b*N of ``image_order`` (every token of each image), built with
+        the layout: once per forward for all its steps."""
+        return self._starts
 
 
 def check_depths(depths: torch.Tensor, num_steps: int, name: str = "depths") -> None:
@@ -80,29 +85,23 @@ def check_depths(depths: torch.Tensor, num_steps: int, name: str = "depths") -> 
 
 
 def _depth_sort_eager(depths: torch.Tensor, num_steps: int) -> DepthLayout:
+    """About a dozen small launches, once per forward: two stable sorts and a histogram."""
     batch, tokens = depths.shape
-    depths = depths.to(torch.int64)
-    flat = depths.reshape(-1)
-    total = flat.numel()
-    index = torch.arange(total, device=depths.device)
-    # Unique keys: depth descending, then flat index; a counting sort in the CUDA backend.
-    perm = torch.argsort((num_steps - flat) * total + index)
+    flat = depths.reshape(-1).to(torch.int64)
+    # Depth descending, ties in flat (image-major) order; a counting sort in the CUDA backend.
+    perm = torch.sort(flat, descending=True, stable=True).indices
     inverse_perm = torch.empty_like(perm)
-    inverse_perm[perm] = index
+    inverse_perm[perm] = torch.arange(flat.numel(), device=depths.device)
+    # Each image's rows in sorted (depth-descending) order: a stable sort of the rows by image.
+    image_order = torch.sort(perm // tokens, stable=True).indices
 
-    histogram = torch.zeros(batch, num_steps + 1, dtype=torch.int64, device=depths.device)
-    histogram.scatter_add_(1, depths, torch.ones_like(depths))
-    # active[b, l-1] = #tokens of image b with depth >= l
-    active = histogram[:, 1:].flip(1).cumsum(1).flip(1)
-    image_lengths = active.t().contiguous()
-    cu_seqlens = torch.nn.functional.pad(image_lengths.cumsum(1), (1, 0)).to(torch.int32)
-
-    sorted_depth = flat[perm]
-    sorted_image = perm // tokens
-    image_key = (sorted_image * (num_steps + 1) + (num_steps - sorted_depth)) * total + perm
-    image_order = torch.argsort(image_key)
-    return DepthLayout(batch, tokens, num_steps, perm, inverse_perm, image_lengths.sum(1),
-                       image_lengths.to(torch.int32), cu_seqlens, image_order)
+    # histogram[d, b] = tokens of image b with depth d; image_lengths[l-1, b] = those with depth >= l
+    histogram = torch.zeros(num_steps + 1, batch, dtype=torch.int32, device=depths.device)
+    histogram.scatter_add_(0, flat.view(batch, tokens).t(), torch.ones_like(histogram[:1]).expand(tokens, batch))
+    image_lengths = tokens - histogram[:-1].cumsum(0, dtype=torch.int32)
+    cu_seqlens = torch.nn.functional.pad(image_lengths.cumsum(1, dtype=torch.int32), (1, 0))
+    return DepthLayout(batch, tokens, num_steps, perm, inverse_perm, image_lengths.sum(1), image_lengths,
+                       cu_seqlens, image_order)
 
 
 register("depth_sort", "eager")(_depth_sort_eager)

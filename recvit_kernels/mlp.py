@@ -1,7 +1,9 @@
 """The transformer MLP over rows: ``fc2(gelu(fc1(x)))``, plus ``residual`` when given.
 
 ``x`` is (rows, C); ``fc1_weight`` (hidden, C), ``fc1_bias`` (hidden,), ``fc2_weight`` (C_out, hidden),
-``fc2_bias`` (C_out,). GELU is the exact (erf) one, as in timm's ``Mlp``.
+``fc2_bias`` (C_out,). GELU is the exact (erf) one, as in timm's ``Mlp``. With ``out`` (a
+(rows, C_out) tensor of x's dtype with unit column stride, e.g. the rows being updated; inference
+only) the result is written into it in place.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from ._checks import check_tensor
 
 def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
         fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
-        residual: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+        residual: Optional[torch.Tensor] = None, *, out: Optional[torch.Tensor] = None,
+        backend: Optional[str] = None) -> torch.Tensor:
     """``residual + fc2(gelu(fc1(x)))`` (``residual`` optional) over the rows of ``x``."""
     check_tensor("x", x, 2)
     check_tensor("fc1_weight", fc1_weight, 2, device=x.device)
@@ -29,13 +32,23 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
     if residual is not None and residual.shape != (x.shape[0], fc2_weight.shape[0]):
         raise ValueError(f"residual: expected {(x.shape[0], fc2_weight.shape[0])}, "
                          f"got {tuple(residual.shape)}")
+    if out is not None:
+        check_tensor("out", out, 2, x.dtype, x.device)
+        if out.shape != (x.shape[0], fc2_weight.shape[0]) or out.stride(1) != 1:
+            raise ValueError(f"out: expected {(x.shape[0], fc2_weight.shape[0])} with unit column "
+                             f"stride, got shape {tuple(out.shape)} strides {out.stride()}")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+                x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out)):
+            raise ValueError("out: writing in place is for inference; call without out (or under "
+                             "torch.no_grad()) when inputs require grad")
     args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
-    return dispatch("mlp", backend, *args)(*args)
+    return dispatch("mlp", backend, *args)(*args, out=out)
 
 
-def _mlp_eager(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
-    out = F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
-    return out if residual is None else out + residual
+def _mlp_eager(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out=None):
+    result = F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    result = result if residual is None else result + residual
+    return result if out is None else out.copy_(result)
 
 
 register("mlp", "eager")(_mlp_eager)

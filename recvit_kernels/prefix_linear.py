@@ -3,12 +3,20 @@
 ``prefix_linear(x, weight, bias, num_rows)`` computes, for the rows ``r < M`` of ``x`` (R, K) with
 ``M = num_rows[0]`` (a 1-element integer tensor on x's device, e.g. ``layout.step_rows[l-1:l]``):
 ``act(x[r] @ weight.T + bias) + residual[r]``, with ``weight`` (N_out, K), ``bias`` (N_out,) or None,
-``activation`` None or ``"gelu"`` (exact, erf) and ``residual`` (R, N_out) or None. Rows ``r >= M``
-of the (R, N_out) result are zero (an M past R acts as R). M is never read back to the host, so
-the call is free of host syncs and its launch shape depends only on R (CUDA-graph capture).
+``activation`` None or ``"gelu"`` (exact, erf) and ``residual`` (R, N_out) or None (an M past R
+acts as R). M is never read back to the host, so the call is free of host syncs and its launch
+shape depends only on R (CUDA-graph capture).
 
-The ``eager`` / ``packed`` implementation computes every row and masks the result (sync-free but
-as costly as a full linear); the ``triton`` one skips the GEMM work of the row blocks past M.
+Rows ``r >= M`` are neither read nor written: in a new result they are unspecified; with ``out``
+(an (R, N_out) tensor of x's dtype, e.g. the residual stream itself) the live rows are written
+into it in place and its other rows keep their values, which is how the sync-free path keeps the
+exited tokens' states without copying them. ``out`` is for inference: it is refused when autograd
+would need the overwritten values.
+
+The ``eager`` / ``packed`` implementation computes every row and zeroes those past M (sync-free
+but as costly as a full linear); the ``triton`` one does the GEMM work, and the stores, of the
+live rows only. Gradients treat the rows past M as constants (zero gradient), as the eager
+definition does.
 """
 from __future__ import annotations
 
@@ -25,9 +33,9 @@ ACTIVATIONS = (None, "gelu")
 
 def prefix_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   num_rows: torch.Tensor, activation: Optional[str] = None,
-                  residual: Optional[torch.Tensor] = None, *,
+                  residual: Optional[torch.Tensor] = None, *, out: Optional[torch.Tensor] = None,
                   backend: Optional[str] = None) -> torch.Tensor:
-    """``act(x @ weight.T + bias) [+ residual]`` on rows ``< num_rows[0]``, zero on the rest."""
+    """``act(x @ weight.T + bias) [+ residual]`` on rows ``< num_rows[0]`` (into ``out`` if given)."""
     check_tensor("x", x, 2)
     if not x.dtype.is_floating_point:
         raise ValueError(f"x: expected a floating dtype, got {x.dtype}")
@@ -48,18 +56,29 @@ def prefix_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         if residual.shape != (x.shape[0], weight.shape[0]):
             raise ValueError(f"residual: expected {(x.shape[0], weight.shape[0])}, "
                              f"got {tuple(residual.shape)}")
+    if out is not None:
+        check_tensor("out", out, 2, x.dtype, x.device)
+        if out.shape != (x.shape[0], weight.shape[0]) or out.stride(1) != 1:
+            raise ValueError(f"out: expected {(x.shape[0], weight.shape[0])} with unit column stride, "
+                             f"got shape {tuple(out.shape)} strides {out.stride()}")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, weight, bias, residual, out)):
+            raise ValueError("out: writing in place is for inference; call without out (or under "
+                             "torch.no_grad()) when inputs require grad")
     args = (x, weight, bias, num_rows, activation, residual)
-    return dispatch("prefix_linear", backend, *args)(*args)
+    return dispatch("prefix_linear", backend, *args)(*args, out=out)
 
 
-def _prefix_linear_eager(x, weight, bias, num_rows, activation, residual):
-    out = F.linear(x, weight, bias)
+def _prefix_linear_eager(x, weight, bias, num_rows, activation, residual, out=None):
+    result = F.linear(x, weight, bias)
     if activation == "gelu":
-        out = F.gelu(out)
+        result = F.gelu(result)
     if residual is not None:
-        out = out + residual
+        result = result + residual
     live = torch.arange(x.shape[0], device=x.device)[:, None] < num_rows
-    return torch.where(live, out, out.new_zeros(()))
+    if out is None:  # the rows past M, unspecified by the contract, are zero here
+        return torch.where(live, result, result.new_zeros(()))
+    return out.copy_(torch.where(live, result, out))
 
 
 register("prefix_linear", "eager")(_prefix_linear_eager)

@@ -10,9 +10,19 @@ looked up through it, i.e. the queries of segment b are ``q[q_rows[cu_seqlens_q[
 and their outputs are written to those same rows; ``kv_rows`` does the same for keys and values.
 Rows of the output that no segment covers, and the queries of a segment without keys, are zero.
 
+Used lengths (flash-attention 3's ``seqused_q`` / ``seqused_k``): with ``seqused_q`` given, a (B,)
+int32 device tensor, segment b's queries are only the first ``seqused_q[b]`` positions from
+``cu_seqlens_q[b]`` (at most the segment's length); likewise ``seqused_k`` for the keys. Static
+segment starts plus used lengths let one index table serve every recursion step (the depth-sorted
+layout's ``image_order`` with starts b*N). With ``seqused_q`` the output is allocated without a
+fill, as flash-attention does: rows no used position covers are unspecified (the eager op leaves
+them zero), so that the cost follows the used rows.
+
 ``max_seqlen_q`` / ``max_seqlen_k`` are host integers bounding the segment lengths (a static bound
 such as the image's token count keeps the call free of host syncs); the lengths themselves are only
-read from the device tensors.
+read from the device tensors. As in flash-attention, the launch is sized by them: every backend
+takes at most the first ``max_seqlen_q`` queries and ``max_seqlen_k`` keys of each segment (the
+queries past the bound count as uncovered).
 """
 from __future__ import annotations
 
@@ -29,17 +39,21 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, softmax_scale: Optional[float] = None,
                      *, q_rows: Optional[torch.Tensor] = None, kv_rows: Optional[torch.Tensor] = None,
+                     seqused_q: Optional[torch.Tensor] = None, seqused_k: Optional[torch.Tensor] = None,
                      backend: Optional[str] = None) -> torch.Tensor:
     """Attention of each segment's queries over its keys; returns a tensor shaped like ``q``."""
-    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_rows, kv_rows)
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_rows, kv_rows,
+                  seqused_q, seqused_k)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
-    implementation = dispatch("varlen_attention", backend, *args, q_rows=q_rows, kv_rows=kv_rows)
-    return implementation(*args, q_rows=q_rows, kv_rows=kv_rows)
+    tables = dict(q_rows=q_rows, kv_rows=kv_rows, seqused_q=seqused_q, seqused_k=seqused_k)
+    implementation = dispatch("varlen_attention", backend, *args, **tables)
+    return implementation(*args, **tables)
 
 
-def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_rows, kv_rows):
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_rows, kv_rows,
+                  seqused_q=None, seqused_k=None):
     check_tensor("q", q, 3)
     for name, tensor in (("k", k), ("v", v)):
         check_tensor(name, tensor, 3, q.dtype, q.device)
@@ -50,12 +64,9 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         raise ValueError(f"v: expected {k.shape[0]} rows like k, got {v.shape[0]}")
     if not q.dtype.is_floating_point:
         raise ValueError(f"q: expected a floating dtype, got {q.dtype}")
-    for name, rows, tensor in (("q_rows", q_rows, q), ("kv_rows", kv_rows, k)):
+    for name, rows in (("q_rows", q_rows), ("kv_rows", kv_rows)):
         if rows is not None:
             check_tensor(name, rows, 1, (torch.int32, torch.int64), q.device)
-            if values_checkable(rows) and rows.numel() and (
-                    int(rows.min()) < 0 or int(rows.max()) >= tensor.shape[0]):
-                raise ValueError(f"{name}: entries must index the {tensor.shape[0]} rows given")
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device,
                      q.shape[0] if q_rows is None else q_rows.numel())
     check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device,
@@ -63,27 +74,68 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries like "
                          f"cu_seqlens_q, got {cu_seqlens_k.numel()}")
+    for name, used, cu in (("seqused_q", seqused_q, cu_seqlens_q), ("seqused_k", seqused_k, cu_seqlens_k)):
+        if used is None:
+            continue
+        check_tensor(name, used, 1, torch.int32, q.device)
+        if used.numel() != cu.numel() - 1:
+            raise ValueError(f"{name}: expected {cu.numel() - 1} entries (one per segment), "
+                             f"got {used.numel()}")
+        if values_checkable(used) and bool(((used < 0) | (used > cu[1:] - cu[:-1])).any()):
+            raise ValueError(f"{name}: entries must lie in 0..the segment's length, got "
+                             f"{used.tolist()} for lengths {(cu[1:] - cu[:-1]).tolist()}")
+    # Only the index-table entries a used position reads must name a row.
+    for name, rows, tensor, cu, used in (("q_rows", q_rows, q, cu_seqlens_q, seqused_q),
+                                         ("kv_rows", kv_rows, k, cu_seqlens_k, seqused_k)):
+        if rows is not None and rows.numel() and values_checkable(rows):
+            read = rows[_used_positions(cu, used, rows.numel())]
+            if read.numel() and (int(read.min()) < 0 or int(read.max()) >= tensor.shape[0]):
+                raise ValueError(f"{name}: entries must index the {tensor.shape[0]} rows given")
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive host int, got {value!r}")
 
 
-def _segment_rows(cu_seqlens, max_seqlen, rows):
-    """(B, max_seqlen) row of each segment position, and whether the position is inside its segment."""
+def _used_positions(cu_seqlens, seqused, total):
+    """(total,) bool: which positions of the packed segments are used (host-side checks only)."""
+    position = torch.arange(total, device=cu_seqlens.device)
+    segment = torch.searchsorted(cu_seqlens[1:].to(torch.int64), position, right=True)
+    segment = segment.clamp_max(cu_seqlens.numel() - 2)
+    end = cu_seqlens[1:] if seqused is None else cu_seqlens[:-1] + seqused
+    return (position >= cu_seqlens[segment]) & (position < end[segment])
+
+
+def _segment_rows(cu_seqlens, max_seqlen, rows, seqused=None):
+    """(B, max_seqlen) row of each segment position, and whether the position is used."""
     position = torch.arange(max_seqlen, device=cu_seqlens.device)
     starts = cu_seqlens[:-1].to(torch.int64)
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1] if seqused is None else seqused).to(torch.int64)
     valid = position < lengths[:, None]
     flat = torch.where(valid, starts[:, None] + position, 0)
-    return (flat if rows is None else rows.to(torch.int64)[flat]), valid
+    if rows is not None:  # an unused table entry may name a row past the tensor: read row 0 instead
+        flat = torch.where(valid, rows.to(torch.int64)[flat], 0)
+    return flat, valid
+
+
+def compact_segments(cu_seqlens, seqused, rows):
+    """The used positions as packed segments: (cu_seqlens', rows') with rows' of ``rows.numel()``
+    entries (those past the used total repeat a valid entry). For a kernel without ``seqused``;
+    no host sync, about ten small launches per call."""
+    used = seqused.to(torch.int64)
+    cu = F.pad(used.cumsum(0), (1, 0))
+    position = torch.arange(rows.numel(), device=rows.device)
+    segment = torch.searchsorted(cu[1:], position, right=True).clamp_max(used.numel() - 1)
+    offset = (position - cu[segment]).clamp(0, None)
+    source = (cu_seqlens[segment].to(torch.int64) + offset).clamp_max(rows.numel() - 1)
+    return cu.to(torch.int32), rows[source]
 
 
 def _varlen_attention_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            softmax_scale, *, q_rows=None, kv_rows=None):
+                            softmax_scale, *, q_rows=None, kv_rows=None, seqused_q=None, seqused_k=None):
     """Pad each segment to the static bound, run SDPA with a key mask, write the rows back."""
     batch = cu_seqlens_q.numel() - 1
-    query_row, query_valid = _segment_rows(cu_seqlens_q, max_seqlen_q, q_rows)
-    key_row, key_valid = _segment_rows(cu_seqlens_k, max_seqlen_k, kv_rows)
+    query_row, query_valid = _segment_rows(cu_seqlens_q, max_seqlen_q, q_rows, seqused_q)
+    key_row, key_valid = _segment_rows(cu_seqlens_k, max_seqlen_k, kv_rows, seqused_k)
     padded_q = q[query_row].transpose(1, 2)  # (B, H, max_q, D)
     padded_k = k[key_row].transpose(1, 2)
     padded_v = v[key_row].transpose(1, 2)

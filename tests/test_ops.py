@@ -214,3 +214,110 @@ def test_explicit_backend_without_the_op_hands_it_on(monkeypatch, caplog):
         chosen = rk._backend.dispatch("mlp", "cuda", x)
     assert chosen is rk._backend._IMPLEMENTATIONS["mlp"]["packed"]
     assert "falling back from cuda: the cuda backend has no mlp implementation" in caplog.text
+
+
+def used_reference(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, q_rows, kv_rows):
+    """``segment_loop_attention`` on what each segment uses: the first ``used`` positions (all if
+    None), at most ``max_seqlen`` of them; returns the output and the rows it covers."""
+    def compact(cu, used, bound, rows):
+        cu, picked, out_cu = cu.tolist(), [], [0]
+        for b in range(len(cu) - 1):
+            length = cu[b + 1] - cu[b] if used is None else int(used[b])
+            picked += rows[cu[b]:cu[b] + min(length, bound)].tolist()
+            out_cu.append(len(picked))
+        return torch.tensor(out_cu), torch.tensor(picked, dtype=torch.int64)
+
+    cu_q2, q_rows2 = compact(cu_q, used_q, max_q, q_rows)
+    cu_k2, kv_rows2 = compact(cu_k, used_k, max_k, kv_rows)
+    return segment_loop_attention(q, k, v, cu_q2, cu_k2, scale, q_rows2, kv_rows2), q_rows2
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("used", [True, False], ids=["seqused", "cu_seqlens"])
+def test_varlen_attention_used_lengths_and_max_seqlen_bounds(backend, used):
+    """Used lengths (flash-attention 3's seqused_q/k) and the max_seqlen bounds, which every
+    backend applies alike: a segment contributes at most its first max_seqlen_q queries and
+    max_seqlen_k keys (flash-attention sizes its launch by them; queries past are uncovered)."""
+    if rk.unavailable_reason(backend):
+        pytest.skip(rk.unavailable_reason(backend))
+    q, k, v = torch.randn(20, 2, 16), torch.randn(24, 2, 16), torch.randn(24, 2, 16)
+    q_rows, kv_rows = torch.randperm(20), torch.randperm(24)
+    cu_q = torch.tensor([0, 7, 7, 20], dtype=torch.int32)
+    cu_k = torch.tensor([0, 10, 14, 24], dtype=torch.int32)
+    used_q = torch.tensor([5, 0, 11], dtype=torch.int32) if used else None
+    used_k = torch.tensor([10, 3, 6], dtype=torch.int32) if used else None
+    max_q, max_k = 9, 8  # clamp segment 2's queries (11 or 13) and segment 0's keys (10)
+    out = rk.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, 0.3, q_rows=q_rows, kv_rows=kv_rows,
+                              seqused_q=used_q, seqused_k=used_k, backend=backend)
+    reference, covered = used_reference(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, 0.3,
+                                        q_rows, kv_rows)
+    torch.testing.assert_close(out[covered].double(), reference[covered], atol=1e-5, rtol=0)
+    if not used:  # without seqused the uncovered rows (queries past max_seqlen_q too) are zero
+        uncovered = torch.ones(20, dtype=torch.bool)
+        uncovered[covered] = False
+        assert uncovered.any() and not out[uncovered].any()
+
+
+def test_varlen_attention_used_table_entries_may_name_missing_rows():
+    """One table for every step: the entries past a segment's used length are not read (the packed
+    path's q has only the live rows, the shared table names all of them)."""
+    q, k, v = torch.randn(3, 1, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8)
+    table = torch.tensor([0, 1, 5, 2, 4, 3])  # rows 5, 4, 3 do not exist in q
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    used = torch.tensor([2, 1], dtype=torch.int32)
+    out = rk.varlen_attention(q, k, v, cu, cu, 3, 3, q_rows=table, kv_rows=table, seqused_q=used,
+                              seqused_k=used)
+    reference, covered = used_reference(q, k, v, cu, cu, used, used, 3, 3, 8 ** -0.5, table, table)
+    torch.testing.assert_close(out[covered].double(), reference[covered])
+    with pytest.raises(ValueError, match="q_rows: entries must index"):
+        rk.varlen_attention(q, k, v, cu, cu, 3, 3, q_rows=table, kv_rows=table,
+                            seqused_q=torch.tensor([3, 1], dtype=torch.int32), seqused_k=used)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(seqused_q=torch.tensor([1, 2])), "seqused_q: expected dtype torch.int32"),
+    (dict(seqused_q=torch.tensor([1], dtype=torch.int32)), "seqused_q: expected 2 entries"),
+    (dict(seqused_k=torch.tensor([5, 2], dtype=torch.int32)), "seqused_k: entries must lie in 0..the"),
+    (dict(seqused_k=torch.tensor([-1, 2], dtype=torch.int32)), "seqused_k: entries must lie"),
+])
+def test_varlen_attention_bad_used_lengths(bad, match):
+    args = dict(q=torch.randn(9, 2, 8), k=torch.randn(9, 2, 8), v=torch.randn(9, 2, 8),
+                cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32),
+                cu_seqlens_k=torch.tensor([0, 4, 9], dtype=torch.int32), max_seqlen_q=5, max_seqlen_k=5)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        rk.varlen_attention(**args)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_compact_segments_is_the_step_table(profile):
+    """The cuda glue's conversion of (image_order, starts b*N, used lengths) to the compact form
+    gives each step's attention_rows and cu_seqlens."""
+    from recvit_kernels.varlen_attention import compact_segments
+
+    layout = rk.depth_sort(random_depths(3, 17, 5, profile), 5)
+    for step in range(1, 6):
+        cu, rows = compact_segments(layout.all_rows_cu_seqlens(), layout.image_lengths[step - 1],
+                                    layout.image_order)
+        live = int(layout.step_rows[step - 1])
+        assert torch.equal(cu, layout.cu_seqlens[step - 1])
+        assert torch.equal(rows[:live], layout.attention_rows(step, live))
+        assert rows.numel() == 51 and int(rows.max()) < 51
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_layer_norm_live_rows(backend):
+    """With num_rows, the rows below it are the LayerNorm (of x + residual) (that the triton kernel
+    writes nothing past it: test_live_rows_cost)."""
+    if rk.unavailable_reason(backend):
+        pytest.skip(rk.unavailable_reason(backend))
+    x, residual, weight, bias = torch.randn(70, 24), torch.randn(70, 24), torch.randn(24), torch.randn(24)
+    for live in (0, 1, 33, 70, 99):
+        out, summed = rk.layer_norm(x, weight, bias, 1e-6, residual=residual,
+                                    num_rows=torch.tensor([live]), backend=backend)
+        torch.testing.assert_close(summed[:live], (x + residual)[:live])
+        torch.testing.assert_close(out[:live], F.layer_norm(x + residual, (24,), weight, bias, 1e-6)[:live])
+    with pytest.raises(ValueError, match="num_rows: expected 1 element"):
+        rk.layer_norm(x, weight, bias, num_rows=torch.tensor([1, 2]), backend=backend)
+    with pytest.raises(ValueError, match="x: with num_rows expected"):
+        rk.layer_norm(x[None], weight, bias, num_rows=torch.tensor([1]), backend=backend)

@@ -30,6 +30,11 @@ def test_eager_is_the_masked_definition():
     torch.testing.assert_close(out[:4], expected)
     assert torch.equal(out[4:], torch.zeros(5, 5, dtype=torch.float64))
     assert torch.equal(run(x, weight, None, 20, None, None, "packed"), x @ weight.T)
+    target = torch.randn(9, 5, dtype=torch.float64)
+    kept = target[4:].clone()
+    written = rk.prefix_linear(x, weight, bias, torch.tensor([4]), "gelu", residual, out=target)
+    assert written is target and torch.equal(target[4:], kept)
+    torch.testing.assert_close(target[:4], expected)
 
 
 triton_only = pytest.mark.skipif(rk.unavailable_reason("triton") is not None,
@@ -43,8 +48,15 @@ def check(rows, k_dim, n_out, live, dtype, with_bias=True, activation="gelu", wi
     reference = run(*[None if t is None else t.double() for t in (x, weight, bias)], live, activation,
                     None if residual is None else residual.double(), "eager")
     assert ours.shape == (rows, n_out) and ours.dtype == dtype
-    assert torch.equal(ours[live:], torch.zeros_like(ours[live:]))  # exact zeros past M
-    assert_flash_rule(ours, theirs, reference, FLOOR[dtype])
+    if live:
+        assert_flash_rule(ours[:live], theirs[:live], reference[:live], FLOOR[dtype])
+    # nothing is written past M: an out buffer keeps its sentinel there, bit for bit
+    target = torch.full((rows, n_out), float("nan"), dtype=dtype, device=x.device)
+    with torch.no_grad():
+        rk.prefix_linear(x, weight, bias, torch.tensor([live], device=x.device), activation, residual,
+                         out=target, backend="triton")
+    assert target[live:].isnan().all()
+    assert torch.equal(target[:live], ours[:live])
 
 
 # The interpreter runs 32x32x32 tiles: 70 rows are two full blocks and a partial one.
@@ -79,7 +91,19 @@ def test_triton_strided_operands_and_int32_count():
     num_rows = torch.tensor([21], dtype=torch.int32)
     ours = rk.prefix_linear(x, weight, None, num_rows, residual=residual, backend="triton")
     theirs = rk.prefix_linear(x, weight, None, num_rows, residual=residual, backend="eager")
-    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(ours[:21], theirs[:21])
+
+
+@triton_only
+def test_triton_out_may_be_the_residual():
+    """The sync-free path's fc2: the live rows of the residual stream are updated in place."""
+    x, weight, bias, stream = make(70, 24, 40, torch.float32)
+    expected = run(x, weight, bias, 45, None, stream, "eager")
+    kept = stream[45:].clone()
+    with torch.no_grad():
+        rk.prefix_linear(x, weight, bias, torch.tensor([45]), None, stream, out=stream, backend="triton")
+    torch.testing.assert_close(stream[:45], expected[:45])
+    assert torch.equal(stream[45:], kept)
 
 
 @triton_only
@@ -109,6 +133,9 @@ def test_triton_gradients_equal_eager(activation):
     (dict(num_rows=2), "num_rows: expected a torch.Tensor"),
     (dict(activation="relu"), "activation='relu': expected one of"),
     (dict(residual=torch.zeros(4, 6)), r"residual: expected \(4, 5\)"),
+    (dict(out=torch.zeros(4, 6)), r"out: expected \(4, 5\)"),
+    (dict(out=torch.zeros(5, 4).t()), "out: .*unit column stride"),
+    (dict(out=torch.zeros(4, 5), x=torch.zeros(4, 6, requires_grad=True)), "out: writing in place"),
 ])
 def test_bad_input(change, message):
     args = dict(x=torch.zeros(4, 6), weight=torch.zeros(5, 6), bias=torch.zeros(5),

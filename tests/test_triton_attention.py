@@ -24,12 +24,21 @@ def attention(q, k, v, cu_q, cu_k, max_q, max_k, q_rows, kv_rows, backend):
                                q_rows=q_rows, kv_rows=kv_rows, backend=backend)
 
 
-def check_against_reference(q, k, v, *args):
-    """Triton error vs an fp64 reference <= 2x the eager op's error in the same dtype + floor."""
-    reference = attention(q.double(), k.double(), v.double(), *args, backend="eager")
-    ours = attention(q, k, v, *args, backend="triton")
-    theirs = attention(q, k, v, *args, backend="eager")
+def attention_used(q, k, v, starts, used_q, used_k, max_q, max_k, table, backend):
+    """The sync-free path's form: one table for every step, static starts, used lengths."""
+    return rk.varlen_attention(q, k, v, starts, starts, max_q, max_k, q.shape[-1] ** -0.5, q_rows=table,
+                               kv_rows=table, seqused_q=used_q, seqused_k=used_k, backend=backend)
+
+
+def check_against_reference(q, k, v, *args, form=attention, covered=None):
+    """Triton error vs an fp64 reference <= 2x the eager op's error in the same dtype + floor
+    (on the ``covered`` rows only, if given)."""
+    reference = form(q.double(), k.double(), v.double(), *args, backend="eager")
+    ours = form(q, k, v, *args, backend="triton")
+    theirs = form(q, k, v, *args, backend="eager")
     assert ours.shape == q.shape and ours.dtype == q.dtype
+    if covered is not None:
+        ours, theirs, reference = ours[covered], theirs[covered], reference[covered]
     assert_flash_rule(ours, theirs, reference, FLOOR[q.dtype])
     return ours
 
@@ -42,11 +51,19 @@ def layout_inputs(depths, num_steps, heads, head_dim, dtype, device=DEVICE):
     return layout, q, k, v
 
 
-def run_all_steps(depths, num_steps, kv, dtype, heads=2, head_dim=32):
+def run_all_steps(depths, num_steps, kv, dtype, heads=2, head_dim=32, seqused=False):
     batch, tokens = depths.shape
     layout, q, k, v = layout_inputs(depths, num_steps, heads, head_dim, dtype)
     total = batch * tokens
     for step in range(1, num_steps + 1):
+        if seqused:  # one table, static starts, used lengths: uncovered rows are unspecified
+            used = layout.image_lengths[step - 1]
+            covered = layout.attention_rows(step, int(layout.step_rows[step - 1]))
+            if covered.numel():
+                check_against_reference(q, k, v, layout.all_rows_cu_seqlens(), used,
+                                        used if kv == "active" else None, tokens, tokens,
+                                        layout.image_order, form=attention_used, covered=covered)
+            continue
         q_rows = layout.attention_rows(step, total)  # static bound, as in the sync-free path
         cu_q = layout.cu_seqlens[step - 1]
         if kv == "active":
@@ -74,6 +91,12 @@ PROFILES = {
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_depth_profiles(profile, kv, dtype):
     run_all_steps(PROFILES[profile](), 3, kv, dtype)
+
+
+@pytest.mark.parametrize("kv", ["active", "all"])
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_depth_profiles_used_lengths(profile, kv):
+    run_all_steps(PROFILES[profile](), 3, kv, torch.float16, seqused=True)
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
@@ -152,13 +175,34 @@ def test_bad_shapes_and_cu_seqlens():
 # ---------------------------------------------------------------- GPU (skipped without CUDA)
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("seqused", [False, True], ids=["cu_seqlens", "seqused"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("tokens", [197, 577, 1025])
 @pytest.mark.parametrize("kv", ["active", "all"])
-def test_gpu_real_sizes(tokens, kv, dtype):
+def test_gpu_real_sizes(tokens, kv, dtype, seqused):
     depths = torch.randint(1, 13, (4, tokens))
     depths[:, 0] = 12
-    run_all_steps(depths, 12, kv, dtype, heads=12, head_dim=64)
+    run_all_steps(depths, 12, kv, dtype, heads=12, head_dim=64, seqused=seqused)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv", ["active", "all"])
+def test_gpu_cuda_glue_with_used_lengths(kv):
+    """The cuda kernel has no seqused: its glue packs the used positions (compact_segments)."""
+    if rk.unavailable_reason("cuda") is not None:
+        pytest.skip(rk.unavailable_reason("cuda"))
+    depths = torch.randint(1, 13, (8, 197))
+    layout, q, k, v = layout_inputs(depths, 12, 12, 64, torch.bfloat16)
+    for step in range(1, 13):
+        used = layout.image_lengths[step - 1]
+        covered = layout.attention_rows(step, int(layout.step_rows[step - 1]))
+        args = (layout.all_rows_cu_seqlens(), used, used if kv == "active" else None, 197, 197,
+                layout.image_order)
+        with torch.no_grad():
+            ours = attention_used(q, k, v, *args, backend="cuda")[covered]
+            theirs = attention_used(q, k, v, *args, backend="eager")[covered]
+            reference = attention_used(q.double(), k.double(), v.double(), *args, backend="eager")[covered]
+        assert_flash_rule(ours, theirs, reference, FLOOR[torch.bfloat16])
 
 
 @pytest.mark.gpu

@@ -27,8 +27,8 @@ def small_model(**overrides):
 
 @pytest.mark.parametrize("kv", ["active", "all"])
 @pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize("batch,static_shapes", [(1, False), (3, False), (3, True)],
-                         ids=["batch1", "batch3", "batch3-static"])
+@pytest.mark.parametrize("batch,static_shapes", [(1, False), (1, True), (3, False), (3, True)],
+                         ids=["batch1", "batch1-static", "batch3", "batch3-static"])
 def test_triton_equals_eager(batch, static_shapes, profile, kv):
     """Packed prefix path, and the sync-free one (prefix GEMMs over all rows), vs eager."""
     model = small_model(num_steps=4)
@@ -57,7 +57,8 @@ def test_sync_free_path_equals_eager_with_ranker_depths(kv):
 
 @pytest.mark.parametrize("kv", ["active", "all"])
 def test_forward_static_is_forward_packed_on_the_live_rows(kv):
-    """The first M rows equal the packed path's prefix, the rest are zero (callers keep them)."""
+    """The first M rows equal the packed path's prefix; written in place (``out``), the rows past M
+    are left exactly as they were."""
     block = recvit.RecursiveBlock(32, 1, num_steps=4)
     layout = rk.depth_sort(random_depths(2, 17, 4), 4)
     rows = torch.randn(34, 32)
@@ -67,8 +68,11 @@ def test_forward_static_is_forward_packed_on_the_live_rows(kv):
         with torch.no_grad():
             static = layer.forward_static(rows, layout, step, kv, "triton")
             packed = layer.forward_packed(rows, layout, step, live, kv, "triton")
+            in_place = rows.clone()
+            layer.forward_static(in_place, layout, step, kv, "triton", out=in_place)
         torch.testing.assert_close(static[:live], packed, atol=1e-5, rtol=1e-5)
-        assert not static[live:].any()
+        torch.testing.assert_close(in_place[:live], packed, atol=1e-5, rtol=1e-5)
+        assert torch.equal(in_place[live:], rows[live:])
 
 
 @pytest.mark.parametrize("static_shapes", [False, True])
@@ -126,11 +130,13 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                        options=dict(num_warps=num_warps, num_stages=num_stages))
 
     for dtype, head_dim in (("bf16", 64), ("fp16", 128), ("fp32", 32)):
-        compile(_varlen_attention_kernel, [f"*{dtype}"] * 4 + ["*i32"] * 2 + ["*i64"] * 2 + ["i64"] * 12
-                + ["fp32"], dict(HAS_Q_ROWS=True, HAS_KV_ROWS=True, HEAD_DIM=head_dim, BLOCK_M=64,
+        compile(_varlen_attention_kernel, [f"*{dtype}"] * 4 + ["*i32"] * 2 + ["*i64"] * 2 + ["*i32"] * 2
+                + ["i32"] * 2 + ["i64"] * 12 + ["fp32"],
+                dict(HAS_Q_ROWS=True, HAS_KV_ROWS=True, HAS_USED_Q=True, HAS_USED_K=True,
+                     HEAD_DIM=head_dim, BLOCK_M=64,
                                  BLOCK_N=64, PRECISION="ieee" if dtype == "fp32" else "tf32"))
-    compile(_layer_norm_kernel, ["*bf16"] * 6 + ["i32", "i32", "fp32"] + ["i64"] * 4,
-            dict(HAS_RESIDUAL=True, HAS_BIAS=True, BLOCK_ROWS=4, BLOCK_C=1024))
+    compile(_layer_norm_kernel, ["*bf16"] * 6 + ["*i64", "i32", "i32", "fp32"] + ["i64"] * 4,
+            dict(HAS_RESIDUAL=True, HAS_BIAS=True, HAS_NUM_ROWS=True, BLOCK_ROWS=4, BLOCK_C=1024))
     compile(_epilogue_kernel, ["*bf16"] * 4 + ["i32"] * 2 + ["i64"] * 3,
             dict(HAS_BIAS=True, GELU=True, HAS_RESIDUAL=True, BLOCK_ROWS=32, BLOCK_COLS=128))
     for capability in (80, 90):  # prefix_linear's GPU tiles on both architectures

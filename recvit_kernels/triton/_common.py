@@ -26,6 +26,19 @@ def device_reason(name: str, tensor: torch.Tensor) -> Optional[str]:
     return None
 
 
+def records_grad(*inputs) -> bool:
+    """Whether autograd records an op on ``inputs`` (call it outside ``Function.forward``)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in inputs)
+
+
+def new_output(shape, like: torch.Tensor, zero: bool) -> torch.Tensor:
+    """An output buffer for a kernel that leaves some rows unwritten: uninitialised for inference,
+    zero (``zero``, when autograd records the op) because the eager backward reads every row and
+    the garbage of an unwritten row, times a zero gradient, could still be NaN."""
+    return (torch.zeros if zero else torch.empty)(shape, dtype=like.dtype, device=like.device)
+
+
 def recompute_grads(eager: Callable, inputs: Sequence, needs_grad: Sequence[bool], grad_outputs):
     """Gradients of ``eager(*inputs)`` for the inputs flagged in ``needs_grad`` (None for the rest).
 

@@ -3,7 +3,8 @@
 Same contract as :func:`recvit_kernels.layer_norm`: ``x`` (..., C) normalised over C with
 ``weight`` (C,) and optional ``bias`` (C,); statistics in fp32. One program normalises BLOCK_ROWS
 rows. The sum ``x + residual`` is rounded to x's dtype before it is normalised, as in the eager op.
-The backward recomputes with the eager op.
+With ``num_rows`` each program reads the live count from the device and a row block past it
+returns at once (nothing read or written there). The backward recomputes with the eager op.
 """
 from __future__ import annotations
 
@@ -13,16 +14,21 @@ import triton.language as tl
 
 from .._backend import register
 from ..layer_norm import _layer_norm_eager
-from ._common import device_reason, recompute_grads
+from ._common import device_reason, new_output, recompute_grads, records_grad
 
 MAX_WIDTH = 8192
 
 
 @triton.jit
-def _layer_norm_kernel(X, R, W, B, Y, S, rows, width, eps, sx, sr, sy, ss,
-                       HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _layer_norm_kernel(X, R, W, B, Y, S, NUM_ROWS, rows, width, eps, sx, sr, sy, ss,
+                       HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NUM_ROWS: tl.constexpr,
                        BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs_r = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    first = tl.program_id(0) * BLOCK_ROWS
+    if HAS_NUM_ROWS:
+        rows = tl.minimum(tl.load(NUM_ROWS).to(tl.int64), rows)
+        if first >= rows:
+            return
+    offs_r = (first + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
     c_valid = offs_c < width
     mask = (offs_r < rows)[:, None] & c_valid[None, :]
@@ -45,29 +51,34 @@ def _rows(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(x, weight, bias, eps, residual):
+def _launch(x, weight, bias, eps, residual, num_rows, zero):
     width = x.shape[-1]
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    summed = torch.empty_like(out) if residual is not None else out
+    if num_rows is None:
+        out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+        summed = torch.empty_like(out) if residual is not None else out
+    else:  # rows past num_rows stay unwritten
+        out = new_output(x2.shape, x, zero)
+        summed = new_output(x2.shape, x, zero) if residual is not None else out
     block_c = triton.next_power_of_2(width)
     block_rows = max(1, min(16, 4096 // block_c))
     grid = (triton.cdiv(x2.shape[0], block_rows),)
     _layer_norm_kernel[grid](x2, r2, weight, bias if bias is not None else weight, out, summed,
-                             x2.shape[0], width, eps, x2.stride(0), r2.stride(0), out.stride(0),
+                             num_rows if num_rows is not None else weight, x2.shape[0], width, eps, x2.stride(0), r2.stride(0), out.stride(0),
                              summed.stride(0), HAS_RESIDUAL=residual is not None,
-                             HAS_BIAS=bias is not None, BLOCK_ROWS=block_rows, BLOCK_C=block_c,
+                             HAS_BIAS=bias is not None, HAS_NUM_ROWS=num_rows is not None,
+                             BLOCK_ROWS=block_rows, BLOCK_C=block_c,
                              num_warps=4 if block_c <= 1024 else 8)
     return out.view(x.shape), summed.view(x.shape)
 
 
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, residual):
+    def forward(ctx, x, weight, bias, eps, residual, num_rows, zero):
         ctx.save_for_backward(x, weight, bias, residual)
         ctx.eps = eps
-        out, summed = _launch(x, weight, bias, eps, residual)
+        out, summed = _launch(x, weight, bias, eps, residual, num_rows, zero)
         return out if residual is None else (out, summed)
 
     @staticmethod
@@ -76,7 +87,7 @@ class _LayerNorm(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grads = recompute_grads(lambda x, w, b, r: _layer_norm_eager(x, w, b, ctx.eps, r),
                                 (x, weight, bias, residual), (*needs[:3], needs[4]), grad_outputs)
-        return grads[0], grads[1], grads[2], None, grads[3]
+        return grads[0], grads[1], grads[2], None, grads[3], None, None
 
 
 def _supports(x, weight, bias, eps, residual):
@@ -92,6 +103,7 @@ def _supports(x, weight, bias, eps, residual):
 
 
 @register("layer_norm", "triton", supports=_supports)
-def layer_norm_triton(x, weight, bias, eps, residual):
+def layer_norm_triton(x, weight, bias, eps, residual, num_rows=None):
     """Triton forward (eager-recomputing backward) of :func:`recvit_kernels.layer_norm`."""
-    return _LayerNorm.apply(x, weight, bias, eps, residual)
+    return _LayerNorm.apply(x, weight, bias, eps, residual, num_rows,
+                            records_grad(x, weight, bias, residual))

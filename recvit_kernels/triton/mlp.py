@@ -43,8 +43,8 @@ def _eager_epilogue(y, bias, residual, gelu):
     return out if residual is None else out + residual
 
 
-def _launch(y, bias, residual, gelu):
-    out = torch.empty_like(y)
+def _launch(y, bias, residual, gelu, out=None):
+    out = torch.empty_like(y) if out is None else out
     r = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
     rows, cols = y.shape
     block_rows, block_cols = 32, min(128, triton.next_power_of_2(cols))
@@ -85,10 +85,13 @@ def _supports(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
 
 
 @register("mlp", "triton", supports=_supports)
-def mlp_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
-    """Triton-epilogue version of :func:`recvit_kernels.mlp`."""
+def mlp_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out=None):
+    """Triton-epilogue version of :func:`recvit_kernels.mlp`; with ``out`` (inference only, the
+    front-end checks it) the fc2 epilogue writes there."""
     hidden = _Epilogue.apply(F.linear(x, fc1_weight), fc1_bias, None, True)
-    out = F.linear(hidden, fc2_weight)
+    product = F.linear(hidden, fc2_weight)
+    if out is not None:
+        return _launch(product, fc2_bias, residual, False, out)
     if fc2_bias is None and residual is None:
-        return out
-    return _Epilogue.apply(out, fc2_bias, residual, False)
+        return product
+    return _Epilogue.apply(product, fc2_bias, residual, False)

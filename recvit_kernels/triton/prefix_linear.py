@@ -2,12 +2,12 @@
 
 Same contract as :func:`recvit_kernels.prefix_linear`. The grid is static, cdiv(R, BLOCK_M) x
 cdiv(N_out, BLOCK_N) programs in grouped order (Triton's matmul tutorial); each loads M from
-``num_rows``. A program whose row block starts at or past M stores zeros and skips the K loop;
-the others accumulate ``x @ weight.T`` in fp32 with ``tl.dot`` (fp32 inputs in IEEE precision,
-not tf32, so they match the eager op), add the bias, apply the exact (erf) GELU, add the
-residual, zero the rows >= M of a partial block and round once. Writing the zeros in the kernel
-rather than pre-zeroing the output touches each output element once instead of the live ones twice
-and saves a memset launch. The backward recomputes with the eager op.
+``num_rows``. A program whose row block starts at or past M returns at once; the others
+accumulate ``x @ weight.T`` in fp32 with ``tl.dot`` (fp32 inputs in IEEE precision, not tf32, so
+they match the eager op), add the bias, apply the exact (erf) GELU, add the residual, round once
+and store the rows < M only. With ``out`` the live rows go into it in place (``out`` may be the
+residual: each element's residual is read by the program that then overwrites it). The backward
+recomputes with the eager op.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .._backend import register
 from ..prefix_linear import _prefix_linear_eager
-from ._common import device_reason, interpreting, recompute_grads
+from ._common import device_reason, interpreting, new_output, recompute_grads, records_grad
 
 
 @triton.jit
@@ -34,32 +34,32 @@ def _prefix_linear_kernel(X, W, B, R, O, NUM_ROWS, rows, n_out, k_dim, sxm, sxk,
     pid_n = (pid % (GROUP_M * blocks_n)) // group_size
 
     live = tl.minimum(tl.load(NUM_ROWS).to(tl.int64), rows)
+    if pid_m * BLOCK_M >= live:
+        return
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < n_out
+    m_live = offs_m < live
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if pid_m * BLOCK_M < live:
-        m_live = offs_m < live
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = X + offs_m[:, None] * sxm + offs_k[None, :] * sxk
-        w_ptrs = W + offs_n[None, :] * swn + offs_k[:, None] * swk
-        for k in range(0, k_dim, BLOCK_K):
-            k_valid = offs_k < k_dim - k
-            a = tl.load(x_ptrs, mask=m_live[:, None] & k_valid[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_valid[:, None] & n_valid[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            x_ptrs += BLOCK_K * sxk
-            w_ptrs += BLOCK_K * swk
-        if HAS_BIAS:
-            acc += tl.load(B + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-        if GELU:
-            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-        if HAS_RESIDUAL:
-            acc += tl.load(R + offs_m[:, None] * srm + offs_n[None, :] * srn,
-                           mask=m_live[:, None] & n_valid[None, :], other=0.0).to(tl.float32)
-        acc = tl.where(m_live[:, None], acc, 0.0)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + offs_m[:, None] * sxm + offs_k[None, :] * sxk
+    w_ptrs = W + offs_n[None, :] * swn + offs_k[:, None] * swk
+    for k in range(0, k_dim, BLOCK_K):
+        k_valid = offs_k < k_dim - k
+        a = tl.load(x_ptrs, mask=m_live[:, None] & k_valid[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_valid[:, None] & n_valid[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * sxk
+        w_ptrs += BLOCK_K * swk
+    if HAS_BIAS:
+        acc += tl.load(B + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+    if HAS_RESIDUAL:
+        acc += tl.load(R + offs_m[:, None] * srm + offs_n[None, :] * srn,
+                       mask=m_live[:, None] & n_valid[None, :], other=0.0).to(tl.float32)
     tl.store(O + offs_m[:, None] * som + offs_n[None, :], acc.to(O.dtype.element_ty),
-             mask=(offs_m < rows)[:, None] & n_valid[None, :])
+             mask=m_live[:, None] & n_valid[None, :])
 
 
 def _config(dtype):
@@ -75,10 +75,9 @@ def _config(dtype):
     return 128, 128, 64, 8, 3
 
 
-def _launch(x, weight, bias, num_rows, activation, residual):
+def _launch(x, weight, bias, num_rows, activation, residual, out):
     rows, k_dim = x.shape
     n_out = weight.shape[0]
-    out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     block_m, block_n, block_k, num_warps, num_stages = _config(x.dtype)
@@ -96,19 +95,23 @@ def _launch(x, weight, bias, num_rows, activation, residual):
 
 class _PrefixLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, num_rows, activation, residual):
+    def forward(ctx, x, weight, bias, num_rows, activation, residual, out):
         ctx.save_for_backward(x, weight, bias, num_rows, residual)
         ctx.activation = activation
-        return _launch(x, weight, bias, num_rows, activation, residual)
+        return _launch(x, weight, bias, num_rows, activation, residual, out)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, num_rows, residual = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        # rows past M are not computed; the eager definition's zeros there pass no gradient, and
+        # masking x keeps whatever an unwritten row of it holds out of the weight gradient
+        live = torch.arange(x.shape[0], device=x.device)[:, None] < num_rows
+        x = torch.where(live, x, x.new_zeros(()))
         grads = recompute_grads(
             lambda x, w, b, r: _prefix_linear_eager(x, w, b, num_rows, ctx.activation, r),
             (x, weight, bias, residual), (*needs[:3], needs[5]), (grad_out,))
-        return grads[0], grads[1], grads[2], None, None, grads[3]
+        return grads[0], grads[1], grads[2], None, None, grads[3], None
 
 
 def _supports(x, weight, bias, num_rows, activation, residual):
@@ -120,6 +123,9 @@ def _supports(x, weight, bias, num_rows, activation, residual):
 
 
 @register("prefix_linear", "triton", supports=_supports)
-def prefix_linear_triton(x, weight, bias, num_rows, activation, residual):
+def prefix_linear_triton(x, weight, bias, num_rows, activation, residual, out=None):
     """Triton version of :func:`recvit_kernels.prefix_linear`."""
-    return _PrefixLinear.apply(x, weight, bias, num_rows, activation, residual)
+    if out is not None:  # in place: inference only (the front-end refuses it under autograd)
+        return _launch(x, weight, bias, num_rows, activation, residual, out)
+    out = new_output((x.shape[0], weight.shape[0]), x, records_grad(x, weight, bias, residual))
+    return _PrefixLinear.apply(x, weight, bias, num_rows, activation, residual, out)

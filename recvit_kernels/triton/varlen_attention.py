@@ -2,11 +2,14 @@
 
 Same contract as :func:`recvit_kernels.varlen_attention`: q (total_q, H, D), k/v (total_k, H, D) with
 any strides; int32 ``cu_seqlens_q/k`` on the device; host bounds ``max_seqlen_q/k``; optional
-``q_rows``/``kv_rows`` index tables. One program handles BLOCK_M queries of one (segment, head):
-the grid covers the static bound ``max_seqlen_q`` and programs past the live segment length (read
-from ``cu_seqlens_q``) return at once, so the launch never depends on device values. Online
-softmax in base 2 with fp32 accumulation; outputs go to ``q_rows[p]``, rows no segment covers stay
-zero. The backward recomputes with the eager op (see ``_common.recompute_grads``).
+``q_rows``/``kv_rows`` index tables, optional used lengths ``seqused_q/k``. One program handles
+BLOCK_M queries of one (segment, head): the grid covers the static bound ``max_seqlen_q`` and
+programs past the live segment length (read from ``seqused_q``, else ``cu_seqlens_q``, and clamped
+to ``max_seqlen_q``; keys likewise to ``max_seqlen_k``) return at once, so the launch never depends
+on device values. Online softmax in base 2 with fp32 accumulation; outputs go to ``q_rows[p]``.
+Rows no segment covers stay zero, or, with ``seqused_q``, are never touched (no zero fill: the
+cost follows the used rows). The backward recomputes with the eager op (see
+``_common.recompute_grads``).
 """
 from __future__ import annotations
 
@@ -16,28 +19,38 @@ import triton.language as tl
 
 from .._backend import register
 from ..varlen_attention import _varlen_attention_eager
-from ._common import device_reason, recompute_grads
+from ._common import device_reason, new_output, recompute_grads, records_grad
 
 HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _varlen_attention_kernel(Q, K, V, O, CU_Q, CU_K, Q_ROWS, KV_ROWS,
+def _varlen_attention_kernel(Q, K, V, O, CU_Q, CU_K, Q_ROWS, KV_ROWS, USED_Q, USED_K,
+                             max_seqlen_q, max_seqlen_k,
                              sq_r, sq_h, sq_d, sk_r, sk_h, sk_d, sv_r, sv_h, sv_d,
                              so_r, so_h, so_d, scale_log2,
                              HAS_Q_ROWS: tl.constexpr, HAS_KV_ROWS: tl.constexpr,
+                             HAS_USED_Q: tl.constexpr, HAS_USED_K: tl.constexpr,
                              PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     block = tl.program_id(0)
     segment = tl.program_id(1)
     head = tl.program_id(2).to(tl.int64)
     q_start = tl.load(CU_Q + segment)
-    q_len = tl.load(CU_Q + segment + 1) - q_start
+    if HAS_USED_Q:
+        q_len = tl.load(USED_Q + segment)
+    else:
+        q_len = tl.load(CU_Q + segment + 1) - q_start
+    q_len = tl.minimum(q_len, max_seqlen_q)
     if block * BLOCK_M >= q_len:
         return
     k_start = tl.load(CU_K + segment)
-    k_len = tl.load(CU_K + segment + 1) - k_start
+    if HAS_USED_K:
+        k_len = tl.load(USED_K + segment)
+    else:
+        k_len = tl.load(CU_K + segment + 1) - k_start
+    k_len = tl.minimum(k_len, max_seqlen_k)
 
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < q_len
@@ -76,16 +89,23 @@ def _varlen_attention_kernel(Q, K, V, O, CU_Q, CU_K, Q_ROWS, KV_ROWS,
              acc.to(O.dtype.element_ty), mask=m_valid[:, None])
 
 
-def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, q_rows, kv_rows):
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, q_rows,
+            kv_rows, seqused_q, seqused_k, zero):
+    if seqused_q is None:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    else:  # rows no used position covers stay unwritten
+        out = new_output(q.shape, q, zero)
     batch, heads, head_dim = cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
     block_m = block_n = 64
     grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
     _varlen_attention_kernel[grid](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k,
         q_rows if q_rows is not None else cu_seqlens_q, kv_rows if kv_rows is not None else cu_seqlens_k,
+        seqused_q if seqused_q is not None else cu_seqlens_q,
+        seqused_k if seqused_k is not None else cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), softmax_scale * _LOG2E,
         HAS_Q_ROWS=q_rows is not None, HAS_KV_ROWS=kv_rows is not None,
+        HAS_USED_Q=seqused_q is not None, HAS_USED_K=seqused_k is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if head_dim <= 64 else 8)
     return out
@@ -94,26 +114,27 @@ def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, q_
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                q_rows, kv_rows):
-        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, q_rows, kv_rows)
+                q_rows, kv_rows, seqused_q, seqused_k, zero):
+        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, q_rows, kv_rows, seqused_q, seqused_k)
         ctx.static = (max_seqlen_q, max_seqlen_k, softmax_scale)
-        return _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, q_rows, kv_rows)
+        return _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                       q_rows, kv_rows, seqused_q, seqused_k, zero)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, cu_q, cu_k, q_rows, kv_rows = ctx.saved_tensors
+        q, k, v, cu_q, cu_k, q_rows, kv_rows, used_q, used_k = ctx.saved_tensors
         max_q, max_k, scale = ctx.static
 
         def eager(q, k, v):
-            return _varlen_attention_eager(q, k, v, cu_q, cu_k, max_q, max_k, scale,
-                                           q_rows=q_rows, kv_rows=kv_rows)
+            return _varlen_attention_eager(q, k, v, cu_q, cu_k, max_q, max_k, scale, q_rows=q_rows,
+                                           kv_rows=kv_rows, seqused_q=used_q, seqused_k=used_k)
 
         grads = recompute_grads(eager, (q, k, v), ctx.needs_input_grad[:3], (grad_out,))
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, *[None] * 10)
 
 
 def _supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-              q_rows=None, kv_rows=None):
+              q_rows=None, kv_rows=None, seqused_q=None, seqused_k=None):
     reason = device_reason("q", q)
     if reason is not None:
         return reason
@@ -124,7 +145,8 @@ def _supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 
 @register("varlen_attention", "triton", supports=_supports)
 def varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            softmax_scale, *, q_rows=None, kv_rows=None):
+                            softmax_scale, *, q_rows=None, kv_rows=None, seqused_q=None, seqused_k=None):
     """Triton forward (eager-recomputing backward) of :func:`recvit_kernels.varlen_attention`."""
     return _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  softmax_scale, q_rows, kv_rows)
+                                  softmax_scale, q_rows, kv_rows, seqused_q, seqused_k,
+                                  records_grad(q, k, v))

@@ -111,7 +111,7 @@ at::Tensor varlen_attention_forward(const at::Tensor& q, const at::Tensor& k, co
   const recvit::ScalarType dtype = scalar_type("q", q, /*allow_float32=*/false);
   const int64_t heads = q.size(1), head_dim = q.size(2);
   TORCH_CHECK_VALUE(recvit::varlen_attention_supports_head_dim(static_cast<int>(head_dim)),
-                    "head_dim: the cuda varlen attention supports head_dim 64, got ", head_dim);
+                    "head_dim: the cuda varlen attention supports head_dim 32, 64 and 128, got ", head_dim);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
     check_cuda(name, t, device);
     TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), name, ": expected dtype ",
@@ -237,10 +237,138 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> layer_norm(
   return {out, std::nullopt};
 }
 
+// x (rows, K) for the kernels that copy 16-byte chunks: last dimension contiguous, row stride a
+// multiple of 8 and a 16-byte aligned pointer; otherwise a contiguous copy.
+at::Tensor chunk_aligned(const at::Tensor& t) {
+  const bool ok = t.stride(1) == 1 && t.stride(0) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return ok ? t : t.contiguous();
+}
+
+// Checks a (size,) vector or a (rows, cols) matrix argument against `like`'s device and dtype.
+void check_operand(const char* name, const at::Tensor& t, const at::Tensor& like,
+                   at::IntArrayRef shape) {
+  check_cuda(name, t, like.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == like.scalar_type(), name, ": expected dtype ",
+                    like.scalar_type(), " like x, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+}
+
+// act(x W^T + bias) (+ residual) on rows < num_rows[0] (read on the device), zero on the others.
+at::Tensor prefix_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& num_rows,
+                         bool gelu, const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected (rows, in_features), got ", x.sizes());
+  const recvit::ScalarType dtype = scalar_type("x", x, /*allow_float32=*/false);
+  const int64_t rows = x.size(0), k = x.size(1);
+  TORCH_CHECK_VALUE(k % recvit::kPrefixLinearKMultiple == 0, "x: the cuda prefix_linear needs "
+                    "in_features a multiple of ", recvit::kPrefixLinearKMultiple, ", got ", k);
+  TORCH_CHECK_VALUE(rows <= recvit::kMaxPrefixLinearRows, "x: at most ",
+                    recvit::kMaxPrefixLinearRows, " rows, got ", rows);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == k, "weight: expected (out_features, ",
+                    k, "), got ", weight.sizes());
+  const int64_t n = weight.size(0);
+  TORCH_CHECK_VALUE(n <= std::numeric_limits<int32_t>::max() && k <= std::numeric_limits<int32_t>::max(),
+                    "weight: dimensions exceed int32, got ", weight.sizes());
+  check_operand("weight", weight, x, {n, k});
+  if (bias.has_value()) check_operand("bias", *bias, x, {n});
+  if (residual.has_value()) check_operand("residual", *residual, x, {rows, n});
+  check_cuda("num_rows", num_rows, x.device());
+  TORCH_CHECK_VALUE(num_rows.numel() == 1, "num_rows: expected 1 element, got shape ",
+                    num_rows.sizes());
+  TORCH_CHECK_VALUE(num_rows.scalar_type() == at::kInt || num_rows.scalar_type() == at::kLong,
+                    "num_rows: expected int32 or int64, got ", num_rows.scalar_type());
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor x_ = chunk_aligned(x), weight_ = chunk_aligned(weight);
+  const at::Tensor bias_ = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor residual_;
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    const bool ok = r.stride(1) == 1 && r.stride(0) % 2 == 0 &&
+                    reinterpret_cast<uintptr_t>(r.data_ptr()) % 4 == 0;
+    residual_ = ok ? r : r.contiguous();
+  }
+  const at::Tensor count = num_rows.contiguous();
+  at::Tensor out = at::empty({rows, n}, x.options().memory_format(at::MemoryFormat::Contiguous));
+
+  recvit::PrefixLinearParams p{};
+  p.x = x_.data_ptr();
+  p.weight = weight_.data_ptr();
+  p.bias = bias_.defined() ? bias_.data_ptr() : nullptr;
+  p.residual = residual_.defined() ? residual_.data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.dtype = dtype;
+  p.x_row_stride = x_.stride(0);
+  p.weight_row_stride = weight_.stride(0);
+  p.residual_row_stride = residual_.defined() ? residual_.stride(0) : 0;
+  p.out_row_stride = out.stride(0);
+  p.rows = rows;
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.num_rows = count.data_ptr();
+  p.num_rows_int64 = count.scalar_type() == at::kLong;
+  p.gelu = gelu;
+  check_launch("prefix_linear", recvit::prefix_linear(p, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+// In place on y (contiguous): y = act(y + bias) (+ residual).
+void linear_epilogue(at::Tensor& y, const at::Tensor& bias, const at::Tensor& residual, bool gelu,
+                     recvit::ScalarType dtype) {
+  recvit::LinearEpilogueParams p{};
+  p.y = y.data_ptr();
+  p.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  p.residual = residual.defined() ? residual.data_ptr() : nullptr;
+  p.out = y.data_ptr();
+  p.dtype = dtype;
+  p.rows = y.size(0);
+  p.cols = y.size(1);
+  p.gelu = gelu;
+  check_launch("linear_epilogue", recvit::linear_epilogue(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+// residual + fc2(gelu(fc1(x))): cuBLAS GEMMs through at::mm, bias + exact GELU and
+// bias + residual in the fused epilogue kernel.
+at::Tensor mlp(const at::Tensor& x, const at::Tensor& fc1_weight,
+               const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+               const std::optional<at::Tensor>& fc2_bias,
+               const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected (rows, in_features), got ", x.sizes());
+  const recvit::ScalarType dtype = scalar_type("x", x, /*allow_float32=*/true);
+  const int64_t rows = x.size(0), k = x.size(1);
+  TORCH_CHECK_VALUE(fc1_weight.dim() == 2, "fc1_weight: expected (hidden, ", k, "), got ",
+                    fc1_weight.sizes());
+  const int64_t hidden = fc1_weight.size(0);
+  check_operand("fc1_weight", fc1_weight, x, {hidden, k});
+  TORCH_CHECK_VALUE(fc2_weight.dim() == 2, "fc2_weight: expected (out, ", hidden, "), got ",
+                    fc2_weight.sizes());
+  const int64_t n = fc2_weight.size(0);
+  check_operand("fc2_weight", fc2_weight, x, {n, hidden});
+  if (fc1_bias.has_value()) check_operand("fc1_bias", *fc1_bias, x, {hidden});
+  if (fc2_bias.has_value()) check_operand("fc2_bias", *fc2_bias, x, {n});
+  if (residual.has_value()) check_operand("residual", *residual, x, {rows, n});
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor h = at::mm(x, fc1_weight.t());
+  linear_epilogue(h, fc1_bias.has_value() ? fc1_bias->contiguous() : at::Tensor(), at::Tensor(),
+                  /*gelu=*/true, dtype);
+  at::Tensor out = at::mm(h, fc2_weight.t());
+  if (fc2_bias.has_value() || residual.has_value()) {
+    linear_epilogue(out, fc2_bias.has_value() ? fc2_bias->contiguous() : at::Tensor(),
+                    residual.has_value() ? residual->contiguous() : at::Tensor(),
+                    /*gelu=*/false, dtype);
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "recvit CUDA kernels: depth sort, varlen attention forward, residual LayerNorm";
+  m.doc() = "recvit CUDA kernels: depth sort, varlen attention forward, residual LayerNorm, "
+            "live-row linear, MLP";
   m.def("depth_sort", &depth_sort, py::arg("depths"), py::arg("num_steps"));
   m.def("varlen_attention_forward", &varlen_attention_forward, py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
@@ -248,9 +376,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kv_rows") = py::none());
   m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("eps"), py::arg("residual") = py::none());
+  m.def("prefix_linear", &prefix_linear, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("num_rows"), py::arg("gelu"), py::arg("residual") = py::none());
+  m.def("mlp", &mlp, py::arg("x"), py::arg("fc1_weight"), py::arg("fc1_bias"),
+        py::arg("fc2_weight"), py::arg("fc2_bias"), py::arg("residual") = py::none());
   m.def("attention_supports_head_dim", [](int head_dim) {
     return recvit::varlen_attention_supports_head_dim(head_dim);
   });
   m.attr("max_layer_norm_width") = recvit::kMaxLayerNormWidth;
   m.attr("max_depth_steps") = recvit::kMaxDepthSteps;
+  m.attr("prefix_linear_k_multiple") = recvit::kPrefixLinearKMultiple;
 }

@@ -67,7 +67,9 @@ struct VarlenAttentionParams {
   float softmax_scale;
 };
 // head_dim values the attention kernel is built for.
-inline bool varlen_attention_supports_head_dim(int head_dim) { return head_dim == 64; }
+inline bool varlen_attention_supports_head_dim(int head_dim) {
+  return head_dim == 32 || head_dim == 64 || head_dim == 128;
+}
 cudaError_t varlen_attention_forward(const VarlenAttentionParams& params, cudaStream_t stream);
 
 // ---- LayerNorm over rows with optional fused residual add ----
@@ -89,5 +91,45 @@ struct LayerNormParams {
 // Widest row the LayerNorm kernel holds in registers.
 constexpr int kMaxLayerNormWidth = 1024;
 cudaError_t layer_norm(const LayerNormParams& params, cudaStream_t stream);
+
+// ---- linear layer on the live row prefix, the row count read from device memory ----
+// out[r] = act(x[r] W^T + bias) (+ residual[r]) for r < M = clamp(*num_rows, 0, rows), out[r] = 0
+// for M <= r < rows; x (rows, K), weight (N, K), bias (N,) or nullptr, residual/out (rows, N), all
+// in dtype (fp16/bf16) with the last dimension contiguous. x and weight: row strides multiples of
+// 8 and 16-byte aligned pointers (K % 8 == 0). Row blocks past M skip the GEMM (they only store
+// their zeros), so the work follows M while the launch shape depends on rows alone.
+struct PrefixLinearParams {
+  const void* x;
+  const void* weight;
+  const void* bias;      // nullptr or (N,)
+  const void* residual;  // nullptr or (rows, N)
+  void* out;
+  ScalarType dtype;      // kFloat16 or kBFloat16
+  int64_t x_row_stride, weight_row_stride, residual_row_stride, out_row_stride;
+  int64_t rows;
+  int n, k;
+  const void* num_rows;  // one int32 or int64 (num_rows_int64) in device memory
+  bool num_rows_int64;
+  bool gelu;             // exact (erf) GELU after the bias
+};
+// Largest row count (the grid's y extent is rows / 128) and the K granularity the kernel takes.
+constexpr int64_t kMaxPrefixLinearRows = 65535LL * 128;
+constexpr int kPrefixLinearKMultiple = 8;
+cudaError_t prefix_linear(const PrefixLinearParams& params, cudaStream_t stream);
+
+// ---- GEMM epilogue: out = act(y + bias) (+ residual), element-wise over (rows, cols) ----
+// y, residual, out contiguous (rows, cols) in dtype (out may be y); bias (cols,) in dtype or
+// nullptr. fp32 arithmetic, one rounding. The cuda MLP runs it after each cuBLAS GEMM.
+struct LinearEpilogueParams {
+  const void* y;
+  const void* bias;
+  const void* residual;
+  void* out;
+  ScalarType dtype;
+  int64_t rows;
+  int64_t cols;
+  bool gelu;
+};
+cudaError_t linear_epilogue(const LinearEpilogueParams& params, cudaStream_t stream);
 
 }  // namespace recvit

@@ -2,8 +2,8 @@
 
 Same contract as :func:`recvit_kernels.varlen_attention`: q (total_q, H, D), k/v (total_k, H, D),
 int32 device ``cu_seqlens_q/k``, host bounds ``max_seqlen_q/k``, optional ``q_rows``/``kv_rows``
-index tables; rows no segment covers are zero. fp16 and bf16, head_dim 64; other calls are
-declined with the reason (``auto`` then takes another backend).
+index tables; rows no segment covers are zero. fp16 and bf16, head_dim 32, 64 and 128; other calls
+are declined with the reason (``auto`` then takes another backend).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     if q.dtype not in DTYPES:
         return f"q has dtype {q.dtype}; the cuda attention takes float16 and bfloat16"
     if not extension().attention_supports_head_dim(q.shape[-1]):
-        return f"head_dim={q.shape[-1]} is not supported by the cuda attention (built for 64)"
+        return f"head_dim={q.shape[-1]} is not supported by the cuda attention (built for 32, 64 and 128)"
     return None
 
 

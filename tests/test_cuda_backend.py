@@ -201,6 +201,7 @@ def emulate_depth_sort(depths, num_steps, threads=256):
                        cu_seqlens, image_order)
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("batch,tokens,num_steps", [(1, 197, 12), (3, 50, 5), (2, 600, 3),
                                                    (4, 33, 1), (2, 7, 40)])
@@ -211,141 +212,177 @@ def test_emulated_depth_sort_equals_argsort_reference(profile, batch, tokens, nu
     assert_layouts_equal(emulated, _depth_sort_eager(depths, num_steps))
 
 
+@pytest.fixture
+def one_thread():
+    """The emulations run thousands of tiny batched matmuls: one thread is many times faster than
+    two on a busy 2-core machine (thread hand-off dominates)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 LANE = torch.arange(32)
 GROUP, PAIR = LANE // 4, (LANE % 4) * 2  # groupID, 2 * threadID_in_group
+
+
+# Fragment element i (a0..a7, b0..b3, c0..c3) of each lane, per the PTX ISA's m16n8k16 .f16/.bf16
+# layout: a_i at row groupID (+8 for i in 2,3,6,7), col 2*tig + (i&1) (+8 for i >= 4); b_i at row
+# 2*tig + (i&1) (+8 for i >= 2), col groupID; c_i at row groupID (+8 for i >= 2), col 2*tig + (i&1).
+_A_I, _BC_I = torch.arange(8)[None], torch.arange(4)[None]
+A_ROW, A_COL = GROUP[:, None] + 8 * ((_A_I // 2) % 2), PAIR[:, None] + (_A_I & 1) + 8 * (_A_I >= 4)
+B_ROW, B_COL = PAIR[:, None] + (_BC_I & 1) + 8 * (_BC_I >= 2), GROUP[:, None].expand(32, 4)
+C_ROW, C_COL = GROUP[:, None] + 8 * (_BC_I >= 2), PAIR[:, None] + (_BC_I & 1)
 
 
 def ptx_mma(d, a, b):
     """D += A B for every warp (leading dim), per the PTX ISA's m16n8k16 .f16/.bf16 fragments.
 
     a: (W, 32, 4, 2) halves a0..a7 per lane, b: (W, 32, 2, 2) b0..b3, d: (W, 32, 4) c0..c3.
-    A element a_i: row groupID (+8 for i in 2,3,6,7), col 2*tig + (i&1) (+8 for i >= 4);
-    B element b_i: row 2*tig + (i&1) (+8 for i >= 2), col groupID; C element c_i: row groupID
-    (+8 for i >= 2), col 2*tig + (i&1).
     """
     w = a.shape[0]
     matrix_a = torch.zeros(w, 16, 16)
     matrix_b = torch.zeros(w, 16, 8)
-    for reg, (row_off, col_off) in enumerate(((0, 0), (8, 0), (0, 8), (8, 8))):
-        for e in range(2):
-            matrix_a[:, GROUP + row_off, PAIR + col_off + e] = a[:, :, reg, e]
-    for reg in range(2):
-        for e in range(2):
-            matrix_b[:, PAIR + 8 * reg + e, GROUP] = b[:, :, reg, e]
-    product = matrix_a @ matrix_b
-    for reg in range(4):
-        d[:, :, reg] += product[:, GROUP + 8 * (reg // 2), PAIR + reg % 2]
+    matrix_a[:, A_ROW, A_COL] = a.reshape(w, 32, 8)
+    matrix_b[:, B_ROW, B_COL] = b.reshape(w, 32, 4)
+    d += (matrix_a @ matrix_b)[:, C_ROW, C_COL]
+
+
+def ptx_ldmatrix_x4(tile, rows, cols, trans=False):
+    """ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 for a batch of warps, per the PTX ISA.
+
+    tile (W, R, C): each warp's view of shared memory; rows, cols (W, 32): lane l gives the address
+    of row l % 8 of 8x8 matrix l // 8, eight consecutive 16-bit elements from (rows[l], cols[l]),
+    16-byte aligned. Returns (W, 32, 4, 2): register i of lane t holds elements
+    (t // 4, 2 (t % 4) + e) of matrix i, or with .trans its elements (2 (t % 4) + e, t // 4).
+    An address outside the tile raises (IndexError), as it would read another tile in the kernel.
+    """
+    assert bool((cols % 8 == 0).all()), "ldmatrix row addresses must be 16-byte aligned"
+    assert bool((cols + 8 <= tile.shape[2]).all()), "an ldmatrix row crosses the tile's edge"
+    w = tile.shape[0]
+    batch = torch.arange(w)[:, None, None, None]
+    matrices = tile[batch, rows.reshape(w, 4, 8)[..., None],
+                    cols.reshape(w, 4, 8)[..., None] + torch.arange(8)]  # (W, 4, 8, 8)
+    if trans:
+        matrices = matrices.transpose(-1, -2)
+    which = torch.arange(4)[None, :, None]
+    row = (LANE // 4)[:, None, None]
+    col = (2 * (LANE % 4))[:, None, None] + torch.arange(2)
+    return matrices[:, which, row, col]
+
+
+def table_rows(first, count, rows, total, size=64):
+    """position_row() for the ``size`` positions of a tile: the row, or -1 (zero-filled / skipped)."""
+    position = first + torch.arange(size)
+    ok = (torch.arange(size) < count) & (position >= 0)
+    if rows is not None:
+        ok &= position < rows.numel()
+        row = rows.to(torch.int64)[position.clamp(0, max(rows.numel() - 1, 0))] if rows.numel() \
+            else torch.full((size,), -1)
+    else:
+        row = position
+    ok &= (row >= 0) & (row < total)
+    return torch.where(ok, row, -1)
 
 
 def emulate_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, q_rows=None, kv_rows=None,
                              dtype=torch.float16):
-    """csrc/varlen_attention.cu, block by block; q/k/v float32 holding ``dtype`` values."""
-    heads = q.shape[1]
+    """csrc/varlen_attention.cu, block by block, the heads batched with the 4 warps (W = 4 H);
+    q/k/v float32 holding ``dtype`` values. cp.async's double buffering only reorders copies, so
+    each tile is loaded when it is used."""
+    _, heads, dim = q.shape
+    w = 4 * heads
     out = torch.zeros_like(q)
     rnd = lambda t: t.to(dtype).float()  # noqa: E731  Pack<T>::two's rounding
-    warp = torch.arange(4)[:, None]
-    row0 = warp * 16 + GROUP  # (4, 32)
+    warp = torch.arange(4).repeat(heads)[:, None]  # (W, 1)
+    head_of = torch.arange(heads).repeat_interleave(4)[:, None]
+    row0 = warp * 16 + GROUP  # (W, 32)
+    lane = LANE.expand(w, 32)
+    # the kernel's ldmatrix.x4 row addresses
+    a_row, a_col = warp * 16 + lane % 16, (lane // 16) * 8
+    k_row, k_col = (lane // 16) * 8 + lane % 8, ((lane // 8) % 2) * 8
+    v_row, v_col = ((lane // 8) % 2) * 8 + lane % 8, (lane // 16) * 8
 
-    def position_row(position, rows, total):
-        if position < 0 or (rows is not None and position >= rows.numel()):
-            return -1
-        row = position if rows is None else int(rows[position])
-        return row if 0 <= row < total else -1
-
-    def load_tile(x, head, first, count, rows):
-        tile = torch.zeros(64, 64)
-        for r in range(count):
-            row = position_row(first + r, rows, x.shape[0])
-            if row >= 0:
-                tile[r] = x[row, head]
-        return tile
+    def load_tile(x, first, count, rows):  # (W, 64, D): rows past count or the tables are zero
+        row = table_rows(first, count, rows, x.shape[0])
+        tile = torch.where((row >= 0)[:, None, None], x[row.clamp(min=0)], 0.0)  # (64, H, D)
+        return tile.permute(1, 0, 2).repeat_interleave(4, 0)
 
     for segment in range(cu_q.numel() - 1):
         q_start, k_start = int(cu_q[segment]), int(cu_k[segment])
         q_len = min(max(int(cu_q[segment + 1]) - q_start, 0), max_q)
         k_len = min(max(int(cu_k[segment + 1]) - k_start, 0), max_k)
-        for head in range(heads):
-            for m_block in range((max_q + 63) // 64):
-                m_first = m_block * 64
-                if m_first >= q_len:
-                    continue  # the block returns
-                q_count = min(q_len - m_first, 64)
-                q_tile = load_tile(q, head, q_start + m_first, q_count, q_rows)
-                q_frag = [torch.stack([torch.stack([q_tile[row0 + ro, kk * 16 + PAIR + co + e]
-                                                    for e in range(2)], -1)
-                                       for ro, co in ((0, 0), (8, 0), (0, 8), (8, 8))], 2)
-                          for kk in range(4)]  # each (4, 32, 4, 2)
-                o_acc = torch.zeros(8, 4, 32, 4)
-                row_max = torch.full((2, 4, 32), -math.inf)
-                row_sum = torch.zeros(2, 4, 32)
-                scale_log2 = scale * 1.4426950408889634
-                for n_first in range(0, k_len, 64):
-                    k_count = min(k_len - n_first, 64)
-                    k_tile = load_tile(k, head, k_start + n_first, k_count, kv_rows)
-                    v_tile = load_tile(v, head, k_start + n_first, k_count, kv_rows)
-                    s_acc = torch.zeros(8, 4, 32, 4)
-                    for j in range(8):
-                        for kk in range(4):
-                            key = j * 8 + GROUP
-                            b = torch.stack([torch.stack([k_tile[key, kk * 16 + PAIR + co + e]
-                                                          for e in range(2)], -1)
-                                             for co in (0, 8)], 1).expand(4, 32, 2, 2)
-                            ptx_mma(s_acc[j], q_frag[kk], b)
-                    column = torch.arange(8)[:, None] * 8 + PAIR[None, :]  # (8, 32)
-                    for e in range(4):
-                        valid = (column + (e & 1) < k_count)[:, None, :]
-                        s_acc[..., e] = torch.where(valid, s_acc[..., e] * scale_log2, -math.inf)
-                    alpha = torch.empty(2, 4, 32)
-                    for h in range(2):
-                        tile_max = s_acc[..., 2 * h:2 * h + 2].amax((0, 3))  # (4, 32)
-                        tile_max = tile_max.reshape(4, 8, 4).amax(2, keepdim=True).expand(4, 8, 4)
-                        new_max = torch.maximum(row_max[h], tile_max.reshape(4, 32))
-                        safe_max = torch.where(new_max == -math.inf, 0.0, new_max)
-                        alpha[h] = torch.exp2(row_max[h] - safe_max)
-                        row_max[h] = new_max
-                        row_sum[h] *= alpha[h]
-                    for e in range(4):
-                        safe = torch.where(row_max[e // 2] == -math.inf, 0.0, row_max[e // 2])
-                        s_acc[..., e] = torch.exp2(s_acc[..., e] - safe)
-                        row_sum[e // 2] += s_acc[..., e].sum(0)
-                    o_acc[..., 0:2] *= alpha[0][..., None]
-                    o_acc[..., 2:4] *= alpha[1][..., None]
-                    for kk in range(4):
-                        p_frag = rnd(torch.stack([s_acc[2 * kk][..., 0:2], s_acc[2 * kk][..., 2:4],
-                                                  s_acc[2 * kk + 1][..., 0:2],
-                                                  s_acc[2 * kk + 1][..., 2:4]], 2))
-                        key = kk * 16 + PAIR
-                        for n in range(8):
-                            col = n * 8 + GROUP
-                            b = torch.stack([torch.stack([v_tile[key + ko, col],
-                                                          v_tile[key + ko + 1, col]], -1)
-                                             for ko in (0, 8)], 1)
-                            ptx_mma(o_acc[n], p_frag, b.expand(4, 32, 2, 2))
+        for m_block in range((max_q + 63) // 64):
+            m_first = m_block * 64
+            if m_first >= q_len:
+                continue  # the block returns
+            q_count = min(q_len - m_first, 64)
+            q_tile = load_tile(q, q_start + m_first, q_count, q_rows)
+            o_acc = torch.zeros(dim // 8, w, 32, 4)
+            row_max = torch.full((2, w, 32), -math.inf)
+            row_sum = torch.zeros(2, w, 32)
+            scale_log2 = scale * 1.4426950408889634
+            for n_first in range(0, k_len, 64):
+                k_count = min(k_len - n_first, 64)
+                k_tile = load_tile(k, k_start + n_first, k_count, kv_rows)
+                v_tile = load_tile(v, k_start + n_first, k_count, kv_rows)
+                s_acc = torch.zeros(8, w, 32, 4)
+                for kk in range(dim // 16):
+                    q_frag = ptx_ldmatrix_x4(q_tile, a_row, kk * 16 + a_col)
+                    for j in range(0, 8, 2):
+                        b = ptx_ldmatrix_x4(k_tile, j * 8 + k_row, kk * 16 + k_col)
+                        ptx_mma(s_acc[j], q_frag, b[:, :, 0:2])
+                        ptx_mma(s_acc[j + 1], q_frag, b[:, :, 2:4])
+                column = torch.arange(8)[:, None] * 8 + PAIR[None, :]  # (8, 32)
+                for e in range(4):
+                    valid = (column + (e & 1) < k_count)[:, None, :]
+                    s_acc[..., e] = torch.where(valid, s_acc[..., e] * scale_log2, -math.inf)
+                alpha = torch.empty(2, w, 32)
                 for h in range(2):
-                    total = row_sum[h].reshape(4, 8, 4).sum(2, keepdim=True).expand(4, 8, 4)
-                    total = total.reshape(4, 32)
-                    inverse = torch.where(total > 0, 1.0 / total, 0.0)
-                    for w in range(4):
-                        for lane in range(32):
-                            local = int(row0[w, lane]) + 8 * h
-                            if local >= q_count:
-                                continue
-                            row = position_row(q_start + m_first + local, q_rows, q.shape[0])
-                            if row < 0:
-                                continue
-                            for n in range(8):
-                                c = n * 8 + int(PAIR[lane])
-                                out[row, head, c:c + 2] = rnd(
-                                    o_acc[n, w, lane, 2 * h:2 * h + 2] * inverse[w, lane])
+                    tile_max = s_acc[..., 2 * h:2 * h + 2].amax((0, 3))  # (W, 32)
+                    tile_max = tile_max.reshape(w, 8, 4).amax(2, keepdim=True).expand(w, 8, 4)
+                    new_max = torch.maximum(row_max[h], tile_max.reshape(w, 32))
+                    safe_max = torch.where(new_max == -math.inf, 0.0, new_max)
+                    alpha[h] = torch.exp2(row_max[h] - safe_max)
+                    row_max[h] = new_max
+                    row_sum[h] *= alpha[h]
+                for e in range(4):
+                    safe = torch.where(row_max[e // 2] == -math.inf, 0.0, row_max[e // 2])
+                    s_acc[..., e] = torch.exp2(s_acc[..., e] - safe)
+                    row_sum[e // 2] += s_acc[..., e].sum(0)
+                o_acc[..., 0:2] *= alpha[0][..., None]
+                o_acc[..., 2:4] *= alpha[1][..., None]
+                for kk in range(4):
+                    p_frag = rnd(torch.stack([s_acc[2 * kk][..., 0:2], s_acc[2 * kk][..., 2:4],
+                                              s_acc[2 * kk + 1][..., 0:2],
+                                              s_acc[2 * kk + 1][..., 2:4]], 2))
+                    for n in range(0, dim // 8, 2):
+                        b = ptx_ldmatrix_x4(v_tile, kk * 16 + v_row, n * 8 + v_col, trans=True)
+                        ptx_mma(o_acc[n], p_frag, b[:, :, 0:2])
+                        ptx_mma(o_acc[n + 1], p_frag, b[:, :, 2:4])
+            for h in range(2):
+                total = row_sum[h].reshape(w, 8, 4).sum(2, keepdim=True).expand(w, 8, 4)
+                inverse = torch.where(total > 0, 1.0 / total, 0.0).reshape(w, 32)
+                local = row0 + 8 * h
+                row = table_rows(q_start + m_first, q_count, q_rows, q.shape[0])[local]
+                keep = row >= 0  # local < q_count and a valid table entry
+                values = rnd(o_acc[..., 2 * h:2 * h + 2] * inverse[..., None])  # (D/8, W, 32, 2)
+                values = values.permute(1, 2, 0, 3)[keep]  # (kept, D/8, 2)
+                cols = (torch.arange(dim // 8)[:, None] * 8 + torch.arange(2)) \
+                    + PAIR.expand(w, 32)[keep][:, None, None]
+                out[row[keep][:, None, None], head_of.expand(w, 32)[keep][:, None, None], cols] = values
     return out
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", ["sorted_active", "sorted_all", "plain", "clipped"])
-def test_emulated_varlen_attention_matches_eager(dtype, case):
-    """The kernel's fragments, masking and online softmax give the op's result (error vs fp64 at
-    most 2x the eager op's in ``dtype`` + floor); segments of 1, 64, 65 and >128 rows, empty ones,
-    index tables, and a static bound below the longest segment (positions past it are ignored)."""
+@pytest.mark.parametrize("case,head_dim", [("sorted_active", 64), ("sorted_all", 64), ("plain", 64),
+                                           ("clipped", 64), ("sorted_active", 32), ("plain", 128)])
+def test_emulated_varlen_attention_matches_eager(dtype, case, head_dim):
+    """The kernel's fragments (ldmatrix, ldmatrix.trans, mma), masking and online softmax give the
+    op's result (error vs fp64 at most 2x the eager op's in ``dtype`` + floor) for head_dim 32, 64
+    and 128; segments of 1, 64, 65 and >128 rows, empty ones, index tables, and a static bound below
+    the longest segment (positions past it are ignored)."""
     torch.manual_seed(1)
     heads, q_rows, kv_rows, max_len = 2, None, None, 150
     if case.startswith("sorted"):
@@ -362,14 +399,130 @@ def test_emulated_varlen_attention_matches_eager(dtype, case):
         cu_q = cu_k = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         if case == "clipped":
             max_len = 100
-    q, k, v = (torch.randn(total, heads, 64).to(dtype) for _ in range(3))
-    args = (cu_q, cu_k, max_len, max_len, 64 ** -0.5)
+    q, k, v = (torch.randn(total, heads, head_dim).to(dtype) for _ in range(3))
+    args = (cu_q, cu_k, max_len, max_len, head_dim ** -0.5)
     ours = emulate_varlen_attention(q.float(), k.float(), v.float(), *args, q_rows, kv_rows, dtype)
     reference = rk.varlen_attention(q.double(), k.double(), v.double(), *args, q_rows=q_rows,
                                     kv_rows=kv_rows, backend="eager")
     theirs = rk.varlen_attention(q, k, v, *args, q_rows=q_rows, kv_rows=kv_rows, backend="eager")
     assert_flash_rule(ours, theirs, reference, FLOOR[dtype])
     assert torch.equal((ours == 0).all(-1), (reference == 0).all(-1))  # same rows left zero
+
+
+def c_fragment(d):
+    """The 16x8 matrix held in mma C/D fragments d (W, 32, 4): c_i at row group (+8 for i >= 2),
+    column pair + (i & 1)."""
+    matrix = torch.zeros(d.shape[0], 16, 8)
+    for reg in range(4):
+        matrix[:, GROUP + 8 * (reg // 2), PAIR + reg % 2] = d[:, :, reg]
+    return matrix
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_emulated_ldmatrix_gives_the_mma_operands():
+    """The lane addresses the kernels give ldmatrix load the operands of the PTX ISA's
+    mma.m16n8k16 layout: A from a row-major tile, B from the rows of W (B = W^T) with the plain
+    form, B from a row-major V tile with .trans; each x4 load feeds two n8 tiles."""
+    torch.manual_seed(2)
+    x, weight, values = torch.randn(1, 48, 40), torch.randn(1, 24, 40), torch.randn(1, 40, 32)
+    lane = LANE[None]
+    r0, n0, c0 = 16, 8, 16
+    a = ptx_ldmatrix_x4(x, r0 + lane % 16, c0 + (lane // 16) * 8)
+    b = ptx_ldmatrix_x4(weight, n0 + (lane // 16) * 8 + lane % 8, c0 + ((lane // 8) % 2) * 8)
+    v = ptx_ldmatrix_x4(values, c0 + ((lane // 8) % 2) * 8 + lane % 8, n0 + (lane // 16) * 8,
+                        trans=True)
+    block = x[0, r0:r0 + 16, c0:c0 + 16]
+    for tile in range(2):
+        d = torch.zeros(1, 32, 4)
+        ptx_mma(d, a, b[:, :, 2 * tile:2 * tile + 2])
+        rows = weight[0, n0 + 8 * tile:n0 + 8 * tile + 8, c0:c0 + 16]
+        torch.testing.assert_close(c_fragment(d)[0], block @ rows.T)
+        d = torch.zeros(1, 32, 4)
+        ptx_mma(d, a, v[:, :, 2 * tile:2 * tile + 2])
+        columns = values[0, c0:c0 + 16, n0 + 8 * tile:n0 + 8 * tile + 8]
+        torch.testing.assert_close(c_fragment(d)[0], block @ columns)
+
+
+def emulate_prefix_linear(x, weight, bias, num_rows, gelu, residual, dtype):
+    """csrc/prefix_linear.cu, block by block (its 4 warps batched); float32 tensors holding
+    ``dtype`` values. The 3-stage cp.async pipeline only reorders copies, so each K step's tiles
+    are loaded when they are used."""
+    rows, k_dim = x.shape
+    n_out = weight.shape[0]
+    live = min(max(num_rows, 0), rows)
+    out = torch.full((rows, n_out), math.nan)  # every element must be stored by some block
+    warp = torch.arange(4)[:, None]
+    warp_m, warp_n = (warp // 2) * 64, (warp % 2) * 32
+    lane = LANE.expand(4, 32)
+    a_row, a_col = warp_m + lane % 16, (lane // 16) * 8
+    b_row, b_col = warp_n + (lane // 16) * 8 + lane % 8, ((lane // 8) % 2) * 8
+
+    def load(matrix, first, count_limit, k0, size):  # zero fill past the limit rows and past K
+        tile = torch.zeros(size, 32)
+        r = torch.arange(first, min(first + size, count_limit))
+        c = torch.arange(k0, min(k0 + 32, k_dim))
+        tile[r[:, None] - first, c - k0] = matrix[r[:, None], c]
+        return tile.expand(4, size, 32)
+
+    for m0 in range(0, rows, 128):
+        for n0 in range(0, n_out, 64):
+            k_steps = (k_dim + 31) // 32 if m0 < live else 0
+            acc = torch.zeros(4, 4, 4, 32, 4)  # [i][j]: (W, 32, 4)
+            for k_step in range(k_steps):
+                a_tile = load(x, m0, live, k_step * 32, 128)
+                b_tile = load(weight, n0, n_out, k_step * 32, 64)
+                for kk in range(2):
+                    a = torch.stack([ptx_ldmatrix_x4(a_tile, a_row + i * 16, kk * 16 + a_col)
+                                     for i in range(4)])  # (i, W, 32, 4, 2)
+                    b = torch.cat([ptx_ldmatrix_x4(b_tile, b_row + j * 8, kk * 16 + b_col)
+                                   .reshape(4, 32, 2, 2, 2).transpose(0, 2).transpose(1, 2)
+                                   for j in (0, 2)])  # (j, W, 32, 2, 2): x4 -> n8 tiles j, j + 1
+                    ptx_mma(acc.view(-1, 32, 4), a[:, None].expand(4, 4, 4, 32, 4, 2).reshape(-1, 32, 4, 2),
+                            b[None].expand(4, 4, 4, 32, 2, 2).reshape(-1, 32, 2, 2))
+            for j in range(4):
+                for i in range(4):
+                    for h in range(2):
+                        row = m0 + warp_m + i * 16 + GROUP + 8 * h  # (4, 32)
+                        for e in range(2):
+                            col = n0 + warp_n + j * 8 + PAIR + e
+                            stored = (row < rows) & (col < n_out)
+                            r, c = row[stored], col[stored]
+                            value = acc[i, j][..., 2 * h + e][stored]
+                            if bias is not None:
+                                value = value + bias[c]
+                            if gelu:
+                                value = torch.nn.functional.gelu(value)
+                            if residual is not None:
+                                value = value + torch.where(r < live, residual[r, c], 0.0)
+                            out[r, c] = torch.where(r < live, value, 0.0).to(dtype).float()
+    return out
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("live,epilogue", [(0, "gelu"), (1, "residual"), (100, "gelu"), (128, "none"),
+                                           (150, "residual"), (10**6, "all"), (-3, "gelu")])
+def test_emulated_prefix_linear_matches_eager(dtype, live, epilogue):
+    """The GEMM kernel's fragments and epilogue give the op's result: live counts of none, one,
+    part of a row block, a whole block, all rows, past the rows and negative; 2 row blocks, a
+    partial column block (n = 72), a partial K step (K = 40); bias + GELU, bias + residual, both,
+    neither."""
+    rows, k_dim, n_out = 150, 40, 72
+    x = torch.randn(rows, k_dim).to(dtype)
+    weight = (torch.randn(n_out, k_dim) / k_dim ** 0.5).to(dtype)
+    bias = None if epilogue == "none" else torch.randn(n_out).to(dtype)
+    residual = torch.randn(rows, n_out).to(dtype) if epilogue in ("residual", "all") else None
+    activation = "gelu" if epilogue in ("gelu", "all") else None
+    as_float = lambda t: None if t is None else t.float()  # noqa: E731
+    as_double = lambda t: None if t is None else t.double()  # noqa: E731
+    num_rows = torch.tensor([live])
+    ours = emulate_prefix_linear(x.float(), weight.float(), as_float(bias), live,
+                                 activation == "gelu", as_float(residual), dtype)
+    reference = rk.prefix_linear(x.double(), weight.double(), as_double(bias), num_rows, activation,
+                                 as_double(residual), backend="eager")
+    theirs = rk.prefix_linear(x, weight, bias, num_rows, activation, residual, backend="eager")
+    assert_flash_rule(ours, theirs, reference, FLOOR[dtype])
+    assert torch.all(ours[max(live, 0):] == 0)
 
 
 # ---------------------------------------------------------------- GPU: kernels vs eager

@@ -71,6 +71,11 @@ def test_explicit_cuda_backend_raises_with_the_reason():
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="varlen_attention: backend='cuda'"):
         rk.varlen_attention(q, q, q, cu, cu, 4, 4, backend="cuda")
+    weight = torch.randn(8, 8)
+    with pytest.raises(RuntimeError, match="prefix_linear: backend='cuda'"):
+        rk.prefix_linear(x, weight, None, torch.tensor([2]), backend="cuda")
+    with pytest.raises(RuntimeError, match="mlp: backend='cuda'"):
+        rk.mlp(x, weight, None, weight, None, backend="cuda")
 
 
 @needs_no_cuda_backend
@@ -132,9 +137,45 @@ def test_cpu_build_is_pure_python(tmp_path):
     assert wheel.name.endswith("py3-none-any.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert not [name for name in names if name.endswith((".so", ".pyd"))]
-    for name in ("binding.cpp", "depth_sort.cu", "varlen_attention.cu", "layer_norm.cu",
-                 "recvit_kernels.h"):
+    from recvit_kernels.cuda import HEADERS, SOURCES
+
+    assert {"prefix_linear.cu", "linear_epilogue.cu", "mma_sm80.cuh"} <= set(SOURCES + HEADERS)
+    for name in SOURCES + HEADERS:
         assert f"recvit_kernels/cuda/csrc/{name}" in names
+    assert sorted(path.name for path in (ROOT / "csrc").iterdir()
+                  if path.suffix in (".cu", ".cuh", ".h", ".cpp")) == sorted(SOURCES + HEADERS)
+
+
+def test_gemm_ops_decline_what_the_kernels_cannot_run():
+    """The cuda prefix_linear and mlp name why they decline a call (so ``auto`` moves on): dtype,
+    K granularity, mixed dtypes, a CPU tensor, autograd."""
+    from recvit_kernels.cuda.mlp import _supports as mlp_supports
+    from recvit_kernels.cuda.prefix_linear import _supports as linear_supports
+
+    count = torch.tensor([3])
+    x = torch.randn(5, 16, dtype=torch.float16)
+    w = torch.randn(24, 16, dtype=torch.float16)
+    assert "float16 and bfloat16" in linear_supports(x.float(), w.float(), None, count, None, None)
+    assert "in_features=12 is not a multiple of 8" in linear_supports(x[:, :12], w[:, :12], None,
+                                                                      count, None, None)
+    assert "x is on cpu" in linear_supports(x, w, None, count, None, None)
+    w2 = torch.randn(16, 24, dtype=torch.float16)
+    assert "x has dtype torch.int32" in mlp_supports(x.int(), w, None, w2, None, None)
+    assert "fc2_bias has dtype torch.float32, x has torch.float16" in mlp_supports(
+        x, w, None, w2, torch.zeros(16), None)
+    assert "x is on cpu" in mlp_supports(x.float(), w.float(), None, w2.float(), None, None)
+    from recvit_kernels.cuda import grad_reason
+    assert "forward-only" in grad_reason(x, w.requires_grad_())
+
+
+def test_python_limits_match_the_kernel_header():
+    """The Python-side limits of the cuda prefix_linear equal the constants the kernel is built
+    with (csrc/recvit_kernels.h), so its declines match the binding's errors."""
+    from recvit_kernels.cuda import prefix_linear as glue
+
+    header = (ROOT / "csrc" / "recvit_kernels.h").read_text()
+    assert f"kPrefixLinearKMultiple = {glue.K_MULTIPLE};" in header
+    assert "kMaxPrefixLinearRows = 65535LL * 128;" in header and glue.MAX_ROWS == 65535 * 128
 
 
 # ---------------------------------------------------------------- CPU: the kernels' algorithms
@@ -575,12 +616,12 @@ def test_depth_sort_input_forms(ext):
         assert_layouts_equal(rk.depth_sort(form, 12, backend="cuda"), reference)
 
 
-def attention_inputs(profile, batch, tokens, num_steps, heads, dtype, kv):
+def attention_inputs(profile, batch, tokens, num_steps, heads, dtype, kv, head_dim=64):
     """q, k, v rows in the sorted layout and, per step, the call's index tables and cu_seqlens."""
     depths = profile_depths(profile, batch, tokens, num_steps, "cuda")
     layout = rk.depth_sort(depths, num_steps, backend="cuda")
     total = batch * tokens
-    q, k, v = (torch.randn(total, heads, 64, device="cuda", dtype=dtype) for _ in range(3))
+    q, k, v = (torch.randn(total, heads, head_dim, device="cuda", dtype=dtype) for _ in range(3))
     for step in sorted({1, (num_steps + 1) // 2, num_steps}):
         rows = layout.attention_rows(step, total)
         cu_q = layout.cu_seqlens[step - 1]
@@ -625,11 +666,22 @@ def test_varlen_attention_matches_eager(ext, dtype, kv, profile, batch, tokens, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_varlen_attention_plain_segments_and_strided_input(ext, dtype):
+@pytest.mark.parametrize("kv", ["active", "all"])
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_varlen_attention_other_head_dims(ext, dtype, kv, head_dim):
+    for q, k, v, cu_q, cu_k, rows, kv_rows, active_rows, max_len in attention_inputs(
+            "cls_deep", 4, 197, 12, 3, dtype, kv, head_dim):
+        check_attention(q, k, v, cu_q, cu_k, max_len, max_len, rows, kv_rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_varlen_attention_plain_segments_and_strided_input(ext, dtype, head_dim):
     lengths = torch.tensor([197, 1, 64, 65, 130, 0, 577])
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).cuda()
     total, heads = int(lengths.sum()), 6
-    qkv = torch.randn(total, 3, heads, 64, device="cuda", dtype=dtype)
+    qkv = torch.randn(total, 3, heads, head_dim, device="cuda", dtype=dtype)
     q, k, v = qkv.unbind(1)  # row stride 3*H*D: not contiguous
     check_attention(q, k, v, cu, cu, 577, 577)
     # a static bound larger than every segment changes nothing
@@ -672,14 +724,104 @@ def test_layer_norm_without_bias_and_3d(ext):
     assert (ours.double() - reference).abs().max().item() < 1e-2
 
 
+def optional(tensor, convert):
+    return None if tensor is None else convert(tensor)
+
+
+def linear_operands(rows, k_dim, n_out, dtype, epilogue):
+    """x, weight, bias, residual, activation of a prefix_linear call with the named epilogue."""
+    x = torch.randn(rows, k_dim, device="cuda", dtype=dtype)
+    weight = (torch.randn(n_out, k_dim, device="cuda") / k_dim ** 0.5).to(dtype)
+    bias = None if epilogue == "none" else torch.randn(n_out, device="cuda", dtype=dtype)
+    residual = (torch.randn(rows, n_out, device="cuda", dtype=dtype)
+                if epilogue in ("residual", "all") else None)
+    return x, weight, bias, residual, "gelu" if epilogue in ("gelu", "all") else None
+
+
+def check_prefix_linear(x, weight, bias, num_rows, activation, residual):
+    """The cuda prefix_linear, without a host sync, equals eager under the tolerance rule (fp64
+    reference) and leaves exact zeros past the live count."""
+    with no_host_sync():
+        ours = rk.prefix_linear(x, weight, bias, num_rows, activation, residual, backend="cuda")
+    theirs = rk.prefix_linear(x, weight, bias, num_rows, activation, residual, backend="eager")
+    reference = rk.prefix_linear(x.double(), weight.double(), optional(bias, torch.Tensor.double),
+                                 num_rows, activation, optional(residual, torch.Tensor.double),
+                                 backend="eager")
+    assert ours.shape == (x.shape[0], weight.shape[0]) and ours.dtype == x.dtype
+    live = max(int(num_rows), 0)
+    assert torch.all(ours[live:] == 0)
+    if ours.numel():
+        assert_flash_rule(ours, theirs, reference, FLOOR[x.dtype])
+    return ours
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,k_dim,n_out", [(8 * 197, 192, 576), (197, 384, 1536), (77, 768, 768),
+                                              (64 * 197, 768, 3072), (300, 64, 99), (5, 16, 8),
+                                              (0, 64, 64)])
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "residual", "all"])
+def test_prefix_linear_matches_eager(ext, dtype, rows, k_dim, n_out, epilogue):
+    """Live counts of none, one, a third, one row block, all rows and past the rows; Tiny/Small/
+    Base GEMM shapes, an odd out_features (unpaired stores), a K below one K step."""
+    x, weight, bias, residual, activation = linear_operands(rows, k_dim, n_out, dtype, epilogue)
+    for live in sorted({0, 1, rows // 3, 128, rows, rows + 50}):
+        num_rows = torch.tensor([live], device="cuda")
+        check_prefix_linear(x, weight, bias, num_rows, activation, residual)
+
+
+@pytest.mark.gpu
+def test_prefix_linear_input_forms(ext):
+    """A strided x (used in place), a misaligned one (copied), a strided residual, int32 and int64
+    counts: the same results."""
+    wide = torch.randn(300, 3 * 256, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.randn(128, 256, device="cuda") / 16).to(torch.bfloat16)
+    bias = torch.randn(128, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)[:, 64:192]
+    counts = (torch.tensor([123], device="cuda", dtype=torch.int32), torch.tensor([123], device="cuda"))
+    for x in (wide[:, 256:512], wide[:, 1:257]):
+        expected = check_prefix_linear(x.contiguous(), weight, bias, counts[1], "gelu", residual)
+        for count in counts:
+            ours = check_prefix_linear(x, weight, bias, count, "gelu", residual)
+            assert torch.equal(ours, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,dim", [(8 * 197, 192), (77, 768), (5, 100), (0, 64)])
+@pytest.mark.parametrize("with_bias,with_residual", [(True, True), (True, False), (False, False)])
+def test_mlp_matches_eager(ext, dtype, rows, dim, with_bias, with_residual):
+    """cuBLAS + the fused epilogue kernel (vectorised when the width allows, scalar for width 100
+    in half precision) equals eager under the tolerance rule, without a host sync."""
+    hidden = 4 * dim
+    x = torch.randn(rows, dim, device="cuda", dtype=dtype)
+    fc1_weight = (torch.randn(hidden, dim, device="cuda") / dim ** 0.5).to(dtype)
+    fc2_weight = (torch.randn(dim, hidden, device="cuda") / hidden ** 0.5).to(dtype)
+    fc1_bias = torch.randn(hidden, device="cuda", dtype=dtype) if with_bias else None
+    fc2_bias = torch.randn(dim, device="cuda", dtype=dtype) if with_bias else None
+    residual = torch.randn(rows, dim, device="cuda", dtype=dtype) if with_residual else None
+    args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
+    with no_host_sync():
+        ours = rk.mlp(*args, backend="cuda")
+    theirs = rk.mlp(*args, backend="eager")
+    reference = rk.mlp(*(optional(t, torch.Tensor.double) for t in args), backend="eager")
+    assert ours.shape == (rows, dim) and ours.dtype == dtype
+    if rows:
+        assert_flash_rule(ours, theirs, reference, FLOOR[dtype])
+
+
 @pytest.mark.gpu
 def test_bad_input_raises_naming_the_argument(ext):
     q = torch.randn(10, 2, 64, device="cuda", dtype=torch.float16)
     cu = torch.tensor([0, 10], dtype=torch.int32, device="cuda")
+    x = torch.randn(5, 16, device="cuda", dtype=torch.float16)
+    w = torch.randn(24, 16, device="cuda", dtype=torch.float16)
+    w2 = torch.randn(16, 24, device="cuda", dtype=torch.float16)
+    count = torch.tensor([3], device="cuda")
     cases = [
         ("q", lambda: ext.varlen_attention_forward(q.float(), q, q, cu, cu, 10, 10, 0.1)),
         ("q", lambda: ext.varlen_attention_forward(q.cpu(), q, q, cu, cu, 10, 10, 0.1)),
-        ("head_dim", lambda: ext.varlen_attention_forward(q[..., :32], q[..., :32], q[..., :32],
+        ("head_dim", lambda: ext.varlen_attention_forward(q[..., :48], q[..., :48], q[..., :48],
                                                           cu, cu, 10, 10, 0.1)),
         ("k", lambda: ext.varlen_attention_forward(q, q.cpu(), q, cu, cu, 10, 10, 0.1)),
         ("v", lambda: ext.varlen_attention_forward(q, q, q[:, :1], cu, cu, 10, 10, 0.1)),
@@ -694,6 +836,21 @@ def test_bad_input_raises_naming_the_argument(ext):
         ("weight", lambda: ext.layer_norm(q, torch.ones(63, device="cuda"), None, 1e-6, None)),
         ("residual", lambda: ext.layer_norm(q, torch.ones(64, device="cuda"), None, 1e-6, q[:1])),
         ("x", lambda: ext.layer_norm(q.int(), torch.ones(64, device="cuda"), None, 1e-6, None)),
+        ("x", lambda: ext.prefix_linear(x.float(), w.float(), None, count, False, None)),
+        ("x", lambda: ext.prefix_linear(x[:, :12], w[:, :12], None, count, False, None)),
+        ("weight", lambda: ext.prefix_linear(x, w[:, :8], None, count, False, None)),
+        ("weight", lambda: ext.prefix_linear(x, w.float(), None, count, False, None)),
+        ("bias", lambda: ext.prefix_linear(x, w, w[0, :3], count, False, None)),
+        ("num_rows", lambda: ext.prefix_linear(x, w, None, count.repeat(2), False, None)),
+        ("num_rows", lambda: ext.prefix_linear(x, w, None, count.float(), False, None)),
+        ("num_rows", lambda: ext.prefix_linear(x, w, None, count.cpu(), False, None)),
+        ("residual", lambda: ext.prefix_linear(x, w, None, count, False, x)),
+        ("x", lambda: ext.mlp(x.int(), w, None, w2, None, None)),
+        ("fc1_weight", lambda: ext.mlp(x, w.cpu(), None, w2, None, None)),
+        ("fc2_weight", lambda: ext.mlp(x, w, None, w, None, None)),
+        ("fc1_bias", lambda: ext.mlp(x, w, w[0, :3], w2, None, None)),
+        ("fc2_bias", lambda: ext.mlp(x, w, None, w2, x[0, :8], None)),
+        ("residual", lambda: ext.mlp(x, w, None, w2, None, w)),
     ]
     for name, call in cases:
         with pytest.raises(ValueError, match=f"^{name}: "):
@@ -729,17 +886,26 @@ def test_bad_tables_and_depths_never_access_out_of_bounds(ext, monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager(ext):
+    """Depth sort, attention, LayerNorm, the live-row GEMMs and the MLP captured in one graph;
+    replays with new depths equal fresh calls."""
     batch, tokens, steps = 4, 197, 12
     static_depths = profile_depths("random", batch, tokens, steps, "cuda")
     x = torch.randn(batch * tokens, 3, 64, device="cuda", dtype=torch.float16)
     weight = torch.ones(192, device="cuda", dtype=torch.float16)
+    fc1 = (torch.randn(768, 192, device="cuda") / 14).half()
+    fc2 = (torch.randn(192, 768, device="cuda") / 28).half()
+    bias1, bias2 = torch.randn(768, device="cuda").half(), torch.randn(192, device="cuda").half()
 
     def forward(depths):
         layout = rk.depth_sort(depths, steps, backend="cuda")
         rows = layout.attention_rows(6, batch * tokens)
         out = rk.varlen_attention(x, x, x, layout.cu_seqlens[5], layout.cu_seqlens[5], tokens,
                                   tokens, q_rows=rows, kv_rows=rows, backend="cuda")
-        return rk.layer_norm(out.reshape(-1, 192), weight, None, backend="cuda")
+        normed = rk.layer_norm(out.reshape(-1, 192), weight, None, backend="cuda")
+        live = layout.step_rows[5:6]
+        hidden = rk.prefix_linear(normed, fc1, bias1, live, "gelu", backend="cuda")
+        mixed = rk.prefix_linear(hidden, fc2, bias2, live, residual=normed, backend="cuda")
+        return rk.mlp(mixed, fc1, bias1, fc2, bias2, residual=mixed, backend="cuda")
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -768,8 +934,23 @@ SANITIZER_SCRIPT = textwrap.dedent("""
         rk.varlen_attention(q.half(), q.half(), q.half(), cu, layout.all_rows_cu_seqlens(),
                             197, 197,
                             q_rows=rows, kv_rows=layout.image_order, backend="cuda")
+    for head_dim in (32, 128):
+        q = torch.randn(3 * 197, 2, head_dim, device="cuda", dtype=torch.float16)
+        rows = layout.attention_rows(4, 3 * 197)
+        cu = layout.cu_seqlens[3]
+        rk.varlen_attention(q, q, q, cu, cu, 197, 197, q_rows=rows, kv_rows=rows, backend="cuda")
     x = torch.randn(100, 384, device="cuda", dtype=torch.float16)
     rk.layer_norm(x, torch.ones(384, device="cuda"), None, 1e-6, x, backend="cuda")
+    w1 = torch.randn(1536, 384, device="cuda", dtype=torch.float16) / 20
+    w2 = torch.randn(384, 1536, device="cuda", dtype=torch.float16) / 40
+    b1, b2 = w1[:, 0].contiguous(), w2[:, 0].contiguous()
+    for live in (0, 37, 100, 1000):
+        count = torch.tensor([live], device="cuda")
+        h = rk.prefix_linear(x, w1, b1, count, "gelu", backend="cuda")
+        rk.prefix_linear(h, w2, b2, count, residual=x, backend="cuda")
+    rk.prefix_linear(x[:, :200], w1[:99, :200], None, count, backend="cuda")  # odd n, K tail
+    rk.mlp(x, w1, b1, w2, b2, residual=x, backend="cuda")
+    rk.mlp(x[:, :100], w1[:, :100], b1, w2[:100], b2[:100], backend="cuda")  # scalar epilogue
     torch.cuda.synchronize()
 """)
 

@@ -99,12 +99,27 @@ at::Tensor index_table(const char* name, const std::optional<at::Tensor>& rows,
   return t.to(at::kLong).contiguous();
 }
 
-// Varlen attention forward; returns a tensor like q (rows no segment covers are zero).
+// (batch,) int32 used lengths per segment, or an undefined tensor.
+at::Tensor used_lengths(const char* name, const std::optional<at::Tensor>& used,
+                        const at::Device& device, int64_t batch) {
+  if (!used.has_value()) return at::Tensor();
+  const at::Tensor& t = *used;
+  check_cuda(name, t, device);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch, name, ": expected shape (", batch,
+                    ",), one entry per segment, got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, ": expected int32, got ", t.scalar_type());
+  return t.contiguous();
+}
+
+// Varlen attention forward; returns a tensor like q (rows no segment covers are zero, or, with
+// seqused_q, unspecified).
 at::Tensor varlen_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                     int64_t max_seqlen_q, int64_t max_seqlen_k,
                                     double softmax_scale, const std::optional<at::Tensor>& q_rows,
-                                    const std::optional<at::Tensor>& kv_rows) {
+                                    const std::optional<at::Tensor>& kv_rows,
+                                    const std::optional<at::Tensor>& seqused_q,
+                                    const std::optional<at::Tensor>& seqused_k) {
   TORCH_CHECK_VALUE(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
   const at::Device device = q.device();
   TORCH_CHECK_VALUE(q.dim() == 3, "q: expected (total_q, heads, head_dim), got ", q.sizes());
@@ -145,7 +160,13 @@ at::Tensor varlen_attention_forward(const at::Tensor& q, const at::Tensor& k, co
   const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
   const at::Tensor q_table = index_table("q_rows", q_rows, device);
   const at::Tensor kv_table = index_table("kv_rows", kv_rows, device);
-  at::Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor used_q = used_lengths("seqused_q", seqused_q, device, batch);
+  const at::Tensor used_k = used_lengths("seqused_k", seqused_k, device, batch);
+  // Without used lengths the rows no segment covers are zero (the op's contract); with them they
+  // are unspecified, and no fill is paid for, as in flash-attention.
+  const auto out_options = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor out = used_q.defined() ? at::empty(q.sizes(), out_options)
+                                    : at::zeros(q.sizes(), out_options);
 
   recvit::VarlenAttentionParams p{};
   p.q = q_.data_ptr();
@@ -174,6 +195,8 @@ at::Tensor varlen_attention_forward(const at::Tensor& q, const at::Tensor& k, co
   p.q_rows_len = q_table.defined() ? q_table.numel() : 0;
   p.kv_rows = kv_table.defined() ? kv_table.data_ptr<int64_t>() : nullptr;
   p.kv_rows_len = kv_table.defined() ? kv_table.numel() : 0;
+  p.seqused_q = used_q.defined() ? used_q.data_ptr<int32_t>() : nullptr;
+  p.seqused_k = used_k.defined() ? used_k.data_ptr<int32_t>() : nullptr;
   p.softmax_scale = static_cast<float>(softmax_scale);
   check_launch("varlen_attention",
                recvit::varlen_attention_forward(p, c10::cuda::getCurrentCUDAStream()));
@@ -254,10 +277,17 @@ void check_operand(const char* name, const at::Tensor& t, const at::Tensor& like
   TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
 }
 
-// act(x W^T + bias) (+ residual) on rows < num_rows[0] (read on the device), zero on the others.
+// Whether 16-bit pairs of every row of t can go as one 32-bit access.
+bool pairs_aligned(const at::Tensor& t) {
+  return t.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
+}
+
+// act(x W^T + bias) (+ residual) on the rows < num_rows[0] (read on the device), into `out` when
+// given (its other rows untouched; it may be the residual) or a new tensor (other rows unspecified).
 at::Tensor prefix_linear(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const at::Tensor& num_rows,
-                         bool gelu, const std::optional<at::Tensor>& residual) {
+                         bool gelu, const std::optional<at::Tensor>& residual,
+                         const std::optional<at::Tensor>& out) {
   TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got device ", x.device());
   TORCH_CHECK_VALUE(x.dim() == 2, "x: expected (rows, in_features), got ", x.sizes());
   const recvit::ScalarType dtype = scalar_type("x", x, /*allow_float32=*/false);
@@ -274,6 +304,11 @@ at::Tensor prefix_linear(const at::Tensor& x, const at::Tensor& weight,
   check_operand("weight", weight, x, {n, k});
   if (bias.has_value()) check_operand("bias", *bias, x, {n});
   if (residual.has_value()) check_operand("residual", *residual, x, {rows, n});
+  if (out.has_value()) {
+    check_operand("out", *out, x, {rows, n});
+    TORCH_CHECK_VALUE(out->stride(1) == 1, "out: expected a unit column stride, got strides ",
+                      out->strides());
+  }
   check_cuda("num_rows", num_rows, x.device());
   TORCH_CHECK_VALUE(num_rows.numel() == 1, "num_rows: expected 1 element, got shape ",
                     num_rows.sizes());
@@ -284,44 +319,41 @@ at::Tensor prefix_linear(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor x_ = chunk_aligned(x), weight_ = chunk_aligned(weight);
   const at::Tensor bias_ = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor residual_;
-  if (residual.has_value()) {
-    const at::Tensor& r = *residual;
-    const bool ok = r.stride(1) == 1 && r.stride(0) % 2 == 0 &&
-                    reinterpret_cast<uintptr_t>(r.data_ptr()) % 4 == 0;
-    residual_ = ok ? r : r.contiguous();
-  }
+  if (residual.has_value()) residual_ = residual->stride(1) == 1 ? *residual : residual->contiguous();
   const at::Tensor count = num_rows.contiguous();
-  at::Tensor out = at::empty({rows, n}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor result = out.has_value()
+      ? *out : at::empty({rows, n}, x.options().memory_format(at::MemoryFormat::Contiguous));
 
   recvit::PrefixLinearParams p{};
   p.x = x_.data_ptr();
   p.weight = weight_.data_ptr();
   p.bias = bias_.defined() ? bias_.data_ptr() : nullptr;
   p.residual = residual_.defined() ? residual_.data_ptr() : nullptr;
-  p.out = out.data_ptr();
+  p.out = result.data_ptr();
   p.dtype = dtype;
   p.x_row_stride = x_.stride(0);
   p.weight_row_stride = weight_.stride(0);
   p.residual_row_stride = residual_.defined() ? residual_.stride(0) : 0;
-  p.out_row_stride = out.stride(0);
+  p.out_row_stride = result.stride(0);
   p.rows = rows;
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);
   p.num_rows = count.data_ptr();
   p.num_rows_int64 = count.scalar_type() == at::kLong;
   p.gelu = gelu;
+  p.paired = n % 2 == 0 && pairs_aligned(result) && (!residual_.defined() || pairs_aligned(residual_));
   check_launch("prefix_linear", recvit::prefix_linear(p, c10::cuda::getCurrentCUDAStream()));
-  return out;
+  return result;
 }
 
-// In place on y (contiguous): y = act(y + bias) (+ residual).
-void linear_epilogue(at::Tensor& y, const at::Tensor& bias, const at::Tensor& residual, bool gelu,
-                     recvit::ScalarType dtype) {
+// out = act(y + bias) (+ residual) over contiguous (rows, cols) tensors; out may be y or residual.
+void linear_epilogue(const at::Tensor& y, const at::Tensor& bias, const at::Tensor& residual,
+                     at::Tensor& out, bool gelu, recvit::ScalarType dtype) {
   recvit::LinearEpilogueParams p{};
   p.y = y.data_ptr();
   p.bias = bias.defined() ? bias.data_ptr() : nullptr;
   p.residual = residual.defined() ? residual.data_ptr() : nullptr;
-  p.out = y.data_ptr();
+  p.out = out.data_ptr();
   p.dtype = dtype;
   p.rows = y.size(0);
   p.cols = y.size(1);
@@ -330,11 +362,11 @@ void linear_epilogue(at::Tensor& y, const at::Tensor& bias, const at::Tensor& re
 }
 
 // residual + fc2(gelu(fc1(x))): cuBLAS GEMMs through at::mm, bias + exact GELU and
-// bias + residual in the fused epilogue kernel.
+// bias + residual in the fused epilogue kernel; into `out` when given (it may be the residual).
 at::Tensor mlp(const at::Tensor& x, const at::Tensor& fc1_weight,
                const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
                const std::optional<at::Tensor>& fc2_bias,
-               const std::optional<at::Tensor>& residual) {
+               const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& out) {
   TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got device ", x.device());
   TORCH_CHECK_VALUE(x.dim() == 2, "x: expected (rows, in_features), got ", x.sizes());
   const recvit::ScalarType dtype = scalar_type("x", x, /*allow_float32=*/true);
@@ -350,18 +382,23 @@ at::Tensor mlp(const at::Tensor& x, const at::Tensor& fc1_weight,
   if (fc1_bias.has_value()) check_operand("fc1_bias", *fc1_bias, x, {hidden});
   if (fc2_bias.has_value()) check_operand("fc2_bias", *fc2_bias, x, {n});
   if (residual.has_value()) check_operand("residual", *residual, x, {rows, n});
+  if (out.has_value()) check_operand("out", *out, x, {rows, n});
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor h = at::mm(x, fc1_weight.t());
-  linear_epilogue(h, fc1_bias.has_value() ? fc1_bias->contiguous() : at::Tensor(), at::Tensor(),
+  linear_epilogue(h, fc1_bias.has_value() ? fc1_bias->contiguous() : at::Tensor(), at::Tensor(), h,
                   /*gelu=*/true, dtype);
-  at::Tensor out = at::mm(h, fc2_weight.t());
-  if (fc2_bias.has_value() || residual.has_value()) {
-    linear_epilogue(out, fc2_bias.has_value() ? fc2_bias->contiguous() : at::Tensor(),
-                    residual.has_value() ? residual->contiguous() : at::Tensor(),
-                    /*gelu=*/false, dtype);
+  at::Tensor y = at::mm(h, fc2_weight.t());
+  if (!fc2_bias.has_value() && !residual.has_value()) return out.has_value() ? out->copy_(y) : y;
+  const at::Tensor bias_ = fc2_bias.has_value() ? fc2_bias->contiguous() : at::Tensor();
+  const at::Tensor residual_ = residual.has_value() ? residual->contiguous() : at::Tensor();
+  if (out.has_value() && out->is_contiguous()) {
+    at::Tensor target = *out;
+    linear_epilogue(y, bias_, residual_, target, /*gelu=*/false, dtype);
+    return target;
   }
-  return out;
+  linear_epilogue(y, bias_, residual_, y, /*gelu=*/false, dtype);
+  return out.has_value() ? out->copy_(y) : y;
 }
 
 }  // namespace
@@ -373,13 +410,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("varlen_attention_forward", &varlen_attention_forward, py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
         py::arg("max_seqlen_k"), py::arg("softmax_scale"), py::arg("q_rows") = py::none(),
-        py::arg("kv_rows") = py::none());
+        py::arg("kv_rows") = py::none(), py::arg("seqused_q") = py::none(),
+        py::arg("seqused_k") = py::none());
   m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("eps"), py::arg("residual") = py::none());
   m.def("prefix_linear", &prefix_linear, py::arg("x"), py::arg("weight"), py::arg("bias"),
-        py::arg("num_rows"), py::arg("gelu"), py::arg("residual") = py::none());
+        py::arg("num_rows"), py::arg("gelu"), py::arg("residual") = py::none(),
+        py::arg("out") = py::none());
   m.def("mlp", &mlp, py::arg("x"), py::arg("fc1_weight"), py::arg("fc1_bias"),
-        py::arg("fc2_weight"), py::arg("fc2_bias"), py::arg("residual") = py::none());
+        py::arg("fc2_weight"), py::arg("fc2_bias"), py::arg("residual") = py::none(),
+        py::arg("out") = py::none());
   m.def("attention_supports_head_dim", [](int head_dim) {
     return recvit::varlen_attention_supports_head_dim(head_dim);
   });

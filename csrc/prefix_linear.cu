@@ -6,9 +6,9 @@
 // through a 3-stage cp.async pipeline (zero fill past M, N and K), fragments come from shared
 // memory by ldmatrix: x plain as the A operand; W (N, K) plain as the B operand, since a row of W
 // is a column of W^T. The epilogue adds the bias, applies the exact (erf) GELU and adds the
-// residual in fp32, rounds once and stores zeros for the rows M..rows of the block. A block whose
-// first row is at or past M skips the K loop and only stores its zeros, so the work follows M while
-// the grid depends on the static row count alone.
+// residual in fp32, rounds once and stores the live rows only. A block whose first row is at or
+// past M returns at once, so the work and the memory traffic follow M while the grid depends on
+// the static row count alone.
 #include <cstdint>
 
 #include "convert.cuh"
@@ -75,7 +75,8 @@ __global__ void __launch_bounds__(kThreads) prefix_linear_kernel(const PrefixLin
   const int64_t count = p.num_rows_int64 ? *static_cast<const int64_t*>(p.num_rows)
                                          : *static_cast<const int32_t*>(p.num_rows);
   const int64_t live = count < 0 ? 0 : (count > p.rows ? p.rows : count);
-  const int k_steps = m0 < live ? (p.k + kBlockK - 1) / kBlockK : 0;
+  if (m0 >= live) return;
+  const int k_steps = (p.k + kBlockK - 1) / kBlockK;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_m = (warp / kWarpsN) * kWarpM, warp_n = (warp % kWarpsN) * kWarpN;
@@ -127,8 +128,6 @@ __global__ void __launch_bounds__(kThreads) prefix_linear_kernel(const PrefixLin
   const T* residual = static_cast<const T*>(p.residual);
   T* out = static_cast<T*>(p.out);
   const int group = lane / 4, pair = (lane % 4) * 2;
-  // Pairs go as one 32-bit access when every row starts on an even element (n even: see binding).
-  const bool paired = p.n % 2 == 0;
 #pragma unroll
   for (int j = 0; j < kNTiles; ++j) {
     const int col = n0 + warp_n + j * 8 + pair;
@@ -144,29 +143,26 @@ __global__ void __launch_bounds__(kThreads) prefix_linear_kernel(const PrefixLin
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t row = m0 + warp_m + i * 16 + group + 8 * h;
-        if (row >= p.rows) continue;
-        float v0 = 0.f, v1 = 0.f;
-        if (row < live) {
-          v0 = acc[i][j][2 * h] + bias0;
-          v1 = acc[i][j][2 * h + 1] + bias1;
-          if (p.gelu) {
-            v0 = gelu_erf(v0);
-            v1 = gelu_erf(v1);
-          }
-          if (residual != nullptr) {
-            const T* r = residual + row * p.residual_row_stride + col;
-            if (paired) {
-              const float2 both = Pack<T>::unpack(*reinterpret_cast<const uint32_t*>(r));
-              v0 += both.x;
-              v1 += both.y;
-            } else {
-              v0 += to_float(r[0]);
-              if (second) v1 += to_float(r[1]);
-            }
+        if (row >= live) continue;
+        float v0 = acc[i][j][2 * h] + bias0;
+        float v1 = acc[i][j][2 * h + 1] + bias1;
+        if (p.gelu) {
+          v0 = gelu_erf(v0);
+          v1 = gelu_erf(v1);
+        }
+        if (residual != nullptr) {
+          const T* r = residual + row * p.residual_row_stride + col;
+          if (p.paired) {
+            const float2 both = Pack<T>::unpack(*reinterpret_cast<const uint32_t*>(r));
+            v0 += both.x;
+            v1 += both.y;
+          } else {
+            v0 += to_float(r[0]);
+            if (second) v1 += to_float(r[1]);
           }
         }
         T* o = out + row * p.out_row_stride + col;
-        if (paired) {
+        if (p.paired) {
           *reinterpret_cast<uint32_t*>(o) = Pack<T>::two(v0, v1);
         } else {
           o[0] = from_float<T>(v0);
@@ -191,8 +187,8 @@ cudaError_t prefix_linear(const PrefixLinearParams& p, cudaStream_t stream) {
   if (p.rows < 0 || p.rows > kMaxPrefixLinearRows || p.n < 0 || p.k < 0 ||
       p.k % kPrefixLinearKMultiple != 0 || p.x_row_stride % kChunk != 0 ||
       p.weight_row_stride % kChunk != 0 || p.num_rows == nullptr ||
-      (p.n % 2 == 0 && (p.out_row_stride % 2 != 0 ||
-                        (p.residual != nullptr && p.residual_row_stride % 2 != 0)))) {
+      (p.paired && (p.n % 2 != 0 || p.out_row_stride % 2 != 0 ||
+                    (p.residual != nullptr && p.residual_row_stride % 2 != 0)))) {
     return cudaErrorInvalidValue;
   }
   if (p.rows == 0 || p.n == 0) return cudaSuccess;

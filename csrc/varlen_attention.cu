@@ -9,9 +9,9 @@
 // in the 8x8 blocks ldmatrix moves). S = Q K^T on tensor cores (fp32 accumulate), an online
 // softmax in registers (base 2, FlashAttention-2's rescaling, the 1/sum applied once at the end),
 // then O += P V with P taken straight from the S accumulators (their layout equals the A
-// operand's). Segment bounds are read from cu_seqlens in device memory; blocks past a segment's
-// end return at once, so the grid can be sized by the static bound max_seqlen_q. Rows are reached
-// through the optional index tables.
+// operand's). Segment bounds are read from cu_seqlens (and the used lengths seqused_q/k) in device
+// memory; blocks past a segment's end return at once, so the grid can be sized by the static bound
+// max_seqlen_q. Rows are reached through the optional index tables.
 #include <cstdint>
 
 #include "mma_sm80.cuh"
@@ -80,6 +80,8 @@ varlen_attention_kernel(const VarlenAttentionParams p) {
   const int64_t k_start = p.cu_seqlens_k[segment];
   int64_t q_len = static_cast<int64_t>(p.cu_seqlens_q[segment + 1]) - q_start;
   int64_t k_len = static_cast<int64_t>(p.cu_seqlens_k[segment + 1]) - k_start;
+  if (p.seqused_q != nullptr && p.seqused_q[segment] < q_len) q_len = p.seqused_q[segment];
+  if (p.seqused_k != nullptr && p.seqused_k[segment] < k_len) k_len = p.seqused_k[segment];
   q_len = q_len < 0 ? 0 : (q_len > p.max_seqlen_q ? p.max_seqlen_q : q_len);
   k_len = k_len < 0 ? 0 : (k_len > p.max_seqlen_k ? p.max_seqlen_k : k_len);
   const int64_t m_first = static_cast<int64_t>(m_block) * kBlockM;

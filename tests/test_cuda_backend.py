@@ -327,7 +327,7 @@ def table_rows(first, count, rows, total, size=64):
 
 
 def emulate_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, q_rows=None, kv_rows=None,
-                             dtype=torch.float16):
+                             dtype=torch.float16, seqused_q=None, seqused_k=None):
     """csrc/varlen_attention.cu, block by block, the heads batched with the 4 warps (W = 4 H);
     q/k/v float32 holding ``dtype`` values. cp.async's double buffering only reorders copies, so
     each tile is loaded when it is used."""
@@ -351,8 +351,12 @@ def emulate_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, q_rows=No
 
     for segment in range(cu_q.numel() - 1):
         q_start, k_start = int(cu_q[segment]), int(cu_k[segment])
-        q_len = min(max(int(cu_q[segment + 1]) - q_start, 0), max_q)
-        k_len = min(max(int(cu_k[segment + 1]) - k_start, 0), max_k)
+        q_len, k_len = int(cu_q[segment + 1]) - q_start, int(cu_k[segment + 1]) - k_start
+        if seqused_q is not None:
+            q_len = min(q_len, int(seqused_q[segment]))
+        if seqused_k is not None:
+            k_len = min(k_len, int(seqused_k[segment]))
+        q_len, k_len = min(max(q_len, 0), max_q), min(max(k_len, 0), max_k)
         for m_block in range((max_q + 63) // 64):
             m_first = m_block * 64
             if m_first >= q_len:
@@ -418,21 +422,23 @@ def emulate_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, q_rows=No
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case,head_dim", [("sorted_active", 64), ("sorted_all", 64), ("plain", 64),
-                                           ("clipped", 64), ("sorted_active", 32), ("plain", 128)])
+                                           ("clipped", 64), ("seqused", 64), ("sorted_active", 32),
+                                           ("plain", 128)])
 def test_emulated_varlen_attention_matches_eager(dtype, case, head_dim):
     """The kernel's fragments (ldmatrix, ldmatrix.trans, mma), masking and online softmax give the
     op's result (error vs fp64 at most 2x the eager op's in ``dtype`` + floor) for head_dim 32, 64
     and 128; segments of 1, 64, 65 and >128 rows, empty ones, index tables, and a static bound below
-    the longest segment (positions past it are ignored)."""
+    the longest segment (positions past it are ignored); used lengths over one table with static
+    segment starts (``seqused``, as the sync-free path calls it) equal the step's own tables."""
     torch.manual_seed(1)
     heads, q_rows, kv_rows, max_len = 2, None, None, 150
-    if case.startswith("sorted"):
+    if case.startswith("sorted") or case == "seqused":
         depths = profile_depths("cls_deep", 3, 150, 4)
         layout = _depth_sort_eager(depths, 4)
         total = 3 * 150
         cu_q = layout.cu_seqlens[1]
         q_rows = layout.attention_rows(2, total)
-        cu_k, kv_rows = ((cu_q, q_rows) if case == "sorted_active"
+        cu_k, kv_rows = ((cu_q, q_rows) if case in ("sorted_active", "seqused")
                          else (layout.all_rows_cu_seqlens(), layout.image_order))
     else:
         lengths = torch.tensor([1, 64, 0, 65, 150])
@@ -442,7 +448,13 @@ def test_emulated_varlen_attention_matches_eager(dtype, case, head_dim):
             max_len = 100
     q, k, v = (torch.randn(total, heads, head_dim).to(dtype) for _ in range(3))
     args = (cu_q, cu_k, max_len, max_len, head_dim ** -0.5)
-    ours = emulate_varlen_attention(q.float(), k.float(), v.float(), *args, q_rows, kv_rows, dtype)
+    if case == "seqused":  # the kernel sees static starts b*N and the used lengths
+        starts, used = layout.all_rows_cu_seqlens(), layout.image_lengths[1]
+        ours = emulate_varlen_attention(q.float(), k.float(), v.float(), starts, starts, *args[2:],
+                                        layout.image_order, layout.image_order, dtype, used, used)
+    else:
+        ours = emulate_varlen_attention(q.float(), k.float(), v.float(), *args, q_rows, kv_rows,
+                                        dtype)
     reference = rk.varlen_attention(q.double(), k.double(), v.double(), *args, q_rows=q_rows,
                                     kv_rows=kv_rows, backend="eager")
     theirs = rk.varlen_attention(q, k, v, *args, q_rows=q_rows, kv_rows=kv_rows, backend="eager")
@@ -487,11 +499,12 @@ def test_emulated_ldmatrix_gives_the_mma_operands():
 def emulate_prefix_linear(x, weight, bias, num_rows, gelu, residual, dtype):
     """csrc/prefix_linear.cu, block by block (its 4 warps batched); float32 tensors holding
     ``dtype`` values. The 3-stage cp.async pipeline only reorders copies, so each K step's tiles
-    are loaded when they are used."""
+    are loaded when they are used. The result starts as NaN: rows the kernel does not store stay
+    NaN."""
     rows, k_dim = x.shape
     n_out = weight.shape[0]
     live = min(max(num_rows, 0), rows)
-    out = torch.full((rows, n_out), math.nan)  # every element must be stored by some block
+    out = torch.full((rows, n_out), math.nan)
     warp = torch.arange(4)[:, None]
     warp_m, warp_n = (warp // 2) * 64, (warp % 2) * 32
     lane = LANE.expand(4, 32)
@@ -507,7 +520,9 @@ def emulate_prefix_linear(x, weight, bias, num_rows, gelu, residual, dtype):
 
     for m0 in range(0, rows, 128):
         for n0 in range(0, n_out, 64):
-            k_steps = (k_dim + 31) // 32 if m0 < live else 0
+            if m0 >= live:
+                continue  # the block returns
+            k_steps = (k_dim + 31) // 32
             acc = torch.zeros(4, 4, 4, 32, 4)  # [i][j]: (W, 32, 4)
             for k_step in range(k_steps):
                 a_tile = load(x, m0, live, k_step * 32, 128)
@@ -526,7 +541,7 @@ def emulate_prefix_linear(x, weight, bias, num_rows, gelu, residual, dtype):
                         row = m0 + warp_m + i * 16 + GROUP + 8 * h  # (4, 32)
                         for e in range(2):
                             col = n0 + warp_n + j * 8 + PAIR + e
-                            stored = (row < rows) & (col < n_out)
+                            stored = (row < live) & (col < n_out)
                             r, c = row[stored], col[stored]
                             value = acc[i, j][..., 2 * h + e][stored]
                             if bias is not None:
@@ -534,8 +549,8 @@ def emulate_prefix_linear(x, weight, bias, num_rows, gelu, residual, dtype):
                             if gelu:
                                 value = torch.nn.functional.gelu(value)
                             if residual is not None:
-                                value = value + torch.where(r < live, residual[r, c], 0.0)
-                            out[r, c] = torch.where(r < live, value, 0.0).to(dtype).float()
+                                value = value + residual[r, c]
+                            out[r, c] = value.to(dtype).float()
     return out
 
 
@@ -544,10 +559,10 @@ def emulate_prefix_linear(x, weight, bias, num_rows, gelu, residual, dtype):
 @pytest.mark.parametrize("live,epilogue", [(0, "gelu"), (1, "residual"), (100, "gelu"), (128, "none"),
                                            (150, "residual"), (10**6, "all"), (-3, "gelu")])
 def test_emulated_prefix_linear_matches_eager(dtype, live, epilogue):
-    """The GEMM kernel's fragments and epilogue give the op's result: live counts of none, one,
-    part of a row block, a whole block, all rows, past the rows and negative; 2 row blocks, a
-    partial column block (n = 72), a partial K step (K = 40); bias + GELU, bias + residual, both,
-    neither."""
+    """The GEMM kernel's fragments and epilogue give the op's result on the live rows and store
+    nothing past them: live counts of none, one, part of a row block, a whole block, all rows, past
+    the rows and negative; 2 row blocks, a partial column block (n = 72), a partial K step (K = 40);
+    bias + GELU, bias + residual, both, neither."""
     rows, k_dim, n_out = 150, 40, 72
     x = torch.randn(rows, k_dim).to(dtype)
     weight = (torch.randn(n_out, k_dim) / k_dim ** 0.5).to(dtype)
@@ -562,8 +577,10 @@ def test_emulated_prefix_linear_matches_eager(dtype, live, epilogue):
     reference = rk.prefix_linear(x.double(), weight.double(), as_double(bias), num_rows, activation,
                                  as_double(residual), backend="eager")
     theirs = rk.prefix_linear(x, weight, bias, num_rows, activation, residual, backend="eager")
-    assert_flash_rule(ours, theirs, reference, FLOOR[dtype])
-    assert torch.all(ours[max(live, 0):] == 0)
+    stored = min(max(live, 0), rows)
+    assert not ours[:stored].isnan().any() and ours[stored:].isnan().all()
+    if stored:
+        assert_flash_rule(ours[:stored], theirs[:stored], reference[:stored], FLOOR[dtype])
 
 
 # ---------------------------------------------------------------- GPU: kernels vs eager
@@ -677,6 +694,31 @@ def test_varlen_attention_other_head_dims(ext, dtype, kv, head_dim):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_varlen_attention_used_lengths(ext, dtype, head_dim):
+    """seqused_q/k over one table with static segment starts (the sync-free path's call) gives the
+    step's rows exactly as the step's own tables do."""
+    batch, tokens, steps = 8, 197, 12
+    depths = profile_depths("cls_deep", batch, tokens, steps, "cuda")
+    layout = rk.depth_sort(depths, steps, backend="cuda")
+    total = batch * tokens
+    q, k, v = (torch.randn(total, 3, head_dim, device="cuda", dtype=dtype) for _ in range(3))
+    starts = layout.all_rows_cu_seqlens()
+    for step in (1, 6, 12):
+        used = layout.image_lengths[step - 1]
+        with no_host_sync():
+            ours = ext.varlen_attention_forward(q, k, v, starts, starts, tokens, tokens,
+                                                head_dim ** -0.5, layout.image_order,
+                                                layout.image_order, used, used)
+        rows = layout.attention_rows(step, total)
+        cu = layout.cu_seqlens[step - 1]
+        expected = check_attention(q, k, v, cu, cu, tokens, tokens, rows, rows)
+        active = rows[:int(layout.step_rows[step - 1])]
+        assert torch.equal(ours[active], expected[active])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_varlen_attention_plain_segments_and_strided_input(ext, dtype, head_dim):
     lengths = torch.tensor([197, 1, 64, 65, 130, 0, 577])
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).cuda()
@@ -738,21 +780,25 @@ def linear_operands(rows, k_dim, n_out, dtype, epilogue):
     return x, weight, bias, residual, "gelu" if epilogue in ("gelu", "all") else None
 
 
-def check_prefix_linear(x, weight, bias, num_rows, activation, residual):
-    """The cuda prefix_linear, without a host sync, equals eager under the tolerance rule (fp64
-    reference) and leaves exact zeros past the live count."""
+def check_prefix_linear(ext, x, weight, bias, num_rows, activation, residual):
+    """The cuda prefix_linear, without a host sync, equals eager on the live rows under the
+    tolerance rule (fp64 reference); written into ``out`` it gives the same rows and leaves the
+    others untouched. Returns the live rows."""
     with no_host_sync():
         ours = rk.prefix_linear(x, weight, bias, num_rows, activation, residual, backend="cuda")
+        sentinel = torch.full_like(ours, math.nan)
+        into = ext.prefix_linear(x, weight, bias, num_rows, activation == "gelu", residual, sentinel)
+    assert into.data_ptr() == sentinel.data_ptr()
     theirs = rk.prefix_linear(x, weight, bias, num_rows, activation, residual, backend="eager")
     reference = rk.prefix_linear(x.double(), weight.double(), optional(bias, torch.Tensor.double),
                                  num_rows, activation, optional(residual, torch.Tensor.double),
                                  backend="eager")
     assert ours.shape == (x.shape[0], weight.shape[0]) and ours.dtype == x.dtype
-    live = max(int(num_rows), 0)
-    assert torch.all(ours[live:] == 0)
-    if ours.numel():
-        assert_flash_rule(ours, theirs, reference, FLOOR[x.dtype])
-    return ours
+    live = min(max(int(num_rows), 0), x.shape[0])
+    assert torch.equal(sentinel[:live], ours[:live]) and sentinel[live:].isnan().all()
+    if live and ours.shape[1]:
+        assert_flash_rule(ours[:live], theirs[:live], reference[:live], FLOOR[x.dtype])
+    return ours[:live]
 
 
 @pytest.mark.gpu
@@ -767,23 +813,28 @@ def test_prefix_linear_matches_eager(ext, dtype, rows, k_dim, n_out, epilogue):
     x, weight, bias, residual, activation = linear_operands(rows, k_dim, n_out, dtype, epilogue)
     for live in sorted({0, 1, rows // 3, 128, rows, rows + 50}):
         num_rows = torch.tensor([live], device="cuda")
-        check_prefix_linear(x, weight, bias, num_rows, activation, residual)
+        check_prefix_linear(ext, x, weight, bias, num_rows, activation, residual)
 
 
 @pytest.mark.gpu
 def test_prefix_linear_input_forms(ext):
     """A strided x (used in place), a misaligned one (copied), a strided residual, int32 and int64
-    counts: the same results."""
+    counts, and the residual itself as ``out`` (the sync-free path's fc2): the same live rows."""
     wide = torch.randn(300, 3 * 256, device="cuda", dtype=torch.bfloat16)
     weight = (torch.randn(128, 256, device="cuda") / 16).to(torch.bfloat16)
     bias = torch.randn(128, device="cuda", dtype=torch.bfloat16)
     residual = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)[:, 64:192]
     counts = (torch.tensor([123], device="cuda", dtype=torch.int32), torch.tensor([123], device="cuda"))
     for x in (wide[:, 256:512], wide[:, 1:257]):
-        expected = check_prefix_linear(x.contiguous(), weight, bias, counts[1], "gelu", residual)
+        expected = check_prefix_linear(ext, x.contiguous(), weight, bias, counts[1], "gelu", residual)
         for count in counts:
-            ours = check_prefix_linear(x, weight, bias, count, "gelu", residual)
-            assert torch.equal(ours, expected)
+            assert torch.equal(check_prefix_linear(ext, x, weight, bias, count, "gelu", residual),
+                               expected)
+    stream = torch.randn(300, 128, device="cuda", dtype=torch.bfloat16)
+    old = stream.clone()
+    expected = check_prefix_linear(ext, wide[:, :256], weight, bias, counts[0], None, stream)
+    ext.prefix_linear(wide[:, :256], weight, bias, counts[0], False, stream, stream)
+    assert torch.equal(stream[:123], expected) and torch.equal(stream[123:], old[123:])
 
 
 @pytest.mark.gpu
@@ -808,6 +859,13 @@ def test_mlp_matches_eager(ext, dtype, rows, dim, with_bias, with_residual):
     assert ours.shape == (rows, dim) and ours.dtype == dtype
     if rows:
         assert_flash_rule(ours, theirs, reference, FLOOR[dtype])
+    if with_residual:  # into the residual itself, and into a strided out: the same values
+        stream = residual.clone()
+        ext.mlp(*args[:5], stream, stream)
+        wide = torch.zeros(rows, 2 * dim, device="cuda", dtype=dtype)
+        ext.mlp(*args, wide[:, :dim])
+        assert torch.equal(stream, ours) and torch.equal(wide[:, :dim], ours)
+        assert torch.all(wide[:, dim:] == 0)
 
 
 @pytest.mark.gpu
@@ -887,7 +945,7 @@ def test_bad_tables_and_depths_never_access_out_of_bounds(ext, monkeypatch):
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager(ext):
     """Depth sort, attention, LayerNorm, the live-row GEMMs and the MLP captured in one graph;
-    replays with new depths equal fresh calls."""
+    replays with new depths equal fresh calls on the live rows."""
     batch, tokens, steps = 4, 197, 12
     static_depths = profile_depths("random", batch, tokens, steps, "cuda")
     x = torch.randn(batch * tokens, 3, 64, device="cuda", dtype=torch.float16)
@@ -905,7 +963,7 @@ def test_cuda_graph_replay_equals_eager(ext):
         live = layout.step_rows[5:6]
         hidden = rk.prefix_linear(normed, fc1, bias1, live, "gelu", backend="cuda")
         mixed = rk.prefix_linear(hidden, fc2, bias2, live, residual=normed, backend="cuda")
-        return rk.mlp(mixed, fc1, bias1, fc2, bias2, residual=mixed, backend="cuda")
+        return rk.mlp(mixed, fc1, bias1, fc2, bias2, residual=mixed, backend="cuda"), live
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -914,15 +972,19 @@ def test_cuda_graph_replay_equals_eager(ext):
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = forward(static_depths)
+        static_out, static_live = forward(static_depths)
     for profile in ("random", "all_one", "cls_deep"):
         static_depths.copy_(profile_depths(profile, batch, tokens, steps, "cuda"))
         graph.replay()
-        torch.testing.assert_close(static_out, forward(static_depths), rtol=0, atol=0)
+        fresh, live = forward(static_depths)
+        assert torch.equal(static_live, live)
+        rows = int(live)  # rows past the live count are unspecified (never written)
+        torch.testing.assert_close(static_out[:rows], fresh[:rows], rtol=0, atol=0)
 
 
 SANITIZER_SCRIPT = textwrap.dedent("""
     import torch, recvit_kernels as rk
+    from recvit_kernels.cuda import extension
     depths = torch.randint(1, 13, (3, 197), device="cuda")
     depths[0] = 1
     layout = rk.depth_sort(depths, 12, backend="cuda")
@@ -934,6 +996,12 @@ SANITIZER_SCRIPT = textwrap.dedent("""
         rk.varlen_attention(q.half(), q.half(), q.half(), cu, layout.all_rows_cu_seqlens(),
                             197, 197,
                             q_rows=rows, kv_rows=layout.image_order, backend="cuda")
+    ext = extension()
+    starts = layout.all_rows_cu_seqlens()
+    for step in (1, 6, 12):  # used lengths over one table, as the sync-free path calls it
+        used = layout.image_lengths[step - 1]
+        ext.varlen_attention_forward(q, q, q, starts, starts, 197, 197, 0.125, layout.image_order,
+                                     layout.image_order, used, used)
     for head_dim in (32, 128):
         q = torch.randn(3 * 197, 2, head_dim, device="cuda", dtype=torch.float16)
         rows = layout.attention_rows(4, 3 * 197)
@@ -951,6 +1019,8 @@ SANITIZER_SCRIPT = textwrap.dedent("""
     rk.prefix_linear(x[:, :200], w1[:99, :200], None, count, backend="cuda")  # odd n, K tail
     rk.mlp(x, w1, b1, w2, b2, residual=x, backend="cuda")
     rk.mlp(x[:, :100], w1[:, :100], b1, w2[:100], b2[:100], backend="cuda")  # scalar epilogue
+    ext.prefix_linear(h, w2, b2, torch.tensor([37], device="cuda"), False, x, x)  # in place
+    ext.mlp(x, w1, b1, w2, b2, x, x)  # in place on the residual
     torch.cuda.synchronize()
 """)
 

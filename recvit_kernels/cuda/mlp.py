@@ -1,9 +1,11 @@
 """The transformer MLP over rows: cuBLAS GEMMs (through torch, in the extension) with the bias +
 exact-GELU and bias + residual epilogues in the extension's fused element-wise kernel.
 
-Same contract as :func:`recvit_kernels.mlp`: ``residual + fc2(gelu(fc1(x)))``, x (rows, C). float32,
-float16 and bfloat16, every tensor in x's dtype; other calls are declined with the reason. For the
-row count on the device (the sync-free path) see :mod:`recvit_kernels.cuda.prefix_linear`.
+Same contract as :func:`recvit_kernels.mlp`: ``residual + fc2(gelu(fc1(x)))``, x (rows, C); with
+``out`` the result is written into it (it may be the residual: the epilogue reads each element
+before writing it). float32, float16 and bfloat16, every tensor in x's dtype; other calls are
+declined with the reason. For the row count on the device (the sync-free path) see
+:mod:`recvit_kernels.cuda.prefix_linear`.
 """
 from __future__ import annotations
 
@@ -33,5 +35,5 @@ def _supports(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual) -> Option
 
 
 @register("mlp", "cuda", supports=_supports)
-def mlp_cuda(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual) -> torch.Tensor:
-    return extension().mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
+def mlp_cuda(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out=None) -> torch.Tensor:
+    return extension().mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out)

@@ -1,9 +1,12 @@
 """Linear layer on the live row prefix (the extension's mma.sync GEMM, sm_80+).
 
 Same contract as :func:`recvit_kernels.prefix_linear`: ``act(x @ weight.T + bias) [+ residual]`` on
-the rows ``r < num_rows[0]`` of x (R, K), zeros on the others, the count read on the device (no
-host sync, CUDA-graph capture). The row blocks past the count skip the GEMM and only store their
-zeros. float16 and bfloat16 with K a multiple of 8; other calls are declined with the reason.
+the rows ``r < num_rows[0]`` of x (R, K), the count read on the device (no host sync, CUDA-graph
+capture). The rows past the count are neither read nor written: the row blocks past it return at
+once, so the cost follows the live rows. With ``out`` (R, N_out) the live rows are written into it
+in place (it may be the residual) and its other rows keep their values; without it the other rows
+of the new result are unspecified (uninitialised memory). float16 and bfloat16 with K a multiple
+of 8; other calls are declined with the reason.
 """
 from __future__ import annotations
 
@@ -36,5 +39,5 @@ def _supports(x, weight, bias, num_rows, activation, residual) -> Optional[str]:
 
 
 @register("prefix_linear", "cuda", supports=_supports)
-def prefix_linear_cuda(x, weight, bias, num_rows, activation, residual) -> torch.Tensor:
-    return extension().prefix_linear(x, weight, bias, num_rows, activation == "gelu", residual)
+def prefix_linear_cuda(x, weight, bias, num_rows, activation, residual, out=None) -> torch.Tensor:
+    return extension().prefix_linear(x, weight, bias, num_rows, activation == "gelu", residual, out)

@@ -2,8 +2,9 @@
 
 Same contract as :func:`recvit_kernels.varlen_attention`: q (total_q, H, D), k/v (total_k, H, D),
 int32 device ``cu_seqlens_q/k``, host bounds ``max_seqlen_q/k``, optional ``q_rows``/``kv_rows``
-index tables; rows no segment covers are zero. fp16 and bf16, head_dim 32, 64 and 128; other calls
-are declined with the reason (``auto`` then takes another backend).
+index tables, optional used lengths ``seqused_q``/``seqused_k`` ((B,) int32, read by the kernel);
+rows no segment covers are zero (with ``seqused_q``: unspecified, no fill). fp16 and bf16, head_dim
+32, 64 and 128; other calls are declined with the reason (``auto`` then takes another backend).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, *,
-              q_rows=None, kv_rows=None) -> Optional[str]:
+              q_rows=None, kv_rows=None, seqused_q=None, seqused_k=None) -> Optional[str]:
     reason = device_reason("q", q) or grad_reason(q, k, v)
     if reason is not None:
         return reason
@@ -31,6 +32,8 @@ def _supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 
 @register("varlen_attention", "cuda", supports=_supports)
 def varlen_attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          softmax_scale, *, q_rows=None, kv_rows=None) -> torch.Tensor:
+                          softmax_scale, *, q_rows=None, kv_rows=None, seqused_q=None,
+                          seqused_k=None) -> torch.Tensor:
     return extension().varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                max_seqlen_k, softmax_scale, q_rows, kv_rows)
+                                                max_seqlen_k, softmax_scale, q_rows, kv_rows,
+                                                seqused_q, seqused_k)

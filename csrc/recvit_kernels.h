@@ -99,10 +99,11 @@ cudaError_t layer_norm(const LayerNormParams& params, cudaStream_t stream);
 // ---- linear layer on the live row prefix, the row count read from device memory ----
 // out[r] = act(x[r] W^T + bias) (+ residual[r]) for r < M = clamp(*num_rows, 0, rows); the rows
 // r >= M of x, residual and out are neither read nor written (out may be the residual itself: each
-// element is read before it is written, by the same thread). x (rows, K), weight (N, K), bias (N,)
-// or nullptr, residual/out (rows, N), all in dtype (fp16/bf16) with the last dimension contiguous;
-// x and weight with row strides multiples of 8 and 16-byte aligned pointers (K % 8 == 0). Row
-// blocks past M return at once, so the work follows M while the launch depends on rows alone.
+// element is read before it is written, by the same thread; out must not overlap x or weight).
+// x (rows, K), weight (N, K), bias (N,) or nullptr, residual/out (rows, N), all in dtype
+// (fp16/bf16) with the last dimension contiguous; x and weight with row strides multiples of 8 and
+// 16-byte aligned pointers (K % 8 == 0). Row blocks past M return at once, so the work follows M
+// while the launch depends on rows alone.
 struct PrefixLinearParams {
   const void* x;
   const void* weight;

@@ -583,6 +583,84 @@ def test_emulated_prefix_linear_matches_eager(dtype, live, epilogue):
         assert_flash_rule(ours[:stored], theirs[:stored], reference[:stored], FLOOR[dtype])
 
 
+def gemm_schedule(k_steps, stages=3):
+    """csrc/prefix_linear.cu's main loop as a sequence of cp.async / barrier / compute events."""
+    events = []
+    for stage in range(stages - 1):
+        if stage < k_steps:
+            events.append(("load", stage, stage))
+        events.append(("commit",))
+    for k_step in range(k_steps):
+        events += [("wait", stages - 2), ("barrier",)]
+        if k_step + stages - 1 < k_steps:
+            events.append(("load", (k_step + stages - 1) % stages, k_step + stages - 1))
+        events.append(("commit",))
+        events.append(("compute", k_step % stages, k_step))
+    return events
+
+
+def attention_schedule(n_tiles):
+    """csrc/varlen_attention.cu's key loop: K/V tile t+1 copied into the other buffer while tile t
+    is computed."""
+    events = [("load", 0, 0)] if n_tiles > 0 else []
+    events.append(("commit",))
+    for tile in range(n_tiles):
+        events += [("wait", 0), ("barrier",)]
+        if tile + 1 < n_tiles:
+            events += [("load", (tile + 1) % 2, tile + 1), ("commit",)]
+        events.append(("compute", tile % 2, tile))
+    return events
+
+
+def check_schedule(events, steps):
+    """cp.async semantics (PTX ISA): a thread's copies complete, group by group, at
+    cp.async.wait_group n (all but its newest n committed groups); other threads see them after
+    the next barrier. Every compute must read its own step's data, landed and published, and no
+    copy may overwrite a buffer that a warp may still be computing on (i.e. whose compute was not
+    followed by a barrier)."""
+    pending, groups, done = [], [], set()  # loads not yet committed; committed groups; landed
+    buffer = {}  # stage -> [step, landed, published, computed, computed before the last barrier]
+    for event in events:
+        kind = event[0]
+        if kind == "load":
+            _, stage, step = event
+            old = buffer.get(stage)
+            assert old is None or old[4], f"step {step} overwrites stage {stage} before a barrier"
+            buffer[stage] = [step, False, False, False, False]
+            pending.append(step)
+        elif kind == "commit":
+            groups.append(pending)
+            pending = []
+        elif kind == "wait":
+            complete = groups if event[1] == 0 else groups[:-event[1]]
+            for group in complete:
+                done.update(group)
+        elif kind == "barrier":
+            for state in buffer.values():
+                state[1] = state[0] in done
+                state[2] = state[2] or state[1]
+                state[4] = state[3]
+        else:
+            _, stage, step = event
+            state = buffer[stage]
+            assert state[0] == step and state[2], f"step {step} reads stage {stage}: {state}"
+            state[3] = True
+    computed = [event[2] for event in events if event[0] == "compute"]
+    assert computed == list(range(steps))
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3, 4, 7, 24])
+def test_pipelines_read_landed_data_and_never_overwrite_live_buffers(steps):
+    """The cp.async pipelines' stage arithmetic and wait counts (3 stages in the GEMM's K loop,
+    2 K/V buffers in attention), checked as event sequences for 0 to 24 steps."""
+    check_schedule(gemm_schedule(steps), steps)
+    check_schedule(attention_schedule(steps), steps)
+    with pytest.raises(AssertionError):  # the check can fail: a wait that leaves 2 groups open
+        check_schedule([e if e[0] != "wait" else ("wait", 2) for e in gemm_schedule(4)], 4)
+    with pytest.raises(AssertionError):  # or a load into the buffer being computed on
+        check_schedule([e if e[0] != "load" else ("load", 0, e[2]) for e in attention_schedule(3)], 3)
+
+
 # ---------------------------------------------------------------- GPU: kernels vs eager
 
 @pytest.fixture(scope="module")

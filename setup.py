@@ -18,7 +18,9 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-SOURCES = ["binding.cpp", "depth_sort.cu", "varlen_attention.cu", "layer_norm.cu"]
+SOURCES = ["binding.cpp", "depth_sort.cu", "varlen_attention.cu", "layer_norm.cu",
+           "prefix_linear.cu", "linear_epilogue.cu"]
+HEADERS = ["recvit_kernels.h", "mma_sm80.cuh", "convert.cuh"]
 
 
 def torch_cuda_version():
@@ -64,7 +66,7 @@ class BuildPyWithSources(build_py):
             return
         target = Path(self.build_lib) / "recvit_kernels" / "cuda" / "csrc"
         target.mkdir(parents=True, exist_ok=True)
-        for name in SOURCES + ["recvit_kernels.h"]:
+        for name in SOURCES + HEADERS:
             shutil.copy2(CSRC / name, target / name)
 
 

@@ -89,3 +89,21 @@ def test_mlp(benchmark, backend, layout_inputs):
     fc2 = torch.randn(DIM, 4 * DIM, device=DEVICE, dtype=DTYPE) * (4 * DIM) ** -0.5
     b1, b2 = torch.randn(4 * DIM, device=DEVICE, dtype=DTYPE), torch.randn(DIM, device=DEVICE, dtype=DTYPE)
     _run(benchmark, rk.mlp, x, fc1, b1, fc2, b2, torch.randn_like(x), backend=backend)
+
+
+@pytest.mark.parametrize("epilogue", ["gelu", "residual"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_linear(benchmark, backend, epilogue, layout_inputs):
+    """The sync-free path's fc1 (bias + GELU) / fc2 (bias + residual) GEMM: all B*N rows given,
+    the step's live count on the device."""
+    _skip_unless_runs(backend)
+    _, layout, _ = layout_inputs
+    total = BATCH * TOKENS
+    k_dim, n_out = (DIM, 4 * DIM) if epilogue == "gelu" else (4 * DIM, DIM)
+    x = torch.randn(total, k_dim, device=DEVICE, dtype=DTYPE)
+    weight = torch.randn(n_out, k_dim, device=DEVICE, dtype=DTYPE) * k_dim ** -0.5
+    bias = torch.randn(n_out, device=DEVICE, dtype=DTYPE)
+    residual = torch.randn(total, n_out, device=DEVICE, dtype=DTYPE) if epilogue == "residual" else None
+    activation = "gelu" if epilogue == "gelu" else None
+    _run(benchmark, rk.prefix_linear, x, weight, bias, layout.step_rows[STEP - 1:STEP], activation,
+         residual, backend=backend)

@@ -99,19 +99,34 @@ at::Tensor index_table(const char* name, const std::optional<at::Tensor>& rows,
   return t.to(at::kLong).contiguous();
 }
 
-// Varlen attention forward; returns a tensor like q (rows no segment covers are zero).
+// (batch,) int32 used lengths per segment, or an undefined tensor.
+at::Tensor used_lengths(const char* name, const std::optional<at::Tensor>& used,
+                        const at::Device& device, int64_t batch) {
+  if (!used.has_value()) return at::Tensor();
+  const at::Tensor& t = *used;
+  check_cuda(name, t, device);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch, name, ": expected shape (", batch,
+                    ",), one entry per segment, got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt, name, ": expected int32, got ", t.scalar_type());
+  return t.contiguous();
+}
+
+// Varlen attention forward; returns a tensor like q (rows no segment covers are zero, or, with
+// seqused_q, unspecified).
 at::Tensor varlen_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                     int64_t max_seqlen_q, int64_t max_seqlen_k,
                                     double softmax_scale, const std::optional<at::Tensor>& q_rows,
-                                    const std::optional<at::Tensor>& kv_rows) {
+                                    const std::optional<at::Tensor>& kv_rows,
+                                    const std::optional<at::Tensor>& seqused_q,
+                                    const std::optional<at::Tensor>& seqused_k) {
   TORCH_CHECK_VALUE(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
   const at::Device device = q.device();
   TORCH_CHECK_VALUE(q.dim() == 3, "q: expected (total_q, heads, head_dim), got ", q.sizes());
   const recvit::ScalarType dtype = scalar_type("q", q, /*allow_float32=*/false);
   const int64_t heads = q.size(1), head_dim = q.size(2);
   TORCH_CHECK_VALUE(recvit::varlen_attention_supports_head_dim(static_cast<int>(head_dim)),
-                    "head_dim: the cuda varlen attention supports head_dim 64, got ", head_dim);
+                    "head_dim: the cuda varlen attention supports head_dim 32, 64 and 128, got ", head_dim);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
     check_cuda(name, t, device);
     TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), name, ": expected dtype ",
@@ -145,7 +160,13 @@ at::Tensor varlen_attention_forward(const at::Tensor& q, const at::Tensor& k, co
   const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
   const at::Tensor q_table = index_table("q_rows", q_rows, device);
   const at::Tensor kv_table = index_table("kv_rows", kv_rows, device);
-  at::Tensor out = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor used_q = used_lengths("seqused_q", seqused_q, device, batch);
+  const at::Tensor used_k = used_lengths("seqused_k", seqused_k, device, batch);
+  // Without used lengths the rows no segment covers are zero (the op's contract); with them they
+  // are unspecified, and no fill is paid for, as in flash-attention.
+  const auto out_options = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor out = used_q.defined() ? at::empty(q.sizes(), out_options)
+                                    : at::zeros(q.sizes(), out_options);
 
   recvit::VarlenAttentionParams p{};
   p.q = q_.data_ptr();
@@ -174,6 +195,8 @@ at::Tensor varlen_attention_forward(const at::Tensor& q, const at::Tensor& k, co
   p.q_rows_len = q_table.defined() ? q_table.numel() : 0;
   p.kv_rows = kv_table.defined() ? kv_table.data_ptr<int64_t>() : nullptr;
   p.kv_rows_len = kv_table.defined() ? kv_table.numel() : 0;
+  p.seqused_q = used_q.defined() ? used_q.data_ptr<int32_t>() : nullptr;
+  p.seqused_k = used_k.defined() ? used_k.data_ptr<int32_t>() : nullptr;
   p.softmax_scale = static_cast<float>(softmax_scale);
   check_launch("varlen_attention",
                recvit::varlen_attention_forward(p, c10::cuda::getCurrentCUDAStream()));
@@ -237,20 +260,170 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> layer_norm(
   return {out, std::nullopt};
 }
 
+// x (rows, K) for the kernels that copy 16-byte chunks: last dimension contiguous, row stride a
+// multiple of 8 and a 16-byte aligned pointer; otherwise a contiguous copy.
+at::Tensor chunk_aligned(const at::Tensor& t) {
+  const bool ok = t.stride(1) == 1 && t.stride(0) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return ok ? t : t.contiguous();
+}
+
+// Checks a (size,) vector or a (rows, cols) matrix argument against `like`'s device and dtype.
+void check_operand(const char* name, const at::Tensor& t, const at::Tensor& like,
+                   at::IntArrayRef shape) {
+  check_cuda(name, t, like.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == like.scalar_type(), name, ": expected dtype ",
+                    like.scalar_type(), " like x, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+}
+
+// Whether 16-bit pairs of every row of t can go as one 32-bit access.
+bool pairs_aligned(const at::Tensor& t) {
+  return t.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
+}
+
+// act(x W^T + bias) (+ residual) on the rows < num_rows[0] (read on the device), into `out` when
+// given (its other rows untouched; it may be the residual) or a new tensor (other rows unspecified).
+at::Tensor prefix_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& num_rows,
+                         bool gelu, const std::optional<at::Tensor>& residual,
+                         const std::optional<at::Tensor>& out) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected (rows, in_features), got ", x.sizes());
+  const recvit::ScalarType dtype = scalar_type("x", x, /*allow_float32=*/false);
+  const int64_t rows = x.size(0), k = x.size(1);
+  TORCH_CHECK_VALUE(k % recvit::kPrefixLinearKMultiple == 0, "x: the cuda prefix_linear needs "
+                    "in_features a multiple of ", recvit::kPrefixLinearKMultiple, ", got ", k);
+  TORCH_CHECK_VALUE(rows <= recvit::kMaxPrefixLinearRows, "x: at most ",
+                    recvit::kMaxPrefixLinearRows, " rows, got ", rows);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == k, "weight: expected (out_features, ",
+                    k, "), got ", weight.sizes());
+  const int64_t n = weight.size(0);
+  TORCH_CHECK_VALUE(n <= std::numeric_limits<int32_t>::max() && k <= std::numeric_limits<int32_t>::max(),
+                    "weight: dimensions exceed int32, got ", weight.sizes());
+  check_operand("weight", weight, x, {n, k});
+  if (bias.has_value()) check_operand("bias", *bias, x, {n});
+  if (residual.has_value()) check_operand("residual", *residual, x, {rows, n});
+  if (out.has_value()) {
+    check_operand("out", *out, x, {rows, n});
+    TORCH_CHECK_VALUE(out->stride(1) == 1, "out: expected a unit column stride, got strides ",
+                      out->strides());
+  }
+  check_cuda("num_rows", num_rows, x.device());
+  TORCH_CHECK_VALUE(num_rows.numel() == 1, "num_rows: expected 1 element, got shape ",
+                    num_rows.sizes());
+  TORCH_CHECK_VALUE(num_rows.scalar_type() == at::kInt || num_rows.scalar_type() == at::kLong,
+                    "num_rows: expected int32 or int64, got ", num_rows.scalar_type());
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor x_ = chunk_aligned(x), weight_ = chunk_aligned(weight);
+  const at::Tensor bias_ = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor residual_;
+  if (residual.has_value()) residual_ = residual->stride(1) == 1 ? *residual : residual->contiguous();
+  const at::Tensor count = num_rows.contiguous();
+  at::Tensor result = out.has_value()
+      ? *out : at::empty({rows, n}, x.options().memory_format(at::MemoryFormat::Contiguous));
+
+  recvit::PrefixLinearParams p{};
+  p.x = x_.data_ptr();
+  p.weight = weight_.data_ptr();
+  p.bias = bias_.defined() ? bias_.data_ptr() : nullptr;
+  p.residual = residual_.defined() ? residual_.data_ptr() : nullptr;
+  p.out = result.data_ptr();
+  p.dtype = dtype;
+  p.x_row_stride = x_.stride(0);
+  p.weight_row_stride = weight_.stride(0);
+  p.residual_row_stride = residual_.defined() ? residual_.stride(0) : 0;
+  p.out_row_stride = result.stride(0);
+  p.rows = rows;
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.num_rows = count.data_ptr();
+  p.num_rows_int64 = count.scalar_type() == at::kLong;
+  p.gelu = gelu;
+  p.paired = n % 2 == 0 && pairs_aligned(result) && (!residual_.defined() || pairs_aligned(residual_));
+  check_launch("prefix_linear", recvit::prefix_linear(p, c10::cuda::getCurrentCUDAStream()));
+  return result;
+}
+
+// out = act(y + bias) (+ residual) over contiguous (rows, cols) tensors; out may be y or residual.
+void linear_epilogue(const at::Tensor& y, const at::Tensor& bias, const at::Tensor& residual,
+                     at::Tensor& out, bool gelu, recvit::ScalarType dtype) {
+  recvit::LinearEpilogueParams p{};
+  p.y = y.data_ptr();
+  p.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  p.residual = residual.defined() ? residual.data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.dtype = dtype;
+  p.rows = y.size(0);
+  p.cols = y.size(1);
+  p.gelu = gelu;
+  check_launch("linear_epilogue", recvit::linear_epilogue(p, c10::cuda::getCurrentCUDAStream()));
+}
+
+// residual + fc2(gelu(fc1(x))): cuBLAS GEMMs through at::mm, bias + exact GELU and
+// bias + residual in the fused epilogue kernel; into `out` when given (it may be the residual).
+at::Tensor mlp(const at::Tensor& x, const at::Tensor& fc1_weight,
+               const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+               const std::optional<at::Tensor>& fc2_bias,
+               const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& out) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected (rows, in_features), got ", x.sizes());
+  const recvit::ScalarType dtype = scalar_type("x", x, /*allow_float32=*/true);
+  const int64_t rows = x.size(0), k = x.size(1);
+  TORCH_CHECK_VALUE(fc1_weight.dim() == 2, "fc1_weight: expected (hidden, ", k, "), got ",
+                    fc1_weight.sizes());
+  const int64_t hidden = fc1_weight.size(0);
+  check_operand("fc1_weight", fc1_weight, x, {hidden, k});
+  TORCH_CHECK_VALUE(fc2_weight.dim() == 2, "fc2_weight: expected (out, ", hidden, "), got ",
+                    fc2_weight.sizes());
+  const int64_t n = fc2_weight.size(0);
+  check_operand("fc2_weight", fc2_weight, x, {n, hidden});
+  if (fc1_bias.has_value()) check_operand("fc1_bias", *fc1_bias, x, {hidden});
+  if (fc2_bias.has_value()) check_operand("fc2_bias", *fc2_bias, x, {n});
+  if (residual.has_value()) check_operand("residual", *residual, x, {rows, n});
+  if (out.has_value()) check_operand("out", *out, x, {rows, n});
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor h = at::mm(x, fc1_weight.t());
+  linear_epilogue(h, fc1_bias.has_value() ? fc1_bias->contiguous() : at::Tensor(), at::Tensor(), h,
+                  /*gelu=*/true, dtype);
+  at::Tensor y = at::mm(h, fc2_weight.t());
+  if (!fc2_bias.has_value() && !residual.has_value()) return out.has_value() ? out->copy_(y) : y;
+  const at::Tensor bias_ = fc2_bias.has_value() ? fc2_bias->contiguous() : at::Tensor();
+  const at::Tensor residual_ = residual.has_value() ? residual->contiguous() : at::Tensor();
+  if (out.has_value() && out->is_contiguous()) {
+    at::Tensor target = *out;
+    linear_epilogue(y, bias_, residual_, target, /*gelu=*/false, dtype);
+    return target;
+  }
+  linear_epilogue(y, bias_, residual_, y, /*gelu=*/false, dtype);
+  return out.has_value() ? out->copy_(y) : y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "recvit CUDA kernels: depth sort, varlen attention forward, residual LayerNorm";
+  m.doc() = "recvit CUDA kernels: depth sort, varlen attention forward, residual LayerNorm, "
+            "live-row linear, MLP";
   m.def("depth_sort", &depth_sort, py::arg("depths"), py::arg("num_steps"));
   m.def("varlen_attention_forward", &varlen_attention_forward, py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
         py::arg("max_seqlen_k"), py::arg("softmax_scale"), py::arg("q_rows") = py::none(),
-        py::arg("kv_rows") = py::none());
+        py::arg("kv_rows") = py::none(), py::arg("seqused_q") = py::none(),
+        py::arg("seqused_k") = py::none());
   m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("eps"), py::arg("residual") = py::none());
+  m.def("prefix_linear", &prefix_linear, py::arg("x"), py::arg("weight"), py::arg("bias"),
+        py::arg("num_rows"), py::arg("gelu"), py::arg("residual") = py::none(),
+        py::arg("out") = py::none());
+  m.def("mlp", &mlp, py::arg("x"), py::arg("fc1_weight"), py::arg("fc1_bias"),
+        py::arg("fc2_weight"), py::arg("fc2_bias"), py::arg("residual") = py::none(),
+        py::arg("out") = py::none());
   m.def("attention_supports_head_dim", [](int head_dim) {
     return recvit::varlen_attention_supports_head_dim(head_dim);
   });
   m.attr("max_layer_norm_width") = recvit::kMaxLayerNormWidth;
   m.attr("max_depth_steps") = recvit::kMaxDepthSteps;
+  m.attr("prefix_linear_k_multiple") = recvit::kPrefixLinearKMultiple;
 }

@@ -3,6 +3,8 @@
 # Nothing runs: this proves the torch-free kernels build for A100/H100 on a machine without a GPU.
 # Then, where Python has torch, syntax-checks binding.cpp against torch's headers (CPU-only torch
 # lacks the generated c10/cuda/impl/cuda_cmake_macros.h: an empty stand-in is used for it).
+# Prints each kernel's registers, spills (LOCAL) and static shared memory per architecture where a
+# cuobjdump is found (the CUDA toolkit's, else the one Triton ships; CUOBJDUMP overrides).
 # Exits 0 with a "skipped" message where nvcc is absent. NVCC=/path/to/nvcc overrides the lookup.
 set -euo pipefail
 
@@ -19,6 +21,25 @@ if [ -z "$nvcc" ]; then
   exit 0
 fi
 
+cuobjdump="${CUOBJDUMP:-$(command -v cuobjdump || true)}"
+if [ -z "$cuobjdump" ] && [ -x "$(dirname "$(readlink -f "$nvcc")")/cuobjdump" ]; then
+  cuobjdump="$(dirname "$(readlink -f "$nvcc")")/cuobjdump"
+fi
+if [ -z "$cuobjdump" ]; then
+  cuobjdump="$("${PYTHON:-python3}" -c 'import os, triton
+print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))' 2>/dev/null || true)"
+  [ -x "$cuobjdump" ] || cuobjdump=""
+fi
+
+# One line per kernel and architecture: REG, LOCAL (spills), SHARED (static), demangled name.
+resource_usage() {
+  "$cuobjdump" -res-usage "$1" 2>/dev/null | awk '
+    /^arch = / { arch = $3 }
+    /Function / { name = $2; sub(/:$/, "", name) }
+    /REG:/ { printf "check_compile:          %s %s %s %s %s\n", arch, $1, $4, $3, name }' |
+    sed -E 's/_ZN6recvit[0-9]+_GLOBAL__N__[0-9a-f_]+[a-z_]+_cu_[0-9a-f]+[0-9]+//'
+}
+
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 echo "check_compile: $("$nvcc" --version | tail -n 1)"
@@ -29,6 +50,7 @@ for source in "$here"/*.cu; do
   if "$nvcc" -c "$source" -o "$out/$name.o" -std=c++17 -O3 -I "$here" --Werror all-warnings \
       -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90; then
     echo "check_compile: ok     $name.cu (sm_80, sm_90) in $((SECONDS - start)) s"
+    [ -z "$cuobjdump" ] || resource_usage "$out/$name.o"
   else
     echo "check_compile: FAILED $name.cu"
     status=1

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "convert.cuh"
 #include "recvit_kernels.h"
 
 namespace recvit {
@@ -13,17 +14,6 @@ namespace {
 constexpr int kWarps = 4;  // rows per block
 constexpr int kThreads = kWarps * 32;
 constexpr int kPerLane = kMaxLayerNormWidth / 32;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -1,75 +1,41 @@
-// Varlen attention forward on tensor cores (mma.sync m16n8k16, sm_80+), fp16 and bf16, head_dim 64.
+// Varlen attention forward on tensor cores (mma.sync m16n8k16, sm_80+), fp16 and bf16, head_dim
+// 32, 64 and 128, in FlashAttention-2's structure.
 //
 // One block of 4 warps computes 64 queries of one (segment, head); each warp owns 16 query rows.
-// The block walks the segment's keys in tiles of 64: S = Q K^T on tensor cores (fp32 accumulate),
-// an online softmax in registers (base 2, FlashAttention-2's rescaling), then O += P V with P taken
-// straight from the S accumulators (their layout equals the A operand's). Segment bounds are read
-// from cu_seqlens in device memory; blocks past a segment's end return at once, so the grid can be
-// sized by the static bound max_seqlen_q. Rows are reached through the optional index tables.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+// The block walks the segment's keys in tiles of 64. Tiles reach shared memory by cp.async
+// (16-byte copies, zero fill for rows past the segment or outside the tables) into two K/V buffers:
+// while the warps compute on tile t, the copies of tile t+1 are in flight. Fragments come from
+// shared memory by ldmatrix: Q and K plain, V with .trans (the B operand of P V is V's transpose
+// in the 8x8 blocks ldmatrix moves). S = Q K^T on tensor cores (fp32 accumulate), an online
+// softmax in registers (base 2, FlashAttention-2's rescaling, the 1/sum applied once at the end),
+// then O += P V with P taken straight from the S accumulators (their layout equals the A
+// operand's). Segment bounds are read from cu_seqlens (and the used lengths seqused_q/k) in device
+// memory; blocks past a segment's end return at once, so the grid can be sized by the static bound
+// max_seqlen_q. Rows are reached through the optional index tables.
 #include <cstdint>
 
+#include "mma_sm80.cuh"
 #include "recvit_kernels.h"
 
 namespace recvit {
 namespace {
 
-constexpr int kHeadDim = 64;
-constexpr int kBlockM = 64;              // queries per block
-constexpr int kBlockN = 64;              // keys per tile
-static_assert(kBlockM == kBlockN, "load_tile fills 64-row tiles of either kind");
-constexpr int kWarps = 4;                // 16 query rows each
+using mma::Pack;
+
+constexpr int kBlockM = 64;  // queries per block
+constexpr int kBlockN = 64;  // keys per tile
+constexpr int kWarps = 4;    // 16 query rows each
 constexpr int kThreads = kWarps * 32;
-constexpr int kStride = kHeadDim + 8;    // shared row stride: conflict-free fragment loads
-constexpr int kChunk = 8;                // elements per 16-byte load
+constexpr int kPad = 8;      // shared row padding: conflict-free ldmatrix for every head_dim
+constexpr int kChunk = 8;    // elements per 16-byte copy
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <typename T> struct Pack;
-template <> struct Pack<__half> {
-  static __device__ __forceinline__ uint32_t two(float lo, float hi) {
-    __half2 value = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&value);
-  }
-  static __device__ __forceinline__ uint32_t two(__half lo, __half hi) {
-    __half2 value = __halves2half2(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&value);
-  }
-};
-template <> struct Pack<__nv_bfloat16> {
-  static __device__ __forceinline__ uint32_t two(float lo, float hi) {
-    __nv_bfloat162 value = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&value);
-  }
-  static __device__ __forceinline__ uint32_t two(__nv_bfloat16 lo, __nv_bfloat16 hi) {
-    __nv_bfloat162 value = __halves2bfloat162(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&value);
-  }
-};
-
-// D (16x8 fp32) += A (16x16, row-major) * B (16x8, column-major).
-template <typename T>
-__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                            uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16x8x16<__half>(float (&d)[4], const uint32_t (&a)[4],
-                                                    uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16x8x16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                           uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// Shared memory: the Q tile and two buffers each of K and V.
+template <int D>
+constexpr int shared_bytes() { return (kBlockM + 4 * kBlockN) * (D + kPad) * 2; }
+// Blocks per SM the register budget is sized for (ptxas caps registers at 65536 / (128 * this)).
+template <int D>
+constexpr int min_blocks() { return D <= 64 ? 4 : 2; }
 
 // Row of segment position `position`, or -1 when the position or the row is out of bounds.
 __device__ __forceinline__ int64_t position_row(int64_t position, const int64_t* rows,
@@ -83,32 +49,29 @@ __device__ __forceinline__ int64_t position_row(int64_t position, const int64_t*
   return (row >= 0 && row < total) ? row : -1;
 }
 
-// Copies `count` (<= 64) rows of one head, starting at segment position `first`, into `tile`;
-// the other rows of the tile are zero.
-template <typename T>
-__device__ __forceinline__ void load_tile(T (*tile)[kStride], const T* base, int64_t row_stride,
+// Starts copying `count` (<= 64) rows of one head, from segment position `first`, into `tile`;
+// the other rows of the tile are zero-filled.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(T (*tile)[D + kPad], const T* base, int64_t row_stride,
                                           int64_t first, int count, const int64_t* rows,
                                           int64_t rows_len, int64_t total) {
-  for (int chunk = threadIdx.x; chunk < kBlockM * (kHeadDim / kChunk); chunk += kThreads) {
-    const int r = chunk / (kHeadDim / kChunk);
-    const int col = (chunk % (kHeadDim / kChunk)) * kChunk;
+  static_assert(kBlockM == kBlockN, "load_tile fills 64-row tiles of either kind");
+  for (int chunk = threadIdx.x; chunk < kBlockM * (D / kChunk); chunk += kThreads) {
+    const int r = chunk / (D / kChunk);
+    const int col = (chunk % (D / kChunk)) * kChunk;
     const int64_t row = r < count ? position_row(first + r, rows, rows_len, total) : -1;
-    uint4 value = make_uint4(0u, 0u, 0u, 0u);
-    if (row >= 0) value = *reinterpret_cast<const uint4*>(base + row * row_stride + col);
-    *reinterpret_cast<uint4*>(&tile[r][col]) = value;
+    mma::cp_async_16(&tile[r][col], row >= 0 ? base + row * row_stride + col : base, row >= 0);
   }
 }
 
-__device__ __forceinline__ uint32_t shared_pair(const void* address) {
-  return *reinterpret_cast<const uint32_t*>(address);
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, min_blocks<D>())
 varlen_attention_kernel(const VarlenAttentionParams p) {
-  __shared__ __align__(16) T q_tile[kBlockM][kStride];
-  __shared__ __align__(16) T k_tile[kBlockN][kStride];
-  __shared__ __align__(16) T v_tile[kBlockN][kStride];
+  extern __shared__ __align__(16) unsigned char shared[];
+  using Row = T[D + kPad];
+  Row* q_tile = reinterpret_cast<Row*>(shared);
+  Row* k_tiles = q_tile + kBlockM;      // buffer b: rows b * kBlockN ..
+  Row* v_tiles = k_tiles + 2 * kBlockN;
 
   const int m_block = blockIdx.x;
   const int segment = blockIdx.y;
@@ -117,59 +80,73 @@ varlen_attention_kernel(const VarlenAttentionParams p) {
   const int64_t k_start = p.cu_seqlens_k[segment];
   int64_t q_len = static_cast<int64_t>(p.cu_seqlens_q[segment + 1]) - q_start;
   int64_t k_len = static_cast<int64_t>(p.cu_seqlens_k[segment + 1]) - k_start;
+  if (p.seqused_q != nullptr && p.seqused_q[segment] < q_len) q_len = p.seqused_q[segment];
+  if (p.seqused_k != nullptr && p.seqused_k[segment] < k_len) k_len = p.seqused_k[segment];
   q_len = q_len < 0 ? 0 : (q_len > p.max_seqlen_q ? p.max_seqlen_q : q_len);
   k_len = k_len < 0 ? 0 : (k_len > p.max_seqlen_k ? p.max_seqlen_k : k_len);
   const int64_t m_first = static_cast<int64_t>(m_block) * kBlockM;
   if (m_first >= q_len) return;
   const int q_count = static_cast<int>(q_len - m_first < kBlockM ? q_len - m_first : kBlockM);
+  const int n_tiles = static_cast<int>((k_len + kBlockN - 1) / kBlockN);
 
   const T* q = static_cast<const T*>(p.q) + head * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + head * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + head * p.v_head_stride;
-  load_tile<T>(q_tile, q, p.q_row_stride, q_start + m_first, q_count, p.q_rows, p.q_rows_len,
-               p.total_q);
-  __syncthreads();
+  auto load_kv = [&](int tile, int buffer) {
+    const int64_t n_first = static_cast<int64_t>(tile) * kBlockN;
+    const int count = static_cast<int>(k_len - n_first < kBlockN ? k_len - n_first : kBlockN);
+    load_tile<T, D>(k_tiles + buffer * kBlockN, k, p.k_row_stride, k_start + n_first, count,
+                    p.kv_rows, p.kv_rows_len, p.total_k);
+    load_tile<T, D>(v_tiles + buffer * kBlockN, v, p.v_row_stride, k_start + n_first, count,
+                    p.kv_rows, p.kv_rows_len, p.total_k);
+  };
+  load_tile<T, D>(q_tile, q, p.q_row_stride, q_start + m_first, q_count, p.q_rows, p.q_rows_len,
+                  p.total_q);
+  if (n_tiles > 0) load_kv(0, 0);
+  mma::cp_async_commit();
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int group = lane / 4;          // row within the 8-row half of a fragment
   const int pair = (lane % 4) * 2;     // first of the two columns this lane holds
   const int row0 = warp * 16 + group;  // this lane's two query rows: row0 and row0 + 8
+  // ldmatrix.x4 row addresses: lane l names row l % 8 of matrix l / 8.
+  const int a_row = warp * 16 + lane % 16, a_col = (lane / 16) * 8;             // Q: A operand
+  const int k_row = (lane / 16) * 8 + lane % 8, k_col = ((lane / 8) % 2) * 8;  // K: two n8 tiles
+  const int v_row = ((lane / 8) % 2) * 8 + lane % 8, v_col = (lane / 16) * 8;  // V: .trans
 
-  uint32_t q_frag[kHeadDim / 16][4];
+  float o_acc[D / 8][4];
 #pragma unroll
-  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-    q_frag[kk][0] = shared_pair(&q_tile[row0][kk * 16 + pair]);
-    q_frag[kk][1] = shared_pair(&q_tile[row0 + 8][kk * 16 + pair]);
-    q_frag[kk][2] = shared_pair(&q_tile[row0][kk * 16 + pair + 8]);
-    q_frag[kk][3] = shared_pair(&q_tile[row0 + 8][kk * 16 + pair + 8]);
-  }
-
-  float o_acc[kHeadDim / 8][4];
-#pragma unroll
-  for (int n = 0; n < kHeadDim / 8; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
+  for (int n = 0; n < D / 8; ++n) o_acc[n][0] = o_acc[n][1] = o_acc[n][2] = o_acc[n][3] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};  // this lane's partial sums; reduced over the 4 lanes at the end
   const float scale_log2 = p.softmax_scale * kLog2e;
 
-  for (int64_t n_first = 0; n_first < k_len; n_first += kBlockN) {
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    mma::cp_async_wait<0>();
+    __syncthreads();  // tile `tile` has landed; every warp is done with the other buffer
+    if (tile + 1 < n_tiles) {
+      load_kv(tile + 1, (tile + 1) % 2);
+      mma::cp_async_commit();
+    }
+    const Row* k_tile = k_tiles + (tile % 2) * kBlockN;
+    const Row* v_tile = v_tiles + (tile % 2) * kBlockN;
+    const int64_t n_first = static_cast<int64_t>(tile) * kBlockN;
     const int k_count = static_cast<int>(k_len - n_first < kBlockN ? k_len - n_first : kBlockN);
-    __syncthreads();  // every warp is done with the previous tiles
-    load_tile<T>(k_tile, k, p.k_row_stride, k_start + n_first, k_count, p.kv_rows, p.kv_rows_len,
-                 p.total_k);
-    load_tile<T>(v_tile, v, p.v_row_stride, k_start + n_first, k_count, p.kv_rows, p.kv_rows_len,
-                 p.total_k);
-    __syncthreads();
 
     float s_acc[kBlockN / 8][4];
 #pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
-      s_acc[j][0] = s_acc[j][1] = s_acc[j][2] = s_acc[j][3] = 0.f;
+    for (int j = 0; j < kBlockN / 8; ++j) s_acc[j][0] = s_acc[j][1] = s_acc[j][2] = s_acc[j][3] = 0.f;
 #pragma unroll
-      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-        const uint32_t b0 = shared_pair(&k_tile[j * 8 + group][kk * 16 + pair]);
-        const uint32_t b1 = shared_pair(&k_tile[j * 8 + group][kk * 16 + pair + 8]);
-        mma_16x8x16<T>(s_acc[j], q_frag[kk], b0, b1);
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t q_frag[4];
+      mma::ldmatrix_x4(q_frag, &q_tile[a_row][kk * 16 + a_col]);
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; j += 2) {
+        uint32_t b[4];  // b[0], b[1]: key tile j; b[2], b[3]: key tile j + 1
+        mma::ldmatrix_x4(b, &k_tile[j * 8 + k_row][kk * 16 + k_col]);
+        mma::mma_16x8x16<T>(s_acc[j], q_frag, b[0], b[1]);
+        mma::mma_16x8x16<T>(s_acc[j + 1], q_frag, b[2], b[3]);
       }
     }
 
@@ -206,7 +183,7 @@ varlen_attention_kernel(const VarlenAttentionParams p) {
       }
     }
 #pragma unroll
-    for (int n = 0; n < kHeadDim / 8; ++n) {
+    for (int n = 0; n < D / 8; ++n) {
       o_acc[n][0] *= alpha[0];
       o_acc[n][1] *= alpha[0];
       o_acc[n][2] *= alpha[1];
@@ -222,16 +199,16 @@ varlen_attention_kernel(const VarlenAttentionParams p) {
           Pack<T>::two(s_acc[2 * kk + 1][0], s_acc[2 * kk + 1][1]),
           Pack<T>::two(s_acc[2 * kk + 1][2], s_acc[2 * kk + 1][3]),
       };
-      const int key = kk * 16 + pair;
 #pragma unroll
-      for (int n = 0; n < kHeadDim / 8; ++n) {
-        const int col = n * 8 + group;
-        const uint32_t b0 = Pack<T>::two(v_tile[key][col], v_tile[key + 1][col]);
-        const uint32_t b1 = Pack<T>::two(v_tile[key + 8][col], v_tile[key + 9][col]);
-        mma_16x8x16<T>(o_acc[n], p_frag, b0, b1);
+      for (int n = 0; n < D / 8; n += 2) {
+        uint32_t b[4];  // b[0], b[1]: columns n*8..; b[2], b[3]: columns (n+1)*8..
+        mma::ldmatrix_x4_trans(b, &v_tile[kk * 16 + v_row][n * 8 + v_col]);
+        mma::mma_16x8x16<T>(o_acc[n], p_frag, b[0], b[1]);
+        mma::mma_16x8x16<T>(o_acc[n + 1], p_frag, b[2], b[3]);
       }
     }
   }
+  mma::cp_async_wait<0>();  // no copy outlives the block (the Q copy when there are no keys)
 
   T* out = static_cast<T*>(p.out) + head * p.out_head_stride;
 #pragma unroll
@@ -246,20 +223,37 @@ varlen_attention_kernel(const VarlenAttentionParams p) {
     if (row < 0) continue;
     T* out_row = out + row * p.out_row_stride;
 #pragma unroll
-    for (int n = 0; n < kHeadDim / 8; ++n) {
+    for (int n = 0; n < D / 8; ++n) {
       *reinterpret_cast<uint32_t*>(out_row + n * 8 + pair) =
           Pack<T>::two(o_acc[n][2 * h] * inverse, o_acc[n][2 * h + 1] * inverse);
     }
   }
 }
 
-template <typename T>
+template <typename T, int D>
 cudaError_t launch(const VarlenAttentionParams& p, cudaStream_t stream) {
+  constexpr int bytes = shared_bytes<D>();
+  auto* kernel = varlen_attention_kernel<T, D>;
+  if (bytes > 48 * 1024) {
+    const cudaError_t error =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (error != cudaSuccess) return error;
+  }
   // In 64 bits: max_seqlen_q may be as large as INT32_MAX, where max_seqlen_q + 63 overflows int.
   const int64_t m_blocks = (static_cast<int64_t>(p.max_seqlen_q) + kBlockM - 1) / kBlockM;
   const dim3 grid(static_cast<unsigned>(m_blocks), p.batch, p.heads);
-  varlen_attention_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  kernel<<<grid, kThreads, bytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_head_dim(const VarlenAttentionParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 32: return launch<T, 32>(p, stream);
+    case 64: return launch<T, 64>(p, stream);
+    case 128: return launch<T, 128>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
@@ -271,8 +265,8 @@ cudaError_t varlen_attention_forward(const VarlenAttentionParams& p, cudaStream_
   }
   if (p.total_q == 0) return cudaSuccess;
   switch (p.dtype) {
-    case ScalarType::kFloat16: return launch<__half>(p, stream);
-    case ScalarType::kBFloat16: return launch<__nv_bfloat16>(p, stream);
+    case ScalarType::kFloat16: return launch_head_dim<__half>(p, stream);
+    case ScalarType::kBFloat16: return launch_head_dim<__nv_bfloat16>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -117,19 +117,6 @@ def _segment_rows(cu_seqlens, max_seqlen, rows, seqused=None):
     return flat, valid
 
 
-def compact_segments(cu_seqlens, seqused, rows):
-    """The used positions as packed segments: (cu_seqlens', rows') with rows' of ``rows.numel()``
-    entries (those past the used total repeat a valid entry). For a kernel without ``seqused``;
-    no host sync, about ten small launches per call."""
-    used = seqused.to(torch.int64)
-    cu = F.pad(used.cumsum(0), (1, 0))
-    position = torch.arange(rows.numel(), device=rows.device)
-    segment = torch.searchsorted(cu[1:], position, right=True).clamp_max(used.numel() - 1)
-    offset = (position - cu[segment]).clamp(0, None)
-    source = (cu_seqlens[segment].to(torch.int64) + offset).clamp_max(rows.numel() - 1)
-    return cu.to(torch.int32), rows[source]
-
-
 def _varlen_attention_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             softmax_scale, *, q_rows=None, kv_rows=None, seqused_q=None, seqused_k=None):
     """Pad each segment to the static bound, run SDPA with a key mask, write the rows back."""

@@ -18,7 +18,11 @@ def nvcc():
 
 
 def test_every_kernel_source_is_checked():
-    assert KERNELS == ["depth_sort.cu", "layer_norm.cu", "varlen_attention.cu"]
+    from recvit_kernels.cuda import SOURCES
+
+    assert KERNELS == sorted(name for name in SOURCES if name.endswith(".cu"))
+    assert KERNELS == ["depth_sort.cu", "layer_norm.cu", "linear_epilogue.cu", "prefix_linear.cu",
+                       "varlen_attention.cu"]
 
 
 @pytest.mark.skipif(nvcc() is None, reason="nvcc not found")

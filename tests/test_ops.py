@@ -289,22 +289,6 @@ def test_varlen_attention_bad_used_lengths(bad, match):
         rk.varlen_attention(**args)
 
 
-@pytest.mark.parametrize("profile", PROFILES)
-def test_compact_segments_is_the_step_table(profile):
-    """The cuda glue's conversion of (image_order, starts b*N, used lengths) to the compact form
-    gives each step's attention_rows and cu_seqlens."""
-    from recvit_kernels.varlen_attention import compact_segments
-
-    layout = rk.depth_sort(random_depths(3, 17, 5, profile), 5)
-    for step in range(1, 6):
-        cu, rows = compact_segments(layout.all_rows_cu_seqlens(), layout.image_lengths[step - 1],
-                                    layout.image_order)
-        live = int(layout.step_rows[step - 1])
-        assert torch.equal(cu, layout.cu_seqlens[step - 1])
-        assert torch.equal(rows[:live], layout.attention_rows(step, live))
-        assert rows.numel() == 51 and int(rows.max()) < 51
-
-
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_layer_norm_live_rows(backend):
     """With num_rows, the rows below it are the LayerNorm (of x + residual) (that the triton kernel

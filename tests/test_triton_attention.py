@@ -188,7 +188,7 @@ def test_gpu_real_sizes(tokens, kv, dtype, seqused):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv", ["active", "all"])
 def test_gpu_cuda_glue_with_used_lengths(kv):
-    """The cuda kernel has no seqused: its glue packs the used positions (compact_segments)."""
+    """The cuda kernel reads the used lengths (seqused_q/k) itself, over the one image_order table."""
     if rk.unavailable_reason("cuda") is not None:
         pytest.skip(rk.unavailable_reason("cuda"))
     depths = torch.randint(1, 13, (8, 197))

@@ -1,5 +1,5 @@
 """The ``cuda`` backend: the C++/CUDA extension built from ``csrc/`` (depth sort, tensor-core varlen
-attention forward, residual LayerNorm).
+attention forward, residual LayerNorm, the live-row linear layer and the MLP).
 
 The extension is the one ``pip install --no-build-isolation .`` built ahead of time
 (``recvit_kernels.cuda._C``); without it, the first use JIT-builds it with
@@ -22,7 +22,9 @@ import torch
 from .._backend import register_availability
 
 logger = logging.getLogger("recvit_kernels")
-SOURCES = ("binding.cpp", "depth_sort.cu", "varlen_attention.cu", "layer_norm.cu")
+SOURCES = ("binding.cpp", "depth_sort.cu", "varlen_attention.cu", "layer_norm.cu",
+           "prefix_linear.cu", "linear_epilogue.cu")
+HEADERS = ("recvit_kernels.h", "mma_sm80.cuh", "convert.cuh")
 EXTENSION_NAME = "recvit_kernels_cuda"
 
 
@@ -30,7 +32,7 @@ def source_dir() -> Optional[Path]:
     """The kernel sources' directory: shipped inside the package, or the repository's csrc/."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "csrc", here.parents[1] / "csrc"):
-        if all((candidate / name).is_file() for name in SOURCES):
+        if all((candidate / name).is_file() for name in SOURCES + HEADERS):
             return candidate
     return None
 
@@ -116,4 +118,4 @@ def device_reason(name: str, tensor: torch.Tensor) -> Optional[str]:
 register_availability("cuda", unavailable_reason)
 
 # The op modules register themselves.
-from . import depth_sort, layer_norm, varlen_attention  # noqa: E402,F401
+from . import depth_sort, layer_norm, mlp, prefix_linear, varlen_attention  # noqa: E402,F401

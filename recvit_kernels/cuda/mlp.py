@@ -1,0 +1,39 @@
+"""The transformer MLP over rows: cuBLAS GEMMs (through torch, in the extension) with the bias +
+exact-GELU and bias + residual epilogues in the extension's fused element-wise kernel.
+
+Same contract as :func:`recvit_kernels.mlp`: ``residual + fc2(gelu(fc1(x)))``, x (rows, C); with
+``out`` the result is written into it (it may be the residual: the epilogue reads each element
+before writing it). float32, float16 and bfloat16, every tensor in x's dtype; other calls are
+declined with the reason. For the row count on the device (the sync-free path) see
+:mod:`recvit_kernels.cuda.prefix_linear`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backend import register
+from . import device_reason, extension, grad_reason
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _supports(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual) -> Optional[str]:
+    """Dtypes first (checkable on any device), then the device and autograd."""
+    if x.dtype not in DTYPES:
+        return f"x has dtype {x.dtype}; the cuda mlp takes {DTYPES}"
+    tensors = (("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias), ("fc2_weight", fc2_weight),
+               ("fc2_bias", fc2_bias), ("residual", residual))
+    for name, tensor in tensors:
+        if tensor is not None and tensor.dtype != x.dtype:
+            return f"{name} has dtype {tensor.dtype}, x has {x.dtype}"
+    reason = device_reason("x", x)
+    if reason is not None:
+        return reason
+    return grad_reason(x, *(tensor for _, tensor in tensors))
+
+
+@register("mlp", "cuda", supports=_supports)
+def mlp_cuda(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out=None) -> torch.Tensor:
+    return extension().mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out)

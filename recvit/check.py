@@ -311,7 +311,8 @@ def _check_row_ops(checker, candidates, scale, batch, layout, dtype):
                 if backends:
                     reference, theirs = attention("eager", qkv.double()), attention("eager", qkv)
                 for backend in backends:
-                    checker.run("varlen_attention", backend, name, f"{scale.name} b={batch} step {step} kv={kv}",
+                    checker.run("varlen_attention", backend, name,
+                                f"{scale.name} b={batch} step {step} kv={kv}",
                                 lambda: checker.rule(lambda: attention(backend, qkv), theirs, reference,
                                                      FLOOR_ATTENTION[name]))
     x = checker.randn(total, dim, dtype=dtype)
@@ -333,8 +334,10 @@ def _check_row_ops(checker, candidates, scale, batch, layout, dtype):
             checker.run(check, backend, name, f"{scale.name} b={batch}",
                         lambda: checker.rule(lambda: norm(backend), theirs, reference, FLOOR_ROWS[name]))
     hidden = 4 * dim
-    fc1_w, fc1_b = checker.randn(hidden, dim, dtype=dtype, scale=dim ** -0.5), checker.randn(hidden, dtype=dtype, scale=0.1)
-    fc2_w, fc2_b = checker.randn(dim, hidden, dtype=dtype, scale=hidden ** -0.5), checker.randn(dim, dtype=dtype, scale=0.1)
+    fc1_w = checker.randn(hidden, dim, dtype=dtype, scale=dim ** -0.5)
+    fc1_b = checker.randn(hidden, dtype=dtype, scale=0.1)
+    fc2_w = checker.randn(dim, hidden, dtype=dtype, scale=hidden ** -0.5)
+    fc2_b = checker.randn(dim, dtype=dtype, scale=0.1)
     if checker.wanted("mlp"):
         def run_mlp(backend, cast=lambda t: t):
             return rk.mlp(*(cast(t) for t in (x, fc1_w, fc1_b, fc2_w, fc2_b, residual)), backend=backend)

@@ -590,7 +590,8 @@ def run(args, sub: argparse.ArgumentParser) -> int:
             print(f"FAILED: {r.check} [{r.backend}, {r.dtype}, {r.case}]"
                   + (f": {r.note}" if r.note else f": error {r.error:.3e} > bound {r.bound:.3e}"))
     if not results:
-        print("FAILED: no check ran")
+        print(f"FAILED: no check ran on {device} (--only {' '.join(args.only or [])}"
+              f"{', --backends ' + ' '.join(args.backends) if args.backends else ''}; graph replay needs CUDA)")
     passed = bool(results) and counts["FAIL"] == 0
     if args.json is not None:
         with open(args.json, "w") as handle:

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.profile_forward import ncu_summary
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
 STEPS = {"check": ["versions", "build", "check", "sanitize-ops", "pytest-gpu"],
@@ -72,6 +70,8 @@ NCU_CSV = '''==PROF== Connected to process 123
 
 
 def test_ncu_summary_reads_ncu_csv(tmp_path):
+    from benchmarks.profile_forward import ncu_summary
+
     path = tmp_path / "ncu-triton.csv"
     path.write_text(NCU_CSV)
     lines = ncu_summary([path])

@@ -41,6 +41,12 @@ STEPS=$WORK/steps.txt
 : > "$STEPS"
 FAILED=0
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+for tool in nvcc compute-sanitizer ncu; do  # not always on PATH: CUDA's and Nsight Compute's folders
+    command -v "$tool" > /dev/null && continue
+    for dir in /usr/local/cuda/bin /opt/nvidia/nsight-compute/*; do
+        if [[ -x $dir/$tool ]]; then PATH=$PATH:$dir; break; fi
+    done
+done
 
 # step NAME CAP CMD...: CMD under timeout (CAP s, or what the budget leaves), output in logs/NAME.log.
 step() {
@@ -133,6 +139,19 @@ export PY
 step versions 60 bash -c versions
 
 BENCH=("$PY" -m recvit bench --full --no-progress)
+# The implementations, read from the bench CLI's help: the torch.compile baselines are timed in a
+# step of their own, after the others, so that minutes of compiling cannot cost the headline.
+implementations() {
+    COLUMNS=10000 "$PY" -m recvit bench --help | grep -o 'subset of: .*' | cut -d: -f2 | tr -d ' ' | tr ',' '\n'
+}
+export -f implementations
+FAST=() COMPILED=()
+if [[ $STAGE == bench || $STAGE == sweep ]]; then
+    step implementations 60 bash -c implementations
+    mapfile -t FAST < <(grep -v '+compile$' "$LOGS/implementations.log")
+    mapfile -t COMPILED < <(grep '+compile$' "$LOGS/implementations.log")
+    echo "   timed first: ${FAST[*]}; then: ${COMPILED[*]}"
+fi
 # --dry-run: Tiny at 32 px, batch 2 (no latency percentiles), one thread, two implementations
 TOY=(--cpu --scales tiny --dtypes fp32 --img-sizes 32 --batch-sizes 2 --implementations deit-dense packed
      --target-s 0.01 --threads 1 --no-plots)
@@ -162,8 +181,13 @@ bench)
     if ((DRY)); then
         step bench 120 "${BENCH[@]}" "${TOY[@]}" --profiles paper --out "$WORK/benchmarks/results"
     else
-        step bench 420 "${BENCH[@]}" --scales base --dtypes bf16 --img-sizes 224 --profiles paper \
-            --batch-sizes 1 8 256 --out "$WORK/benchmarks/results"
+        HEADLINE=(--scales base --dtypes bf16 --img-sizes 224 --profiles paper --batch-sizes 1 8 256)
+        step bench 330 "${BENCH[@]}" "${HEADLINE[@]}" ${FAST[0]:+--implementations "${FAST[@]}"} \
+            --out "$WORK/benchmarks/results"
+        if ((${#COMPILED[@]})); then
+            step bench-compile 300 "${BENCH[@]}" "${HEADLINE[@]}" --implementations deit-dense "${COMPILED[@]}" \
+                --out "$WORK/benchmarks/results/compile"
+        fi
     fi
     ;;
 sweep)
@@ -175,9 +199,11 @@ sweep)
     else
         # every depth profile (the harness's default), Tiny and Small, bf16
         step sweep-scales 270 "${BENCH[@]}" --scales tiny small --dtypes bf16 --img-sizes 224 \
-            --batch-sizes 1 8 64 256 --out "$WORK/benchmarks/results/sweep-scales"
+            --batch-sizes 1 8 64 256 ${FAST[0]:+--implementations "${FAST[@]}"} \
+            --out "$WORK/benchmarks/results/sweep-scales"
         step sweep-fp16 200 "${BENCH[@]}" --scales base --dtypes fp16 --img-sizes 224 --profiles paper \
-            --batch-sizes 1 8 64 256 --out "$WORK/benchmarks/results/sweep-fp16"
+            --batch-sizes 1 8 64 256 ${FAST[0]:+--implementations "${FAST[@]}"} \
+            --out "$WORK/benchmarks/results/sweep-fp16"
     fi
     ;;
 profile)

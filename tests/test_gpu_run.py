@@ -12,8 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
 STEPS = {"check": ["versions", "build", "check", "sanitize-ops", "pytest-gpu"],
-         "bench": ["versions", "build", "bench"],
-         "sweep": ["versions", "build", "sweep-scales", "sweep-fp16"],
+         "bench": ["versions", "build", "implementations", "bench"],
+         "sweep": ["versions", "build", "implementations", "sweep-scales", "sweep-fp16"],
          "profile": ["versions", "build", "torch-profiler", "ncu-triton", "ncu-cuda"]}
 SHOWN = {"build", "ncu-triton", "ncu-cuda"}  # need the GPU machine: the dry run shows them
 

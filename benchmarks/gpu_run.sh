@@ -243,7 +243,7 @@ esac
         echo "--- $(basename "$log" .log)"
         grep -E '(passed|failed|skipped|error|ERROR SUMMARY|FAILED|no tests ran|all finite|collected)' "$log" | tail -n 25
     done
-    for log in "$LOGS"/bench.log "$LOGS"/sweep-*.log; do
+    for log in "$LOGS"/bench*.log "$LOGS"/sweep-*.log; do
         [[ -f $log ]] || continue
         echo
         echo "--- $(basename "$log" .log) (the end of its log)"

@@ -241,7 +241,8 @@ esac
         [[ -f $log ]] || continue
         echo
         echo "--- $(basename "$log" .log)"
-        grep -E '(passed|failed|skipped|error|ERROR SUMMARY|FAILED|no tests ran|all finite|collected)' "$log" | tail -n 25
+        grep -E '^[0-9]+ passed|^FAILED|ERROR SUMMARY|[0-9]+ (passed|failed|error)|no tests ran|all finite|collected' \
+            "$log" | tail -n 25
     done
     for log in "$LOGS"/bench*.log "$LOGS"/sweep-*.log; do
         [[ -f $log ]] || continue

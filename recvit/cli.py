@@ -1,4 +1,5 @@
-"""The ``recvit`` command line (also ``python -m recvit``): info, flops, params, depthmap, bench, train, eval."""
+"""The ``recvit`` command line (also ``python -m recvit``): info, check, flops, params, depthmap, bench, train,
+eval."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="versions, device and which backends can run here (and why not)")
     info.set_defaults(handler=_info, parser=info)
+
+    from .check import add_arguments as add_check_arguments, run as run_check
+
+    check = commands.add_parser("check", help="does recvit compute the right thing here? every backend's ops "
+                                "and model forward against eager; exits 1 if any check fails")
+    check.set_defaults(handler=run_check, parser=check)
+    add_check_arguments(check)
 
     flops = commands.add_parser(
         "flops", help="FLOPs per image by component, as in the Edge-RecViT supplement (section 3); "

@@ -24,7 +24,8 @@ from recvit.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
-LONG = ("recvit bench", "python -m benchmarks.run", "pytest benchmarks/")  # minutes on a CPU
+LONG = ("recvit bench", "python -m benchmarks.run", "pytest benchmarks/",  # minutes on a CPU
+        "recvit check")  # run in full by test_check.py and .ci/run
 GPU_BUILD = ("pip install ninja", "TORCH_CUDA_ARCH_LIST=")
 
 

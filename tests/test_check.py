@@ -1,0 +1,101 @@
+"""`recvit check` on the CPU: the quick run passes, and a broken op is reported as a failure."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recvit import cli
+from recvit_kernels._backend import _IMPLEMENTATIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def triton_importable():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_quick_check_passes_on_cpu(tmp_path):
+    """The command as CI runs it, in a fresh process without TRITON_INTERPRET set: it sets it."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    report = tmp_path / "check.json"
+    result = subprocess.run([sys.executable, "-m", "recvit", "check", "--quick", "--device", "cpu",
+                             "--json", str(report)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert " 0 failed" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["device"] == "cpu"
+    rows = data["checks"]
+    assert all(row["status"] == "pass" for row in rows)
+    ran = {(row["check"], row["backend"]) for row in rows}
+    assert {("depth_sort", "eager"), ("pack/unpack", "eager"), ("model", "packed"),
+            ("model sync-free", "packed")} <= ran
+    if triton_importable():
+        assert data["triton_interpreter"]
+        assert {(op, "triton") for op in ("varlen_attention", "layer_norm", "layer_norm+residual", "mlp",
+                                          "prefix_linear", "model", "model sync-free")} <= ran
+
+
+def _perturbed(implementation):
+    """The op off by one part in a thousand: small, but far past the tolerance."""
+    def broken(*args, **kwargs):
+        out = implementation(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (out[0] * 1.001,) + out[1:]
+        return out * 1.001
+    return broken
+
+
+def _swapped_sort(implementation):
+    """A depth sort whose first two rows trade places."""
+    def broken(depths, num_steps):
+        layout = implementation(depths, num_steps)
+        layout.perm = layout.perm.clone()
+        layout.perm[[0, 1]] = layout.perm[[1, 0]]
+        return layout
+    return broken
+
+
+@pytest.mark.parametrize("op,backend,breaker,only,failing", [
+    ("depth_sort", "eager", _swapped_sort, ["depth_sort"], {("depth_sort", "eager")}),
+    ("layer_norm", "triton", _perturbed, ["layer_norm", "--backends", "triton"],
+     {("layer_norm", "triton"), ("layer_norm+residual", "triton")}),
+    ("layer_norm", "packed", _perturbed, ["model sync-free", "--backends", "packed"],
+     {("model sync-free", "packed")}),
+])
+def test_a_broken_op_fails_the_check(monkeypatch, capsys, tmp_path, op, backend, breaker, only, failing):
+    if backend == "triton" and not triton_importable():
+        pytest.skip("triton is not installed")
+    import recvit_kernels as rk
+
+    rk.available_backends()  # loads the triton backend, so that its registration is what we break
+    monkeypatch.setitem(_IMPLEMENTATIONS[op], backend, breaker(_IMPLEMENTATIONS[op][backend]))
+    if op == "depth_sort" and triton_importable():
+        failing = failing | {("depth_sort", "triton")}  # triton's sort, eager's code, is checked against it
+    report = tmp_path / "check.json"
+    code = cli.main(["check", "--quick", "--device", "cpu", "--json", str(report), "--only", *only])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    rows = json.loads(report.read_text())["checks"]
+    failed = {(row["check"], row["backend"]) for row in rows if row["status"] == "FAIL"}
+    assert failed == failing, out
+    assert all(row["status"] == "pass" for row in rows if (row["check"], row["backend"]) not in failing)
+    assert "FAILED: " + sorted(failing)[0][0] in out
+
+
+def test_check_refuses_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["check", "--only", "nonsense"])
+    assert "argument --only" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            cli.main(["check", "--device", "cuda"])
+        assert "argument --device: cuda requested" in capsys.readouterr().err

@@ -459,7 +459,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_supports_head_dim", [](int head_dim) {
     return recvit::varlen_attention_supports_head_dim(head_dim);
   });
-  m.attr("max_layer_norm_width") = recvit::kMaxLayerNormWidth;
   m.attr("max_depth_steps") = recvit::kMaxDepthSteps;
   m.attr("prefix_linear_k_multiple") = recvit::kPrefixLinearKMultiple;
 }

@@ -1,7 +1,7 @@
 // LayerNorm over rows, with the residual add fused in: one warp per row, the row held in
 // registers (width <= kMaxLayerNormWidth), statistics in fp32 (mean, then the centred variance).
 // Weight and bias are read in their own dtype (the activations' or fp32) and widened in registers.
-// With a device-side row count, a warp whose row is past it returns before touching memory.
+// With a device-side row count, a warp whose row is past it returns before touching the rows.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -18,6 +18,15 @@ void check_cuda(const char* name, const at::Tensor& t, const at::Device& device)
   TORCH_CHECK_VALUE(t.device() == device, name, ": expected device ", device, ", got ", t.device());
 }
 
+// num_rows, the live row count the kernels read on the device: 1 element, int32 or int64.
+void check_row_count(const at::Tensor& num_rows, const at::Device& device) {
+  check_cuda("num_rows", num_rows, device);
+  TORCH_CHECK_VALUE(num_rows.numel() == 1, "num_rows: expected 1 element, got shape ",
+                    num_rows.sizes());
+  TORCH_CHECK_VALUE(num_rows.scalar_type() == at::kInt || num_rows.scalar_type() == at::kLong,
+                    "num_rows: expected int32 or int64, got ", num_rows.scalar_type());
+}
+
 void check_launch(const char* op, cudaError_t error) {
   TORCH_CHECK(error == cudaSuccess, "recvit ", op, " kernel launch failed: ",
               cudaGetErrorString(error));
@@ -203,10 +212,27 @@ at::Tensor varlen_attention_forward(const at::Tensor& q, const at::Tensor& k, co
   return out;
 }
 
+// A caller's output buffer for layer_norm: x's shape, dtype and device, contiguous.
+void check_layer_norm_output(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  check_cuda(name, t, x.device());
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), name, ": expected shape ", x.sizes(), " like x, got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), name, ": expected dtype ",
+                    x.scalar_type(), " like x, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ",
+                    t.strides());
+}
+
 // LayerNorm over the last dimension of x (or of x + residual); returns (out, summed or None).
+// weight and bias (same dtype) are read in their own dtype: x's or float32. With num_rows (read on
+// the device) only the rows r < num_rows[0] of x viewed as (rows, C) are read and written; the
+// outputs' other rows keep what they held: unspecified in new tensors, untouched in the caller's
+// `out` / `summed` (x's shape, contiguous).
 std::tuple<at::Tensor, std::optional<at::Tensor>> layer_norm(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    double eps, const std::optional<at::Tensor>& residual) {
+    double eps, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& num_rows, const std::optional<at::Tensor>& out,
+    const std::optional<at::Tensor>& summed) {
   TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got device ", x.device());
   TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected a feature dimension, got shape ", x.sizes());
   const at::Device device = x.device();
@@ -218,14 +244,15 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> layer_norm(
   check_cuda("weight", weight, device);
   TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == width, "weight: expected (", width,
                     ",), got ", weight.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(weight.scalar_type()), "weight: expected a floating dtype, got ",
+  TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat,
+                    "weight: expected dtype ", x.scalar_type(), " like x or float32, got ",
                     weight.scalar_type());
   if (bias.has_value()) {
     check_cuda("bias", *bias, device);
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == width, "bias: expected (", width,
                       ",), got ", bias->sizes());
-    TORCH_CHECK_VALUE(at::isFloatingType(bias->scalar_type()), "bias: expected a floating dtype, got ",
-                      bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->scalar_type() == weight.scalar_type(), "bias: expected dtype ",
+                      weight.scalar_type(), " like weight, got ", bias->scalar_type());
   }
   if (residual.has_value()) {
     check_cuda("residual", *residual, device);
@@ -235,29 +262,41 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> layer_norm(
                       x.scalar_type(), " like x, got ", residual->scalar_type());
   }
   TORCH_CHECK_VALUE(eps >= 0, "eps: expected >= 0, got ", eps);
+  if (num_rows.has_value()) check_row_count(*num_rows, device);
+  if (out.has_value()) check_layer_norm_output("out", *out, x);
+  if (summed.has_value()) {
+    TORCH_CHECK_VALUE(residual.has_value(), "summed: given without residual");
+    check_layer_norm_output("summed", *summed, x);
+    TORCH_CHECK_VALUE(!out.has_value() || !summed->is_alias_of(*out),
+                      "summed: expected a tensor apart from out");
+  }
 
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor x_ = x.contiguous();
   const at::Tensor residual_ = residual.has_value() ? residual->contiguous() : at::Tensor();
-  const at::Tensor weight_ = weight.to(at::kFloat).contiguous();
-  const at::Tensor bias_ = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor out = at::empty_like(x_);
-  at::Tensor summed = residual.has_value() ? at::empty_like(x_) : at::Tensor();
+  const at::Tensor weight_ = weight.contiguous();
+  const at::Tensor bias_ = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor out_ = out.has_value() ? *out : at::empty_like(x_);
+  at::Tensor summed_;
+  if (residual.has_value()) summed_ = summed.has_value() ? *summed : at::empty_like(x_);
 
   recvit::LayerNormParams p{};
   p.x = x_.data_ptr();
   p.residual = residual_.defined() ? residual_.data_ptr() : nullptr;
-  p.out = out.data_ptr();
-  p.summed = summed.defined() ? summed.data_ptr() : nullptr;
-  p.weight = weight_.data_ptr<float>();
-  p.bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
+  p.out = out_.data_ptr();
+  p.summed = summed_.defined() ? summed_.data_ptr() : nullptr;
+  p.weight = weight_.data_ptr();
+  p.bias = bias_.defined() ? bias_.data_ptr() : nullptr;
   p.dtype = dtype;
+  p.weight_dtype = scalar_type("weight", weight_, /*allow_float32=*/true);
   p.rows = x_.numel() / width;
   p.width = static_cast<int>(width);
   p.eps = static_cast<float>(eps);
+  p.num_rows = num_rows.has_value() ? num_rows->data_ptr() : nullptr;
+  p.num_rows_int64 = num_rows.has_value() && num_rows->scalar_type() == at::kLong;
   check_launch("layer_norm", recvit::layer_norm(p, c10::cuda::getCurrentCUDAStream()));
-  if (summed.defined()) return {out, summed};
-  return {out, std::nullopt};
+  if (summed_.defined()) return {out_, summed_};
+  return {out_, std::nullopt};
 }
 
 // x (rows, K) for the kernels that copy 16-byte chunks: last dimension contiguous, row stride a
@@ -309,11 +348,7 @@ at::Tensor prefix_linear(const at::Tensor& x, const at::Tensor& weight,
     TORCH_CHECK_VALUE(out->stride(1) == 1, "out: expected a unit column stride, got strides ",
                       out->strides());
   }
-  check_cuda("num_rows", num_rows, x.device());
-  TORCH_CHECK_VALUE(num_rows.numel() == 1, "num_rows: expected 1 element, got shape ",
-                    num_rows.sizes());
-  TORCH_CHECK_VALUE(num_rows.scalar_type() == at::kInt || num_rows.scalar_type() == at::kLong,
-                    "num_rows: expected int32 or int64, got ", num_rows.scalar_type());
+  check_row_count(num_rows, x.device());
 
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x_ = chunk_aligned(x), weight_ = chunk_aligned(weight);
@@ -413,7 +448,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kv_rows") = py::none(), py::arg("seqused_q") = py::none(),
         py::arg("seqused_k") = py::none());
   m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("weight"), py::arg("bias"),
-        py::arg("eps"), py::arg("residual") = py::none());
+        py::arg("eps"), py::arg("residual") = py::none(), py::arg("num_rows") = py::none(),
+        py::arg("out") = py::none(), py::arg("summed") = py::none());
   m.def("prefix_linear", &prefix_linear, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("num_rows"), py::arg("gelu"), py::arg("residual") = py::none(),
         py::arg("out") = py::none());
@@ -423,7 +459,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_supports_head_dim", [](int head_dim) {
     return recvit::varlen_attention_supports_head_dim(head_dim);
   });
-  m.attr("max_layer_norm_width") = recvit::kMaxLayerNormWidth;
   m.attr("max_depth_steps") = recvit::kMaxDepthSteps;
   m.attr("prefix_linear_k_multiple") = recvit::kPrefixLinearKMultiple;
 }

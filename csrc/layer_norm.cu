@@ -1,5 +1,7 @@
 // LayerNorm over rows, with the residual add fused in: one warp per row, the row held in
 // registers (width <= kMaxLayerNormWidth), statistics in fp32 (mean, then the centred variance).
+// Weight and bias are read in their own dtype (the activations' or fp32) and widened in registers.
+// With a device-side row count, a warp whose row is past it returns before touching the rows.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -21,16 +23,27 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-template <typename T>
+// Rows to normalise: all, or the live count read from device memory (clamped to 0..rows).
+__device__ __forceinline__ int64_t live_rows(const LayerNormParams& p) {
+  if (p.num_rows == nullptr) return p.rows;
+  const int64_t count = p.num_rows_int64 ? *static_cast<const int64_t*>(p.num_rows)
+                                         : *static_cast<const int32_t*>(p.num_rows);
+  return count < 0 ? 0 : (count > p.rows ? p.rows : count);
+}
+
+// T: the activations' dtype; W: the weight and bias dtype (T or float).
+template <typename T, typename W>
 __global__ void __launch_bounds__(kThreads) layer_norm_kernel(const LayerNormParams p) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (row >= p.rows) return;
+  if (row >= live_rows(p)) return;
   const int64_t offset = row * p.width;
   const T* x = static_cast<const T*>(p.x) + offset;
   const T* residual = p.residual == nullptr ? nullptr : static_cast<const T*>(p.residual) + offset;
   T* summed = p.summed == nullptr ? nullptr : static_cast<T*>(p.summed) + offset;
   T* out = static_cast<T*>(p.out) + offset;
+  const W* weight = static_cast<const W*>(p.weight);
+  const W* bias = static_cast<const W*>(p.bias);
 
   float values[kPerLane];
   float sum = 0.f;
@@ -60,17 +73,24 @@ __global__ void __launch_bounds__(kThreads) layer_norm_kernel(const LayerNormPar
   for (int j = 0; j < kPerLane; ++j) {
     const int col = lane + 32 * j;
     if (col < p.width) {
-      const float bias = p.bias == nullptr ? 0.f : p.bias[col];
-      out[col] = from_float<T>((values[j] - mean) * rstd * p.weight[col] + bias);
+      const float shift = bias == nullptr ? 0.f : to_float(bias[col]);
+      out[col] = from_float<T>((values[j] - mean) * rstd * to_float(weight[col]) + shift);
     }
   }
 }
 
-template <typename T>
+template <typename T, typename W>
 cudaError_t launch(const LayerNormParams& p, cudaStream_t stream) {
   const int64_t blocks = (p.rows + kWarps - 1) / kWarps;
-  layer_norm_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  layer_norm_kernel<T, W><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+// Weight in the activations' dtype, or in fp32.
+template <typename T>
+cudaError_t launch_for_weight(const LayerNormParams& p, cudaStream_t stream) {
+  if (p.weight_dtype == ScalarType::kFloat32) return launch<T, float>(p, stream);
+  return launch<T, T>(p, stream);
 }
 
 }  // namespace
@@ -78,14 +98,15 @@ cudaError_t launch(const LayerNormParams& p, cudaStream_t stream) {
 cudaError_t layer_norm(const LayerNormParams& p, cudaStream_t stream) {
   if (p.width < 1 || p.width > kMaxLayerNormWidth || p.rows < 0 ||
       (p.residual != nullptr && p.summed == nullptr) ||
+      (p.weight_dtype != p.dtype && p.weight_dtype != ScalarType::kFloat32) ||
       (p.rows + kWarps - 1) / kWarps > 0x7fffffff) {
     return cudaErrorInvalidValue;
   }
   if (p.rows == 0) return cudaSuccess;
   switch (p.dtype) {
-    case ScalarType::kFloat32: return launch<float>(p, stream);
-    case ScalarType::kFloat16: return launch<__half>(p, stream);
-    case ScalarType::kBFloat16: return launch<__nv_bfloat16>(p, stream);
+    case ScalarType::kFloat32: return launch<float, float>(p, stream);
+    case ScalarType::kFloat16: return launch_for_weight<__half>(p, stream);
+    case ScalarType::kBFloat16: return launch_for_weight<__nv_bfloat16>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -76,21 +76,28 @@ inline bool varlen_attention_supports_head_dim(int head_dim) {
 }
 cudaError_t varlen_attention_forward(const VarlenAttentionParams& params, cudaStream_t stream);
 
-// ---- LayerNorm over rows with optional fused residual add ----
-// x, residual, out, summed: (rows, C) contiguous in dtype; weight, bias: (C,) float32 (bias may
-// be nullptr). With residual: summed = x + residual (rounded to dtype) and out = LN(summed);
-// summed may be nullptr only when residual is.
+// ---- LayerNorm over rows with optional fused residual add, on the live row prefix ----
+// x, residual, out, summed: (rows, C) contiguous in dtype; weight, bias: (C,) contiguous in
+// weight_dtype, which is dtype or kFloat32 (bias may be nullptr), widened to fp32 in registers.
+// With residual: summed = x + residual (rounded to dtype) and out = LN(summed); summed may be
+// nullptr only when residual is. With num_rows (one int32 or int64 in device memory,
+// num_rows_int64) only the rows r < clamp(*num_rows, 0, rows) are read and written: a row past
+// the count returns at once, so the work follows the live rows while the launch depends on rows
+// alone. Without num_rows, every row.
 struct LayerNormParams {
   const void* x;
   const void* residual;
   void* out;
   void* summed;
-  const float* weight;
-  const float* bias;
+  const void* weight;
+  const void* bias;
   ScalarType dtype;
+  ScalarType weight_dtype;  // dtype or kFloat32
   int64_t rows;
   int width;
   float eps;
+  const void* num_rows;  // nullptr: all rows
+  bool num_rows_int64;
 };
 // Widest row the LayerNorm kernel holds in registers.
 constexpr int kMaxLayerNormWidth = 1024;

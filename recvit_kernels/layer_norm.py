@@ -6,8 +6,8 @@ a pre-norm block computes its second norm and keeps the new residual stream in o
 
 With ``num_rows`` (a 1-element integer tensor on x's device, read there, never on the host) only
 the rows ``r < num_rows[0]`` of the 2-D ``x`` are normalised (the live prefix of the sync-free
-path); the outputs' other rows are unspecified: the triton kernel neither reads nor writes them,
-the eager and cuda ones compute every row.
+path); the outputs' other rows are unspecified: the triton and cuda kernels neither read nor write
+them (their work follows the live count), the eager one computes every row.
 """
 from __future__ import annotations
 

@@ -169,13 +169,59 @@ def test_gemm_ops_decline_what_the_kernels_cannot_run():
 
 
 def test_python_limits_match_the_kernel_header():
-    """The Python-side limits of the cuda prefix_linear equal the constants the kernel is built
-    with (csrc/recvit_kernels.h), so its declines match the binding's errors."""
+    """The Python-side limits of the cuda prefix_linear and layer_norm equal the constants the
+    kernels are built with (csrc/recvit_kernels.h), so their declines match the binding's errors."""
+    from recvit_kernels.cuda import layer_norm as norm_glue
     from recvit_kernels.cuda import prefix_linear as glue
 
     header = (ROOT / "csrc" / "recvit_kernels.h").read_text()
     assert f"kPrefixLinearKMultiple = {glue.K_MULTIPLE};" in header
     assert "kMaxPrefixLinearRows = 65535LL * 128;" in header and glue.MAX_ROWS == 65535 * 128
+    assert f"kMaxLayerNormWidth = {norm_glue.MAX_WIDTH};" in header
+
+
+def test_layer_norm_declines_what_the_kernel_cannot_run():
+    """The cuda layer_norm reads weight and bias in x's dtype or float32 (both the same) and names
+    why it declines anything else (so ``auto`` moves on): dtypes, width, a CPU tensor, autograd."""
+    from recvit_kernels.cuda.layer_norm import MAX_WIDTH, _supports
+
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    w = torch.randn(16, dtype=torch.bfloat16)
+    assert "x has dtype torch.float64" in _supports(x.double(), w, None, 1e-6, None)
+    assert "residual has dtype torch.float16" in _supports(x, w, None, 1e-6, x.half())
+    assert "weight has dtype torch.float16" in _supports(x, w.half(), None, 1e-6, None)
+    assert "weight has dtype torch.bfloat16" in _supports(x.float(), w, None, 1e-6, None)
+    assert "bias has dtype torch.float32, weight has torch.bfloat16" in _supports(
+        x, w, w.float(), 1e-6, None)
+    wide = torch.randn(2, MAX_WIDTH + 1, dtype=torch.bfloat16)
+    assert f"limit of {MAX_WIDTH}" in _supports(wide, torch.ones(MAX_WIDTH + 1), None, 1e-6, None)
+    for weight, bias in ((w, w), (w.float(), w.float()), (w.float(), None)):  # accepted dtypes
+        assert "x is on cpu" in _supports(x, weight, bias, 1e-6, x)
+    assert "x is on cpu" in _supports(x.float(), w.float(), None, 1e-6, None)
+
+
+def test_layer_norm_glue_passes_weights_and_count_as_they_are(monkeypatch):
+    """The glue hands the extension the caller's weight and bias themselves (no cast or copy that a
+    captured CUDA graph would keep reading after a weight change) and the live row count."""
+    from recvit_kernels.cuda import layer_norm as glue
+
+    calls = []
+
+    class Extension:
+        @staticmethod
+        def layer_norm(*args):
+            calls.append(args)
+            return args[0], args[0]
+
+    monkeypatch.setattr(glue, "extension", lambda: Extension)
+    x, weight, bias = torch.randn(6, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16), None
+    count = torch.tensor([4], dtype=torch.int32)
+    assert glue.layer_norm_cuda(x, weight, bias, 1e-5, None, num_rows=count) is x
+    full, shift = weight.float(), torch.randn(8)
+    assert glue.layer_norm_cuda(x, full, shift, 1e-5, x) == (x, x)
+    (x1, w1, b1, eps1, r1, n1), (_, w2, b2, _, r2, n2) = calls
+    assert x1 is x and w1 is weight and b1 is None and eps1 == 1e-5 and r1 is None and n1 is count
+    assert w2 is full and b2 is shift and r2 is x and n2 is None
 
 
 # ---------------------------------------------------------------- CPU: the kernels' algorithms
@@ -809,18 +855,27 @@ def test_varlen_attention_plain_segments_and_strided_input(ext, dtype, head_dim)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype,weight_dtype", [
+    (torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32), (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("rows,width", [(8 * 197, 192), (1000, 384), (77, 768), (5, 100), (3, 1024),
                                         (0, 64)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_layer_norm_matches_eager(ext, dtype, rows, width, with_residual):
+def test_layer_norm_matches_eager(ext, dtype, weight_dtype, rows, width, with_residual):
+    """Weight and bias in x's dtype (fp32, fp16, bf16) or in fp32, read as they are, against eager
+    under the tolerance rule (fp64 reference), without a host sync."""
     x = torch.randn(rows, width, device="cuda", dtype=dtype) * 3 + 1
-    weight = torch.randn(width, device="cuda", dtype=dtype)
-    bias = torch.randn(width, device="cuda", dtype=dtype)
+    weight = torch.randn(width, device="cuda", dtype=weight_dtype)
+    bias = torch.randn(width, device="cuda", dtype=weight_dtype)
     residual = torch.randn_like(x) if with_residual else None
     with no_host_sync():
         ours = rk.layer_norm(x, weight, bias, 1e-6, residual, backend="cuda")
-    theirs = rk.layer_norm(x, weight, bias, 1e-6, residual, backend="eager")
+    if weight_dtype == dtype:
+        theirs = rk.layer_norm(x, weight, bias, 1e-6, residual, backend="eager")
+    else:  # fp32 weights on half-precision x: eager in fp32, rounded once (as autocast runs it)
+        summed = x if residual is None else x + residual
+        theirs = torch.nn.functional.layer_norm(summed.float(), (width,), weight, bias, 1e-6).to(dtype)
+        theirs = theirs if residual is None else (theirs, summed)
     if with_residual:
         (ours, ours_sum), (theirs, theirs_sum) = ours, theirs
         assert torch.equal(ours_sum, theirs_sum)
@@ -832,6 +887,42 @@ def test_layer_norm_matches_eager(ext, dtype, rows, width, with_residual):
     assert ours.shape == x.shape and ours.dtype == dtype
     if rows:
         assert_flash_rule(ours, theirs, reference, FLOOR[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,width", [(8 * 197, 192), (77, 768), (5, 100), (3, 1024)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_layer_norm_live_rows(ext, dtype, rows, width, with_residual):
+    """With num_rows (int32 or int64, read on the device) the rows below it are normalised as by
+    eager and nothing is written past it (NaN-filled outputs keep their NaNs there); a count
+    below 0 or past the rows is clamped. Through the glue the same live rows."""
+    x = torch.randn(rows, width, device="cuda", dtype=dtype) * 3 + 1
+    weight = torch.randn(width, device="cuda", dtype=dtype)
+    bias = torch.randn(width, device="cuda", dtype=dtype)
+    residual = torch.randn_like(x) if with_residual else None
+    theirs = rk.layer_norm(x, weight, bias, 1e-6, residual, backend="eager")
+    theirs, theirs_sum = theirs if with_residual else (theirs, None)
+    reference = torch.nn.functional.layer_norm((x if residual is None else theirs_sum).double(),
+                                               (width,), weight.double(), bias.double(), 1e-6)
+    for live in sorted({-3, 0, 1, rows // 3, rows - 1, rows, rows + 50}):
+        for count_dtype in (torch.int32, torch.int64):
+            count = torch.tensor([live], device="cuda", dtype=count_dtype)
+            out = torch.full_like(x, math.nan)
+            summed = torch.full_like(x, math.nan) if with_residual else None
+            with no_host_sync():
+                result = ext.layer_norm(x, weight, bias, 1e-6, residual, count, out, summed)
+                glued = rk.layer_norm(x, weight, bias, 1e-6, residual, num_rows=count, backend="cuda")
+            assert result[0].data_ptr() == out.data_ptr()
+            assert (result[1].data_ptr() == summed.data_ptr()) if with_residual else result[1] is None
+            glued = glued[0] if with_residual else glued
+            m = min(max(live, 0), rows)
+            assert out[m:].isnan().all(), (live, count_dtype)
+            assert torch.equal(glued[:m], out[:m])
+            if with_residual:
+                assert summed[m:].isnan().all() and torch.equal(summed[:m], theirs_sum[:m])
+            if m:
+                assert_flash_rule(out[:m], theirs[:m], reference[:m], FLOOR[dtype])
 
 
 @pytest.mark.gpu
@@ -954,6 +1045,9 @@ def test_bad_input_raises_naming_the_argument(ext):
     w = torch.randn(24, 16, device="cuda", dtype=torch.float16)
     w2 = torch.randn(16, 24, device="cuda", dtype=torch.float16)
     count = torch.tensor([3], device="cuda")
+    ones = torch.ones(64, device="cuda")
+    strided = torch.empty(2, 10, 64, device="cuda", dtype=torch.float16).transpose(0, 1)
+    dest = torch.empty_like(q)
     cases = [
         ("q", lambda: ext.varlen_attention_forward(q.float(), q, q, cu, cu, 10, 10, 0.1)),
         ("q", lambda: ext.varlen_attention_forward(q.cpu(), q, q, cu, cu, 10, 10, 0.1)),
@@ -976,6 +1070,16 @@ def test_bad_input_raises_naming_the_argument(ext):
         ("weight", lambda: ext.layer_norm(q, torch.ones(63, device="cuda"), None, 1e-6, None)),
         ("residual", lambda: ext.layer_norm(q, torch.ones(64, device="cuda"), None, 1e-6, q[:1])),
         ("x", lambda: ext.layer_norm(q.int(), torch.ones(64, device="cuda"), None, 1e-6, None)),
+        ("weight", lambda: ext.layer_norm(q, ones.bfloat16(), None, 1e-6, None)),
+        ("bias", lambda: ext.layer_norm(q, ones, ones.half(), 1e-6, None)),
+        ("num_rows", lambda: ext.layer_norm(q, ones, None, 1e-6, None, count.repeat(2))),
+        ("num_rows", lambda: ext.layer_norm(q, ones, None, 1e-6, None, count.float())),
+        ("num_rows", lambda: ext.layer_norm(q, ones, None, 1e-6, None, count.cpu())),
+        ("out", lambda: ext.layer_norm(q, ones, None, 1e-6, None, count, q[:1])),
+        ("out", lambda: ext.layer_norm(q, ones, None, 1e-6, None, count, q.float())),
+        ("out", lambda: ext.layer_norm(q, ones, None, 1e-6, None, count, strided)),
+        ("summed", lambda: ext.layer_norm(q, ones, None, 1e-6, None, count, None, q.clone())),
+        ("summed", lambda: ext.layer_norm(q, ones, None, 1e-6, q, count, dest, dest)),
         ("x", lambda: ext.prefix_linear(x.float(), w.float(), None, count, False, None)),
         ("x", lambda: ext.prefix_linear(x[:, :12], w[:, :12], None, count, False, None)),
         ("weight", lambda: ext.prefix_linear(x, w[:, :8], None, count, False, None)),
@@ -1027,7 +1131,8 @@ def test_bad_tables_and_depths_never_access_out_of_bounds(ext, monkeypatch):
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager(ext):
     """Depth sort, attention, LayerNorm, the live-row GEMMs and the MLP captured in one graph;
-    replays with new depths equal fresh calls on the live rows."""
+    replays with new depths equal fresh calls on the live rows, and a replay after an in-place
+    change of the (fp16) LayerNorm weight uses the new weight (the kernel reads it, no copy)."""
     batch, tokens, steps = 4, 197, 12
     static_depths = profile_depths("random", batch, tokens, steps, "cuda")
     x = torch.randn(batch * tokens, 3, 64, device="cuda", dtype=torch.float16)
@@ -1041,8 +1146,8 @@ def test_cuda_graph_replay_equals_eager(ext):
         rows = layout.attention_rows(6, batch * tokens)
         out = rk.varlen_attention(x, x, x, layout.cu_seqlens[5], layout.cu_seqlens[5], tokens,
                                   tokens, q_rows=rows, kv_rows=rows, backend="cuda")
-        normed = rk.layer_norm(out.reshape(-1, 192), weight, None, backend="cuda")
         live = layout.step_rows[5:6]
+        normed = rk.layer_norm(out.reshape(-1, 192), weight, None, num_rows=live, backend="cuda")
         hidden = rk.prefix_linear(normed, fc1, bias1, live, "gelu", backend="cuda")
         mixed = rk.prefix_linear(hidden, fc2, bias2, live, residual=normed, backend="cuda")
         return rk.mlp(mixed, fc1, bias1, fc2, bias2, residual=mixed, backend="cuda"), live
@@ -1055,8 +1160,11 @@ def test_cuda_graph_replay_equals_eager(ext):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_out, static_live = forward(static_depths)
-    for profile in ("random", "all_one", "cls_deep"):
-        static_depths.copy_(profile_depths(profile, batch, tokens, steps, "cuda"))
+    for profile in ("random", "all_one", "cls_deep", "new weight"):
+        if profile == "new weight":
+            weight.copy_(torch.rand_like(weight) + 0.5)
+        else:
+            static_depths.copy_(profile_depths(profile, batch, tokens, steps, "cuda"))
         graph.replay()
         fresh, live = forward(static_depths)
         assert torch.equal(static_live, live)
@@ -1091,6 +1199,9 @@ SANITIZER_SCRIPT = textwrap.dedent("""
         rk.varlen_attention(q, q, q, cu, cu, 197, 197, q_rows=rows, kv_rows=rows, backend="cuda")
     x = torch.randn(100, 384, device="cuda", dtype=torch.float16)
     rk.layer_norm(x, torch.ones(384, device="cuda"), None, 1e-6, x, backend="cuda")
+    for live in (-1, 0, 37, 100, 1000):  # fp16 weights, read as they are; rows past live untouched
+        count = torch.tensor([live], device="cuda", dtype=torch.int32)
+        rk.layer_norm(x, x[0], x[1], 1e-6, x, num_rows=count, backend="cuda")
     w1 = torch.randn(1536, 384, device="cuda", dtype=torch.float16) / 20
     w2 = torch.randn(384, 1536, device="cuda", dtype=torch.float16) / 40
     b1, b2 = w1[:, 0].contiguous(), w2[:, 0].contiguous()

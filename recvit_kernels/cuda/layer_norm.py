@@ -2,15 +2,14 @@
 
 Same contract as :func:`recvit_kernels.layer_norm`: normalises the last dimension of ``x``; with
 ``residual`` returns ``(layer_norm(x + residual), x + residual)``. float32, float16 and bfloat16,
-widths up to the kernel's register budget (1024); other calls are declined with the reason.
-``num_rows`` is accepted and ignored: the kernel normalises every row (the contract leaves the
-rows past it unspecified). The kernel reads weight and bias in fp32: a half-precision model's are
-cast once and the copies kept (``fp32_copy``), not cast on every call (two launches per call,
-48 per bf16 Edge-RecViT forward).
+widths up to the kernel's register budget (``MAX_WIDTH``). Weight and bias are read in their own
+dtype, which must be x's or float32 (both the same): no cast, no copy, so a captured CUDA graph
+reads the live parameters. With ``num_rows`` each warp reads the live count from the device and a
+row past it returns at once (nothing read or written there). Other calls are declined with the
+reason, so ``auto`` moves on.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
@@ -19,44 +18,30 @@ from .._backend import register
 from . import device_reason, extension, grad_reason
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FP32_COPIES: dict = {}  # id(tensor) -> (weak reference, (version, data_ptr, dtype), fp32 copy)
-
-
-def fp32_copy(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``tensor`` as a contiguous fp32 tensor, cast once and kept while the tensor lives.
-
-    The copy is made again when the tensor changes: in place (its version counter) or by a new
-    storage (``module.half()``). A CUDA graph captured with a copy reads that copy: capture again
-    after changing the weights (as for any weight the graph does not read directly).
-    """
-    if tensor is None or (tensor.dtype == torch.float32 and tensor.is_contiguous()):
-        return tensor
-    key = (tensor._version, tensor.data_ptr(), tensor.dtype)
-    cached = _FP32_COPIES.get(id(tensor))
-    if cached is None or cached[0]() is not tensor:  # (a tensor's weak key compares by value)
-        weakref.finalize(tensor, _FP32_COPIES.pop, id(tensor), None)
-        cached = None
-    if cached is None or cached[1] != key:
-        cached = (weakref.ref(tensor), key, tensor.detach().to(torch.float32).contiguous())
-        _FP32_COPIES[id(tensor)] = cached
-    return cached[2]
+MAX_WIDTH = 1024  # the row is held in registers (recvit::kMaxLayerNormWidth)
 
 
 def _supports(x, weight, bias, eps, residual) -> Optional[str]:
-    reason = device_reason("x", x) or grad_reason(x, weight, bias, residual)
-    if reason is not None:
-        return reason
+    """Dtypes and width first (checkable on any device), then the devices and autograd."""
     if x.dtype not in DTYPES:
         return f"x has dtype {x.dtype}; the cuda layer_norm takes {DTYPES}"
     if residual is not None and residual.dtype != x.dtype:
         return f"residual has dtype {residual.dtype}, x has {x.dtype}"
-    limit = extension().max_layer_norm_width
-    if x.shape[-1] > limit:
-        return f"width {x.shape[-1]} exceeds the cuda layer_norm's limit of {limit}"
-    return None
+    if weight.dtype not in (x.dtype, torch.float32):
+        return (f"weight has dtype {weight.dtype}; the cuda layer_norm reads weights in x's dtype "
+                f"({x.dtype}) or float32")
+    if bias is not None and bias.dtype != weight.dtype:
+        return f"bias has dtype {bias.dtype}, weight has {weight.dtype}"
+    if x.shape[-1] > MAX_WIDTH:
+        return f"width {x.shape[-1]} exceeds the cuda layer_norm's limit of {MAX_WIDTH}"
+    for name, tensor in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+        reason = None if tensor is None else device_reason(name, tensor)
+        if reason is not None:
+            return reason
+    return grad_reason(x, weight, bias, residual)
 
 
 @register("layer_norm", "cuda", supports=_supports)
 def layer_norm_cuda(x, weight, bias, eps, residual, num_rows=None):
-    out, summed = extension().layer_norm(x, fp32_copy(weight), fp32_copy(bias), eps, residual)
+    out, summed = extension().layer_norm(x, weight, bias, eps, residual, num_rows)
     return out if residual is None else (out, summed)

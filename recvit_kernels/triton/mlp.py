@@ -18,7 +18,7 @@ from .._backend import register
 from ._common import device_reason, recompute_grads
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _epilogue_kernel(Y, B, R, O, rows, cols, sy, sr, so,
                      HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                      BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):

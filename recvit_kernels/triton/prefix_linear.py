@@ -20,7 +20,7 @@ from ..prefix_linear import _prefix_linear_eager
 from ._common import device_reason, interpreting, recompute_grads
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_ROWS", "rows"])
 def _prefix_linear_kernel(X, W, B, R, O, NUM_ROWS, rows, n_out, k_dim, sxm, sxk, swn, swk, srm, srn,
                           som, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

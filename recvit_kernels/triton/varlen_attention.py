@@ -22,7 +22,7 @@ HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["CU_Q", "CU_K", "Q_ROWS", "KV_ROWS"])
 def _varlen_attention_kernel(Q, K, V, O, CU_Q, CU_K, Q_ROWS, KV_ROWS,
                              sq_r, sq_h, sq_d, sk_r, sk_h, sk_d, sv_r, sv_h, sv_d,
                              so_r, so_h, so_d, scale_log2,

@@ -47,7 +47,9 @@ ROOT = Path(__file__).resolve().parent
 CAPABILITIES = (80, 90)
 # Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# name -> (dtype, torch.backends.cuda.matmul.allow_tf32): fp32 GEMMs and attention follow that flag.
+DTYPES = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "fp32": (torch.float32, False),
+          "fp32-tf32": (torch.float32, True)}
 BATCHES = (1, 256)
 PATHS = ("static", "packed")
 KV_MODES = ("active", "all")
@@ -171,8 +173,9 @@ class _SkipFloatMath(TorchDispatchMode):
             return func(*args, **kwargs)
         to_meta = lambda x: (torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
                              if isinstance(x, torch.Tensor) else x)
+        meta_kwargs = {**tree_map(to_meta, kwargs), **({"device": "meta"} if "device" in kwargs else {})}
         try:
-            meta = func(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
+            meta = func(*tree_map(to_meta, args), **meta_kwargs)
         except (NotImplementedError, RuntimeError):
             return func(*args, **kwargs)
         outputs, spec = tree_flatten(meta)
@@ -235,6 +238,16 @@ def fake_triton(capability: int, trace: Trace, setting: dict):
             _backend.register_availability("triton", previous_availability)
 
 
+@contextlib.contextmanager
+def _allow_tf32(flag: bool):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = flag
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def depth_draw(batch: int, tokens: int, num_steps: int, seed: int) -> torch.Tensor:
     """Random depths in 1..L, [CLS] at L: every step's live row count is data, not shape."""
     generator = torch.Generator().manual_seed(seed)
@@ -254,19 +267,17 @@ def trace(model_name: str = "edge_recvit_base", settings_list: Optional[Iterable
     import recvit
 
     result = Trace()
-    models = {}
+    model = recvit.create_model(model_name).eval()
     for setting in settings_list if settings_list is not None else settings():
-        dtype = DTYPES[setting["dtype"]]
-        if dtype not in models:
-            models.clear()
-            models[dtype] = recvit.create_model(model_name).eval().to(dtype)
-        model = models[dtype]
+        dtype, allow_tf32 = DTYPES[setting["dtype"]]
+        model.to(dtype)
         model.recursion.static_shapes = setting["path"] == "static"
         size = model.patch_embed.img_size
         for seed in seeds:
             depths = depth_draw(setting["batch"], model.num_tokens, model.num_steps, seed)
             images = torch.empty(setting["batch"], 3, size, size, dtype=dtype)
-            with torch.no_grad(), fake_triton(capability, result, {**setting, "seed": seed}):
+            with torch.no_grad(), _allow_tf32(allow_tf32), \
+                    fake_triton(capability, result, {**setting, "seed": seed}):
                 model(images, depths=depths, kv=setting["kv"], backend="triton")
     return result
 

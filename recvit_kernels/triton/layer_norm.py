@@ -18,6 +18,7 @@ from ._common import device_reason, recompute_grads
 MAX_WIDTH = 8192
 
 
+# rows (the live count on the packed path) is data: specialising on it only recompiles.
 @triton.jit(do_not_specialize=["rows"])
 def _layer_norm_kernel(X, R, W, B, Y, S, rows, width, eps, sx, sr, sy, ss,
                        HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,

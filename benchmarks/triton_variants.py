@@ -198,7 +198,7 @@ def _triton_modules():
 def fake_triton(capability: int, trace: Trace, setting: dict):
     """Within: the triton backend takes CPU tensors, launches are recorded into ``trace`` (with
     ``setting``) instead of run, and float math is skipped."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if os.environ.get("TRITON_INTERPRET") == "1":  # triton.jit made interpreted functions
         raise RuntimeError("TRITON_INTERPRET=1: the trace needs Triton's compiler, not its interpreter")
     import triton
     from triton.runtime import driver
@@ -344,88 +344,117 @@ def _short(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def report(variants: dict, capabilities=CAPABILITIES, trace_s: float = 0.0) -> dict:
+def setting_name(setting: dict) -> str:
+    return f"{setting['dtype']}/b{setting['batch']}/{setting['path']}/kv={setting['kv']}"
+
+
+def report(variants: dict, capabilities=CAPABILITIES) -> dict:
+    """One Triton version's entry: every variant with the settings that launched it, compiled."""
     import triton
 
     rows = []
     for variant, tags in variants.items():
+        module, qualname = variant.kernel.rsplit(".", 1)
+        fn = getattr(importlib.import_module(module), qualname)
         row = dict(kernel=variant.name, constexprs=dict(variant.constexprs),
+                   declared=[p.name for p in fn.params if p.is_constexpr],
                    options=dict(variant.options), signature=dict(variant.signature),
                    attrs={name: hints for name, hints in variant.attrs},
-                   launched_by=sorted({f"{t['dtype']}/b{t['batch']}/{t['path']}/kv={t['kv']}" for t in tags}),
-                   compiled={})
+                   launched_by=sorted({setting_name(t) for t in tags}), compiled={})
         for capability in capabilities:
             row["compiled"][f"sm_{capability}"] = compile_variant(variant, capability)
         rows.append(row)
-    return dict(triton=triton.__version__, torch=torch.__version__, trace_s=round(trace_s, 1),
+    return dict(triton=triton.__version__, torch=torch.__version__,
                 shared_limit={f"sm_{c}": SHARED_LIMIT[c] for c in capabilities}, variants=rows)
 
 
-def problems(result: dict) -> list:
+def problems(entry: dict) -> list:
     """Every variant that spills or needs more shared memory than its architecture has."""
     found = []
-    for row in result["variants"]:
+    for row in entry["variants"]:
         for arch, res in row["compiled"].items():
             if res["spill_bytes"] or res["local_bytes"]:
                 found.append(f"{row['kernel']} {row['constexprs']} {row['options']} on {arch}: "
                              f"{res['spill_bytes']} B stack, {res['local_bytes']} B local")
-            if res["shared_bytes"] > result["shared_limit"][arch]:
+            if res["shared_bytes"] > entry["shared_limit"][arch]:
                 found.append(f"{row['kernel']} {row['constexprs']} on {arch}: {res['shared_bytes']} B "
-                             f"shared > {result['shared_limit'][arch]}")
+                             f"shared > {entry['shared_limit'][arch]}")
     return found
 
 
-def markdown(result: dict) -> str:
-    archs = list(result["shared_limit"])
+def _table(entry: dict) -> list:
+    archs = list(entry["shared_limit"])
     head = ["kernel", "constexprs", "warps", "stages"]
     for arch in archs:
         head += [f"{arch} regs", f"{arch} spill B", f"{arch} smem B", f"{arch} mma"]
-    lines = [f"# Triton kernel variants launched by Edge-RecViT-Base",
-             "",
-             f"triton {result['triton']}, torch {result['torch']}. Written by "
-             f"`python -m benchmarks.triton_variants` (no GPU needed): Base, batch {'/'.join(map(str, BATCHES))}, "
-             f"{'/'.join(DTYPES)}, the static and packed paths, kv active/all, two random depth draws "
-             f"each; every distinct launched specialisation compiled for "
-             f"{' and '.join(archs)}. Spill B = per-thread stack bytes (cuobjdump -res-usage); smem = "
-             f"shared memory (limits {result['shared_limit']}); mma from the PTX. "
-             f"{len(result['variants'])} variants.",
-             "",
-             "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]
-    for row in sorted(result["variants"], key=lambda r: (r["kernel"], json.dumps(r["constexprs"], sort_keys=True))):
-        cells = [row["kernel"],
-                 ", ".join(f"{k}={_short(v)}" for k, v in row["constexprs"].items()),
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = lambda r: (r["kernel"], json.dumps(r["constexprs"], sort_keys=True), json.dumps(r["options"]))
+    for row in sorted(entry["variants"], key=order):
+        cells = [row["kernel"].strip("_").replace("_kernel", ""),
+                 ", ".join(f"{k}={_short(v)}" for k, v in row["constexprs"].items() if k in row["declared"]),
                  str(row["options"].get("num_warps")), str(row["options"].get("num_stages"))]
         for arch in archs:
             res = row["compiled"][arch]
             cells += [str(res["registers"]), str(res["spill_bytes"]), str(res["shared_bytes"]), res["mma"]]
         lines.append("| " + " | ".join(cells) + " |")
-    found = problems(result)
-    lines += ["", "Spills or shared memory over the limit: " + ("none." if not found else "")]
-    lines += [f"- {p}" for p in found]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Triton kernel variants launched by Edge-RecViT-Base", "",
+             "Written by `python -m benchmarks.triton_variants` (no GPU needed; see its docstring): "
+             f"Edge-RecViT-Base at batch {' and '.join(map(str, BATCHES))}, {', '.join(DTYPES)} "
+             "(fp32-tf32: fp32 with `torch.backends.cuda.matmul.allow_tf32 = True`), the static "
+             "(`RecursiveBlock.static_shapes`) and packed paths, kv active and all, two random depth "
+             "draws each, on the triton backend. Every distinct specialisation the launches ask for is "
+             "compiled with `triton.compile` for sm_80 and sm_90. regs / spill B (per-thread stack) from "
+             "`cuobjdump -res-usage`, smem B from the kernel's metadata, mma from the PTX "
+             "(`fma`: fp32 in IEEE precision, no tensor cores). Constexprs listed are the kernels' own; "
+             "Triton's value specialisations (stride 1, divisibility by 16) are in the JSON.", ""]
+    for version, entry in sorted(results.items(), reverse=True):
+        found = problems(entry)
+        lines += [f"## triton {version} (torch {entry['torch']})", "",
+                  f"{len(entry['variants'])} variants; shared-memory limits {entry['shared_limit']}. "
+                  f"Spills or shared memory over the limit: {len(found) or 'none'}.", ""]
+        lines += _table(entry) + [""] + [f"- {p}" for p in found] + ([""] if found else [])
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "triton_variants",
-                        help="path without suffix: writes OUT.md and OUT.json")
+                        help="path without suffix: updates this Triton version's entry of OUT.json "
+                             "(keyed by version) and rewrites OUT.md from all entries")
+    parser.add_argument("--also", nargs="*", default=[], metavar="PYTHON",
+                        help="other Python interpreters (another Triton version installed) to run "
+                             "this same command in first, e.g. a venv with triton==3.6.0")
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--archs", type=int, nargs="+", default=list(CAPABILITIES), choices=list(CAPABILITIES))
     args = parser.parse_args(argv)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said aloud
+    status = 0
+    for python in args.also:
+        rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--also" and a not in args.also]
+        status |= subprocess.run([python, "-m", "benchmarks.triton_variants", *rest], env=env,
+                                 cwd=ROOT.parent).returncode
     start = time.perf_counter()
     traced = trace(settings_list=settings(tuple(args.batches), tuple(args.dtypes)))
     trace_s = time.perf_counter() - start
-    result = report(traced.variants(), tuple(args.archs), trace_s)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    found = problems(result)
-    print(f"{len(result['variants'])} variants, traced in {trace_s:.1f} s, compiled in "
-          f"{time.perf_counter() - start - trace_s:.1f} s; {len(found)} problems")
+    entry = report(traced.variants())
+    compile_s = time.perf_counter() - start - trace_s
+    path = args.out.with_suffix(".json")
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[entry["triton"]] = entry
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(results))
+    found = problems(entry)
+    print(f"triton {entry['triton']}: {len(entry['variants'])} variants from {len(traced.launches)} "
+          f"launches, traced in {trace_s:.1f} s, compiled for {list(entry['shared_limit'])} in "
+          f"{compile_s:.1f} s; {len(found)} spilling or over shared memory")
     for line in found:
         print(" ", line)
-    return 1 if found else 0
+    return status | (1 if found else 0)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ cdiv(N_out, BLOCK_N) programs in grouped order (Triton's matmul tutorial); each 
 ``num_rows``. A program whose row block starts at or past M stores zeros and skips the K loop;
 the others accumulate ``x @ weight.T`` in fp32 with ``tl.dot`` (fp32 inputs in TF32 or IEEE
 precision as ``torch.backends.cuda.matmul.allow_tf32`` says, as for the eager op's cuBLAS GEMM:
-``_common.dot_precision``), add the bias, apply the exact (erf) GELU, add the residual, zero the rows >= M of a partial block and round once. Writing the zeros in the kernel
-rather than pre-zeroing the output touches each output element once instead of the live ones twice
-and saves a memset launch. The backward recomputes with the eager op.
+``_common.dot_precision``), add the bias, apply the exact (erf) GELU, add the residual, zero the
+rows >= M of a partial block and round once. Writing the zeros in the kernel rather than
+pre-zeroing the output touches each output element once instead of the live ones twice and saves a
+memset launch. The backward recomputes with the eager op.
 """
 from __future__ import annotations
 

@@ -68,11 +68,12 @@ def _prefix_linear_kernel(X, W, B, R, O, NUM_ROWS, rows, n_out, k_dim, sxm, sxk,
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), largest first; each compiles without a
 # register spill for sm_80 and sm_90 (benchmarks/triton_variants.md). Tensor cores: the 16-bit
 # tiles (BLOCK_M 32 runs mma.sync on sm_90 too: wgmma needs 64 rows); TF32 halves BLOCK_K for the
-# same shared memory; IEEE fp32 runs on the FMA units, where 4 warps on 64x64 spill on sm_80.
+# same shared memory; IEEE fp32 runs on the FMA units, where 4 warps on 64x64 spill on sm_80 and
+# 128x64 with GELU spills under triton 3.6.
 _TILES = {
     "16-bit": ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4)),
     "tf32": ((128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3)),
-    "ieee": ((128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (32, 64, 32, 4, 3)),
+    "ieee": ((64, 64, 32, 8, 3), (32, 64, 32, 4, 3)),
 }
 # A tile is taken when it gives at least this many programs: about one wave on an A100 (108 SMs)
 # or an H100 (132). Fewer rows (batch 1: 197) get smaller tiles, down to the smallest.

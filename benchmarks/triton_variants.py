@@ -22,8 +22,8 @@ alignment comes from real CPU tensors, so slices of one tensor specialise as the
 
 Registers and spills come from ``cuobjdump -res-usage`` on the cubin (Triton's own copy of the
 tool), shared memory from the compiled kernel's metadata, the mma kind from the PTX (``wgmma`` on
-sm_90 Hopper tensor cores, ``mma.sync`` on sm_80 ones, ``fma`` when no dot reaches the tensor
-cores).
+sm_90 Hopper tensor cores, ``mma.sync`` on sm_80 ones, ``none`` when no instruction reaches the
+tensor cores: element-wise kernels, and IEEE fp32 dots, which run on the FMA units).
 """
 from __future__ import annotations
 
@@ -322,7 +322,7 @@ def _mma_kind(ptx: str) -> str:
         return "wgmma"
     if re.search(r"\bmma\.sync", ptx):
         return "mma.sync"
-    return "fma"
+    return "none"
 
 
 def compile_variant(variant: Variant, capability: int) -> dict:
@@ -393,13 +393,15 @@ def problems(entry: dict) -> list:
 
 def _table(entry: dict) -> list:
     archs = list(entry["shared_limit"])
-    head = ["kernel", "constexprs", "warps", "stages"]
+    head = ["kernel", "dtype", "constexprs", "warps", "stages"]
     for arch in archs:
         head += [f"{arch} regs", f"{arch} spill B", f"{arch} smem B", f"{arch} mma"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = lambda r: (r["kernel"], json.dumps(r["constexprs"], sort_keys=True), json.dumps(r["options"]))
+    order = lambda r: (r["kernel"], json.dumps(r["constexprs"], sort_keys=True), json.dumps(r["options"]),
+                       json.dumps(r["signature"]), json.dumps(r["attrs"], sort_keys=True))
     for row in sorted(entry["variants"], key=order):
         cells = [row["kernel"].strip("_").replace("_kernel", ""),
+                 next(t for t in row["signature"].values() if t.startswith("*"))[1:],
                  ", ".join(f"{k}={_short(v)}" for k, v in row["constexprs"].items() if k in row["declared"]),
                  str(row["options"].get("num_warps")), str(row["options"].get("num_stages"))]
         for arch in archs:
@@ -419,7 +421,8 @@ def markdown(results: dict) -> str:
              "specialisation the launches ask for is "
              "compiled with `triton.compile` for sm_80 and sm_90. regs / spill B (per-thread stack) from "
              "`cuobjdump -res-usage`, smem B from the kernel's metadata, mma from the PTX "
-             "(`fma`: fp32 in IEEE precision, no tensor cores). Constexprs listed are the kernels' own; "
+             "(`none`: no tensor-core instruction; IEEE fp32 dots run on the FMA units); dtype: the first "
+             "pointer's. Constexprs listed are the kernels' own; "
              "Triton's value specialisations (stride 1, divisibility by 16) are in the JSON.", ""]
     for version, entry in sorted(results.items(), reverse=True):
         found = problems(entry)

@@ -228,16 +228,18 @@ def fake_triton(capability: int, trace: Trace, setting: dict):
         module.device_reason = device_reason
     previous_hook = triton.knobs.runtime.jit_cache_hook
     triton.knobs.runtime.jit_cache_hook = _record(trace, setting)
+    kernels = [value for module in modules for value in vars(module).values()
+               if isinstance(value, triton.runtime.JITFunction)]
     driver.set_active(_FakeDriver(capability))
-    for module in modules:  # binders cache the target per kernel: start fresh
-        for value in vars(module).values():
-            if isinstance(value, triton.runtime.JITFunction):
-                value.device_caches.clear()
+    for kernel in kernels:  # binders cache the target per kernel: fresh ones for the fake one
+        kernel.device_caches.clear()
     try:
         with _SkipFloatMath():
             yield
     finally:
         driver._active = None
+        for kernel in kernels:  # and none built for it left behind
+            kernel.device_caches.clear()
         triton.knobs.runtime.jit_cache_hook = previous_hook
         for module in patched:
             module.device_reason = real_reason

@@ -435,6 +435,18 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def dump(results: dict) -> str:
+    """The JSON text: one line per variant, so that a rerun's diff shows what changed."""
+    versions = []
+    for version, entry in sorted(results.items()):
+        fields = [f"  {json.dumps(key)}: {json.dumps(value, sort_keys=True)}"
+                  for key, value in entry.items() if key != "variants"]
+        rows = ",\n".join(f"   {json.dumps(row, sort_keys=True)}" for row in entry["variants"])
+        fields.append(f'  "variants": [\n{rows}\n  ]')
+        versions.append(f" {json.dumps(version)}: {{\n" + ",\n".join(fields) + "\n }")
+    return "{\n" + ",\n".join(versions) + "\n}\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "triton_variants",
@@ -462,7 +474,7 @@ def main(argv=None) -> int:
     path = args.out.with_suffix(".json")
     results = json.loads(path.read_text()) if path.is_file() else {}
     results[entry["triton"]] = entry
-    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    path.write_text(dump(results))
     args.out.with_suffix(".md").write_text(markdown(results))
     found = problems(entry)
     print(f"triton {entry['triton']}: {len(entry['variants'])} variants from {len(traced.launches)} "

@@ -367,7 +367,8 @@ def report(variants: dict, capabilities=CAPABILITIES) -> dict:
     for variant, tags in variants.items():
         module, qualname = variant.kernel.rsplit(".", 1)
         fn = getattr(importlib.import_module(module), qualname)
-        row = dict(kernel=variant.name, constexprs=dict(variant.constexprs),
+        pointers = [ty for _, ty in variant.signature if ty.startswith("*")]
+        row = dict(kernel=variant.name, dtype=pointers[0][1:], constexprs=dict(variant.constexprs),
                    declared=[p.name for p in fn.params if p.is_constexpr],
                    options=dict(variant.options), signature=dict(variant.signature),
                    attrs={name: hints for name, hints in variant.attrs},
@@ -403,7 +404,7 @@ def _table(entry: dict) -> list:
                        json.dumps(r["signature"]), json.dumps(r["attrs"], sort_keys=True))
     for row in sorted(entry["variants"], key=order):
         cells = [row["kernel"].strip("_").replace("_kernel", ""),
-                 next(t for t in row["signature"].values() if t.startswith("*"))[1:],
+                 row["dtype"],
                  ", ".join(f"{k}={_short(v)}" for k, v in row["constexprs"].items() if k in row["declared"]),
                  str(row["options"].get("num_warps")), str(row["options"].get("num_stages"))]
         for arch in archs:
@@ -424,7 +425,7 @@ def markdown(results: dict) -> str:
              "compiled with `triton.compile` for sm_80 and sm_90. regs / spill B (per-thread stack) from "
              "`cuobjdump -res-usage`, smem B from the kernel's metadata, mma from the PTX "
              "(`none`: no tensor-core instruction; IEEE fp32 dots run on the FMA units); dtype: the first "
-             "pointer's. Constexprs listed are the kernels' own; "
+             "pointer argument's (x, q). Constexprs listed are the kernels' own; "
              "Triton's value specialisations (stride 1, divisibility by 16) are in the JSON.", ""]
     for version, entry in sorted(results.items(), reverse=True):
         found = problems(entry)

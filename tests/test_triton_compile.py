@@ -64,8 +64,7 @@ def test_dots_use_tensor_cores_unless_ieee_fp32(entry):
     runs on the FMA units."""
     for row in (r for r in entry["variants"] if r["kernel"] in DOT_KERNELS):
         mma = {arch: res["mma"] for arch, res in row["compiled"].items()}
-        fp32 = next(t for t in row["signature"].values() if t.startswith("*")) == "*fp32"  # x / q
-        if fp32 and row["constexprs"]["PRECISION"] == "ieee":
+        if row["dtype"] == "fp32" and row["constexprs"]["PRECISION"] == "ieee":
             assert set(mma.values()) == {"none"}, row
             continue
         assert mma["sm_80"] == "mma.sync", row

@@ -79,10 +79,10 @@ def _varlen_attention_kernel(Q, K, V, O, CU_Q, CU_K, Q_ROWS, KV_ROWS,
 
 
 # precision -> head_dim -> (BLOCK_M, BLOCK_N, num_warps). Each compiles without a register spill
-# for sm_80 and sm_90 (benchmarks/triton_variants.md for the model's head_dim 64; a one-off sweep
-# over 16-128). Where 64x64 with 4 warps spilled on sm_80 (8-16 bytes: 16-bit at 32 and 128, TF32
-# at 128), 8 warps or 128 query rows. IEEE fp32 runs on the FMA units, where 64x64 with 4 warps
-# spilled about 7 KB per thread: 8 warps and 32 keys a block (16 at head_dim 128).
+# for sm_80 and sm_90 (benchmarks/triton_variants.md for the model's head_dim 64 under triton 3.9
+# and 3.6; a one-off sweep over 16-128 under 3.9, where other tiles spilled 8-64 bytes on sm_80 at
+# head_dim 32 and 128). IEEE fp32 runs on the FMA units, where 64x64 with 4 warps spilled about
+# 7 KB per thread: 8 warps and 32 keys a block (16 at head_dim 128).
 _TILES = {
     "16-bit": {16: (64, 64, 4), 32: (128, 64, 8), 64: (64, 64, 4), 128: (128, 64, 8)},
     "tf32": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 8)},

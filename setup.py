@@ -5,7 +5,7 @@ has a CUDA-enabled torch and nvcc, and ``RECVIT_SKIP_CUDA_BUILD`` is not ``1``. 
 isolation hides the installed torch, so the CUDA build needs ``pip install --no-build-isolation .``;
 a plain ``pip install .`` gives the pure-Python package, whose ``cuda`` backend JIT-builds the
 extension on first use from the kernel sources shipped inside it. torch is imported here only once
-its files say it is a CUDA build. Architectures: ``TORCH_CUDA_ARCH_LIST``, default "8.0;9.0".
+its files say it is a CUDA build. Architectures: ``TORCH_CUDA_ARCH_LIST``, default "8.0;9.0+PTX".
 """
 import importlib.util
 import os
@@ -75,7 +75,7 @@ def extension_kwargs():
     if reason is not None:
         print(f"recvit: building without the CUDA extension: {reason}")
         return {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")  # PTX: newer GPUs JIT it
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     extension = CUDAExtension(

@@ -162,3 +162,35 @@ def test_triton_declines_bfloat16_on_the_interpreter():
 @pytest.mark.parametrize("fraction", [0.0, 0.37, 1.0])
 def test_gpu_real_sizes(rows, k_dim, n_out, fraction, dtype):
     check(rows, k_dim, n_out, int(rows * fraction), dtype)
+
+
+def test_tiles_follow_the_shape_and_the_fp32_policy(monkeypatch):
+    """Few rows get small tiles (enough programs for about one wave), many rows the largest; fp32
+    takes the TF32 tiles when torch allows TF32, else the IEEE (FMA) ones."""
+    pl = pytest.importorskip("recvit_kernels.triton.prefix_linear")
+    from recvit_kernels.triton._common import dot_precision
+
+    monkeypatch.setattr(pl, "interpreting", lambda: False)
+    tiles = pl._TILES["16-bit"]
+    assert pl._config(256 * 197, 768, torch.bfloat16) == tiles[0]
+    small = pl._config(197, 3072, torch.float16)  # batch-1 fc1
+    assert small != tiles[0] and triton_programs(197, 3072, small) >= pl._MIN_PROGRAMS
+    assert pl._config(197, 768, torch.bfloat16) == tiles[-1]  # batch-1 proj: the smallest tile
+    for allow_tf32, precision in ((False, "ieee"), (True, "tf32")):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+        assert dot_precision(torch.float32) == precision
+        assert dot_precision(torch.bfloat16) == "tf32"
+        assert pl._config(256 * 197, 768, torch.float32) == pl._TILES[precision][0]
+
+
+def triton_programs(rows, n_out, tile):
+    return -(-rows // tile[0]) * -(-n_out // tile[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [197, 64 * 197])
+def test_gpu_fp32_tf32_when_torch_allows(rows, monkeypatch):
+    """With ``allow_tf32`` the kernel runs TF32 as the eager op's cuBLAS GEMM does: flash rule
+    against fp64 with TF32 eager as the baseline (the IEEE default is test_gpu_real_sizes' fp32)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    check(rows, 768, 3072, rows // 2, torch.float32)

@@ -13,6 +13,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: the fp32 policy of every Triton GEMM and attention here.
+
+    fp32 follows torch: ``torch.backends.cuda.matmul.allow_tf32`` (what
+    ``torch.set_float32_matmul_precision("high")`` sets) gives TF32 tensor cores, as cuBLAS gives
+    ``F.linear``; torch's default (False) gives IEEE fp32 on the FMA units, no tensor cores, the
+    same rounding as the eager op. Read at every launch. 16-bit inputs always use the tensor cores
+    (the value is then ignored).
+    """
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
 def device_reason(name: str, tensor: torch.Tensor) -> Optional[str]:
     """None if the Triton kernels can read ``tensor`` (its device and dtype), else why not."""
     if tensor.device.type == "cpu" and not interpreting():

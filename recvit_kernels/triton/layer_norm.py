@@ -19,7 +19,9 @@ from ._common import device_reason, new_output, recompute_grads, records_grad
 MAX_WIDTH = 8192
 
 
-@triton.jit
+# NUM_ROWS (a per-step slice: its 16-byte alignment alternates step to step) and rows (the live
+# count on the packed path) are data: specialising on them only recompiles.
+@triton.jit(do_not_specialize=["NUM_ROWS", "rows"])
 def _layer_norm_kernel(X, R, W, B, Y, S, NUM_ROWS, rows, width, eps, sx, sr, sy, ss,
                        HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NUM_ROWS: tl.constexpr,
                        BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):

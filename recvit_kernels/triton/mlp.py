@@ -18,7 +18,8 @@ from .._backend import register
 from ._common import device_reason, recompute_grads
 
 
-@triton.jit
+# rows (the live count on the packed path) is data: specialising on it only recompiles.
+@triton.jit(do_not_specialize=["rows"])
 def _epilogue_kernel(Y, B, R, O, rows, cols, sy, sr, so,
                      HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                      BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):

@@ -3,8 +3,9 @@
 Same contract as :func:`recvit_kernels.prefix_linear`. The grid is static, cdiv(R, BLOCK_M) x
 cdiv(N_out, BLOCK_N) programs in grouped order (Triton's matmul tutorial); each loads M from
 ``num_rows``. A program whose row block starts at or past M returns at once; the others
-accumulate ``x @ weight.T`` in fp32 with ``tl.dot`` (fp32 inputs in IEEE precision, not tf32, so
-they match the eager op), add the bias, apply the exact (erf) GELU, add the residual, round once
+accumulate ``x @ weight.T`` in fp32 with ``tl.dot`` (fp32 inputs in TF32 or IEEE precision as
+``torch.backends.cuda.matmul.allow_tf32`` says, as for the eager op's cuBLAS GEMM:
+``_common.dot_precision``), add the bias, apply the exact (erf) GELU, add the residual, round once
 and store the rows < M only. With ``out`` the live rows go into it in place (``out`` may be the
 residual: each element's residual is read by the program that then overwrites it). The backward
 recomputes with the eager op.
@@ -17,10 +18,13 @@ import triton.language as tl
 
 from .._backend import register
 from ..prefix_linear import _prefix_linear_eager
-from ._common import device_reason, interpreting, new_output, recompute_grads, records_grad
+from ._common import (device_reason, dot_precision, interpreting, new_output, recompute_grads,
+                      records_grad)
 
 
-@triton.jit
+# NUM_ROWS (a slice of the per-step counts: its 16-byte alignment alternates step to step) and
+# rows (the live count on the packed path) are data: specialising on them only recompiles.
+@triton.jit(do_not_specialize=["NUM_ROWS", "rows"])
 def _prefix_linear_kernel(X, W, B, R, O, NUM_ROWS, rows, n_out, k_dim, sxm, sxk, swn, swk, srm, srn,
                           som, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -62,17 +66,37 @@ def _prefix_linear_kernel(X, W, B, R, O, NUM_ROWS, rows, n_out, k_dim, sxm, sxk,
              mask=m_live[:, None] & n_valid[None, :])
 
 
-def _config(dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): fixed tiles valid on sm_80 and sm_90.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), largest first; each compiles without a
+# register spill for sm_80 and sm_90 (benchmarks/triton_variants.md). Tensor cores: the 16-bit
+# tiles (BLOCK_M 32 runs mma.sync on sm_90 too: wgmma needs 64 rows); TF32 halves BLOCK_K for the
+# same shared memory; IEEE fp32 runs on the FMA units, where 4 warps on 64x64 spill on sm_80 and
+# 128x64 with GELU spills under triton 3.6.
+_TILES = {
+    "16-bit": ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4)),
+    "tf32": ((128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3)),
+    "ieee": ((64, 64, 32, 8, 3), (32, 64, 32, 4, 3)),
+}
+# A tile is taken when it gives at least this many programs: about one wave on an A100 (108 SMs)
+# or an H100 (132). Fewer rows (batch 1: 197) get smaller tiles, down to the smallest.
+_MIN_PROGRAMS = 128
 
-    Not tuned on a GPU yet. Half precision takes the tutorial's 128x128x64 tile with 8 warps
-    (96 KiB of shared memory in 3 stages); fp32 in IEEE precision a 64x64x32 tile.
+
+def _config(rows, n_out, dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a (rows, n_out) output.
+
+    ``rows`` is the static row bound (the live count is on the device). Not tuned on a GPU yet:
+    the largest tile of :data:`_TILES` that still fills about one wave of SMs. Split-K for the
+    few-row, long-K GEMMs (fc2 at batch 1) is not done: the epilogue (GELU, residual) would need a
+    second pass.
     """
     if interpreting():
         return 32, 32, 32, 4, 1
-    if dtype == torch.float32:
-        return 64, 64, 32, 4, 3
-    return 128, 128, 64, 8, 3
+    precision = dot_precision(dtype)
+    tiles = _TILES["16-bit" if dtype != torch.float32 else precision]
+    for tile in tiles:
+        if triton.cdiv(rows, tile[0]) * triton.cdiv(n_out, tile[1]) >= _MIN_PROGRAMS:
+            return tile
+    return tiles[-1]
 
 
 def _launch(x, weight, bias, num_rows, activation, residual, out):
@@ -80,14 +104,14 @@ def _launch(x, weight, bias, num_rows, activation, residual, out):
     n_out = weight.shape[0]
     if out.numel() == 0:
         return out
-    block_m, block_n, block_k, num_warps, num_stages = _config(x.dtype)
+    block_m, block_n, block_k, num_warps, num_stages = _config(rows, n_out, x.dtype)
     grid = (triton.cdiv(rows, block_m) * triton.cdiv(n_out, block_n),)
     r = residual if residual is not None else out
     _prefix_linear_kernel[grid](
         x, weight, bias if bias is not None else weight, r, out, num_rows, rows, n_out, k_dim,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), r.stride(0), r.stride(1),
         out.stride(0), HAS_BIAS=bias is not None, GELU=activation == "gelu",
-        HAS_RESIDUAL=residual is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        HAS_RESIDUAL=residual is not None, PRECISION=dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
         num_stages=num_stages)
     return out

@@ -19,13 +19,17 @@ import triton.language as tl
 
 from .._backend import register
 from ..varlen_attention import _varlen_attention_eager
-from ._common import device_reason, new_output, recompute_grads, records_grad
+from ._common import device_reason, dot_precision, new_output, recompute_grads, records_grad
 
 HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# The length and index tables are slices of per-step tensors (their 16-byte alignment alternates
+# step to step) read at data-dependent offsets, and the bounds change per step on the packed path:
+# specialising on them only recompiles.
+@triton.jit(do_not_specialize=["CU_Q", "CU_K", "Q_ROWS", "KV_ROWS", "USED_Q", "USED_K", "max_seqlen_q",
+                               "max_seqlen_k"])
 def _varlen_attention_kernel(Q, K, V, O, CU_Q, CU_K, Q_ROWS, KV_ROWS, USED_Q, USED_K,
                              max_seqlen_q, max_seqlen_k,
                              sq_r, sq_h, sq_d, sk_r, sk_h, sk_d, sv_r, sv_h, sv_d,
@@ -89,6 +93,24 @@ def _varlen_attention_kernel(Q, K, V, O, CU_Q, CU_K, Q_ROWS, KV_ROWS, USED_Q, US
              acc.to(O.dtype.element_ty), mask=m_valid[:, None])
 
 
+# precision -> head_dim -> (BLOCK_M, BLOCK_N, num_warps). Each compiles without a register spill
+# for sm_80 and sm_90 (benchmarks/triton_variants.md for the model's head_dim 64 under triton 3.9
+# and 3.6; a one-off sweep over 16-128 under 3.9, where other tiles spilled 8-64 bytes on sm_80 at
+# head_dim 32 and 128). IEEE fp32 runs on the FMA units, where 64x64 with 4 warps spilled about
+# 7 KB per thread: 8 warps and 32 keys a block (16 at head_dim 128).
+_TILES = {
+    "16-bit": {16: (64, 64, 4), 32: (128, 64, 8), 64: (64, 64, 4), 128: (128, 64, 8)},
+    "tf32": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 64, 8)},
+    "ieee": {16: (64, 32, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (64, 16, 8)},
+}
+
+
+def _config(dtype, head_dim):
+    """(BLOCK_M, BLOCK_N, num_warps) for ``dtype`` (fp32: TF32 or IEEE, see ``dot_precision``)."""
+    precision = "16-bit" if dtype != torch.float32 else dot_precision(dtype)
+    return _TILES[precision][head_dim]
+
+
 def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, q_rows,
             kv_rows, seqused_q, seqused_k, zero):
     if seqused_q is None:
@@ -96,7 +118,7 @@ def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     else:  # rows no used position covers stay unwritten
         out = new_output(q.shape, q, zero)
     batch, heads, head_dim = cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
-    block_m = block_n = 64
+    block_m, block_n, num_warps = _config(q.dtype, head_dim)
     grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
     _varlen_attention_kernel[grid](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k,
@@ -106,8 +128,8 @@ def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), softmax_scale * _LOG2E,
         HAS_Q_ROWS=q_rows is not None, HAS_KV_ROWS=kv_rows is not None,
         HAS_USED_Q=seqused_q is not None, HAS_USED_K=seqused_k is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEAD_DIM=head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if head_dim <= 64 else 8)
+        PRECISION=dot_precision(q.dtype), HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps)
     return out
 
 

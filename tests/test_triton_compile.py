@@ -1,0 +1,101 @@
+"""Every Triton variant Edge-RecViT-Base launches compiles for sm_80 and sm_90 without spilling,
+no variant is compiled twice for data, and the committed variant table is current.
+
+One subprocess (the Triton compiler, not its interpreter) runs ``python -m benchmarks.triton_variants``:
+it traces Base at batch 1 and 256 in bf16/fp16/fp32/fp32-tf32, on the static and packed paths with
+kv active and all, random depths (two draws at batch 1, one at 256), under a fake Triton driver,
+and compiles each distinct launched variant for both architectures (see that module). No GPU
+needed; about 90 s of CPU on a clean Triton cache.
+"""
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "benchmarks" / "triton_variants.json"
+DOT_KERNELS = ("_prefix_linear_kernel", "_varlen_attention_kernel")
+
+
+def _has_nvidia_backend(env):
+    probe = subprocess.run([sys.executable, "-c", "import triton.backends as b; print(list(b.backends))"],
+                           capture_output=True, text=True, env=env)
+    return "nvidia" in probe.stdout
+
+
+@pytest.fixture(scope="module")
+def entry(tmp_path_factory):
+    """This Triton version's entry of a fresh variant table."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if not _has_nvidia_backend(env):
+        pytest.skip("this triton has no nvidia backend")
+    out = tmp_path_factory.mktemp("variants") / "variants"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.triton_variants", "--out", str(out)],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
+    assert out.with_suffix(".json").is_file(), result.stdout[-2000:] + result.stderr[-4000:]
+    (results,) = json.loads(out.with_suffix(".json").read_text()).values()
+    print(result.stdout)
+    return results
+
+
+def test_every_setting_was_traced(entry):
+    launched = {name for row in entry["variants"] for name in row["launched_by"]}
+    expected = {f"{d}/b{b}/{p}/kv={kv}" for d in ("bf16", "fp16", "fp32", "fp32-tf32") for b in (1, 256)
+                for p in ("static", "packed") for kv in ("active", "all")}
+    assert launched == expected
+    assert {row["kernel"] for row in entry["variants"]} >= set(DOT_KERNELS)
+
+
+def test_every_launched_variant_compiles_without_spills(entry):
+    for row in entry["variants"]:
+        for arch, res in row["compiled"].items():
+            where = f"{row['kernel']} {row['constexprs']} {row['options']} on {arch}"
+            assert res["spill_bytes"] == 0 and res["local_bytes"] == 0, f"{where} spills: {res}"
+            assert res["shared_bytes"] <= entry["shared_limit"][arch], f"{where}: {res}"
+
+
+def test_dots_use_tensor_cores_unless_ieee_fp32(entry):
+    """16-bit and TF32 dots run mma.sync (sm_80) / wgmma (sm_90, tiles of 64+ rows); IEEE fp32
+    runs on the FMA units."""
+    for row in (r for r in entry["variants"] if r["kernel"] in DOT_KERNELS):
+        mma = {arch: res["mma"] for arch, res in row["compiled"].items()}
+        if row["dtype"] == "fp32" and row["constexprs"]["PRECISION"] == "ieee":
+            assert set(mma.values()) == {"none"}, row
+            continue
+        assert mma["sm_80"] == "mma.sync", row
+        assert mma["sm_90"] == ("wgmma" if row["constexprs"]["BLOCK_M"] >= 64 else "mma.sync"), row
+
+
+def test_no_variant_is_compiled_for_data(entry):
+    """Per setting, over its forwards (two depth draws at batch 1): one variant per kernel
+    configuration. Triton's value specialisations (16-byte alignment, divisibility by 16, equal to
+    1) of the length slices and the live row counts must not fork a kernel (do_not_specialize)."""
+    groups = defaultdict(list)
+    for row in entry["variants"]:
+        declared = {k: v for k, v in row["constexprs"].items() if k in row["declared"]}
+        pointers = {k: v for k, v in row["signature"].items() if v.startswith("*")}
+        for setting in row["launched_by"]:
+            key = (setting, row["kernel"], json.dumps([declared, pointers, row["options"]], sort_keys=True))
+            groups[key].append(row)
+    forks = {key: [(r["constexprs"], r["attrs"]) for r in rows]
+             for key, rows in groups.items() if len(rows) > 1}
+    assert not forks, forks
+
+
+def test_committed_table_is_current(entry):
+    """benchmarks/triton_variants.json lists exactly the variants launched today, for this Triton
+    (rerun ``python -m benchmarks.triton_variants`` after changing a kernel or its launch)."""
+    committed = json.loads(COMMITTED.read_text())
+    if entry["triton"] not in committed:
+        pytest.skip(f"the committed table has no entry for triton {entry['triton']}")
+
+    def identities(rows):
+        fields = ("kernel", "constexprs", "options", "signature", "attrs")
+        return sorted(json.dumps([r[f] for f in fields], sort_keys=True) for r in rows)
+
+    assert identities(committed[entry["triton"]]["variants"]) == identities(entry["variants"])

@@ -13,7 +13,7 @@ from .implementations import IMPLEMENTATION_NAMES
 from .profiles import PROFILES
 from .report import headline_table, noise_summary, verdict, write_results
 from .runner import run
-from .settings import DTYPES, SCALES, Settings, _cpu_name, default_settings
+from .settings import DTYPES, SCALES, Settings, _cpu_name, busy_warning, default_settings
 
 
 def default_results_root() -> Path:
@@ -127,7 +127,7 @@ def describe(settings: Settings) -> str:
     scales = ", ".join(s.capitalize() for s in settings.scales)
     batches = sorted(set(settings.batch_sizes) | set(settings.latency_batches))
     names = ", ".join(settings.implementations or IMPLEMENTATION_NAMES)
-    return (f"Timing on {settings.device} ({device}, {threads} torch threads): Edge-RecViT-{scales} against "
+    return (f"Timing on {settings.device} ({device}, {threads} torch thread{'s' if threads > 1 else ''}): Edge-RecViT-{scales} against "
             f"DeiT-{scales} of the same width and what else a user would run, {'/'.join(settings.dtypes)}, "
             f"{'/'.join(map(str, settings.img_sizes))} px, batch {', '.join(map(str, batches))}, depth "
             f"profile{'s' if len(settings.profiles) > 1 else ''} {', '.join(settings.profiles)}.\n"
@@ -140,6 +140,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = settings_from_args(args, parser)
     out = _check_output(args, parser)
     print(describe(settings), flush=True)
+    busy = busy_warning(settings.threads or torch.get_num_threads()) if settings.device == "cpu" else None
+    if busy:
+        print(busy, flush=True)
     results = run(settings, progress=not args.no_progress)
     print()
     print(headline_table(results))

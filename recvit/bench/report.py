@@ -84,7 +84,7 @@ def caption(results: dict, config: dict, profile: str) -> str:
         text += (f"; ToMe merges r = {config['tome_r']} tokens per layer: {config['tome_flops'] / 1e9:.2f} "
                  f"GFLOPs/image against Edge-RecViT's {config['recvit_paper_flops'] / 1e9:.2f} with the "
                  f"paper profile")
-    return text + f"; torch {dev['torch']}, {dev.get('torch_threads', '?')} threads, commit {dev['git_commit'][:10]}."
+    return text + f"; torch {dev['torch']}, {dev.get("torch_threads", "?")} torch thread(s), commit {dev['git_commit'][:10]}."
 
 
 def headline_table(results: dict, config: Optional[dict] = None, profile: Optional[str] = None) -> str:
@@ -136,6 +136,10 @@ def noise_summary(results: dict) -> str:
     text = (f"Noise: {len(unranked)} of {len(pairs)} comparisons cannot be ranked (p10-p90 of the "
             f"per-round ratio contains 1); {len(noisy)} of {len(ok)} times spread more than "
             f"{NOISY_SPREAD:g}x between p10 and p90.")
+    dev = results["device"]
+    if dev.get("load_average") is not None:
+        text += (f" Load average {dev['load_average']} at the start, {dev.get('load_average_end')} at the end, "
+                 f"on {dev.get('cpu_count')} cores.")
     if noisy or unranked:
         text += (" On a shared or throttling machine rerun with more time per figure (--target-s) or "
                  "fewer threads in use by others before reading those.")

@@ -17,7 +17,7 @@ from ..flops import count_flops
 from .baselines import DeiTDense, Unavailable, dense_flops, first_line
 from .implementations import Implementation, implementations, paper_profile_flops, tome_r
 from .profiles import PAPER_ACTIVE_TOKENS_224, PAPER_ALPHA, alpha_sums, profile_depths
-from .settings import DTYPES, SCALES, Settings, device_info
+from .settings import DTYPES, SCALES, Settings, device_info, load_average
 from .timer import paired_ratio, peak_memory, summarize, time_interleaved
 from .tome import tome_flops
 
@@ -102,6 +102,7 @@ def _run(settings: Settings, progress: bool) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
+    results["device"]["load_average_end"] = load_average()
     return results
 
 

@@ -53,8 +53,8 @@ def default_settings(device: str, full: bool = True) -> Settings:
     GPU: Base, bf16, 224 px; quick is the paper profile at batch 1 to 256, full sweeps every scale,
     dtype, resolution and profile. CPU: Small at 224 px, fp32, where the token-wise GEMMs dominate
     and the saved FLOPs show (Tiny at 96 px is launch-bound and shows nothing): quick is batch 1 and
-    16, the paper profile, about 30 s on 2 cores; full adds every implementation and profile, about
-    3 minutes on 2 cores.
+    16, the paper profile, about 30 s on 2 idle cores; full times every implementation and profile at
+    batch 1 and 8, about 2 minutes on 2 idle cores.
     """
     if device == "cuda":
         if full:
@@ -63,8 +63,8 @@ def default_settings(device: str, full: bool = True) -> Settings:
         return Settings("cuda", ["base"], ["bf16"], [224], [1, 8, 64, 256], ["paper"], [1, 8, 64, 256],
                         implementations=list(QUICK_GPU), target_s=0.3, latency_repeats=50)
     if full:
-        return Settings("cpu", ["small"], ["fp32"], [224], [1, 8, 16], list(PROFILES), [8],
-                        warmup=1, min_repeats=5, max_repeats=40, target_s=0.3, latency_repeats=10)
+        return Settings("cpu", ["small"], ["fp32"], [224], [1, 8], list(PROFILES), [8],
+                        warmup=1, min_repeats=6, max_repeats=40, target_s=0.3, latency_repeats=6)
     return Settings("cpu", ["small"], ["fp32"], [224], [1, 16], ["paper"], [16], latency_batches=[1],
                     implementations=list(QUICK_CPU), warmup=1, min_repeats=5, max_repeats=30,
                     target_s=0.2, latency_repeats=15)
@@ -75,7 +75,8 @@ def device_info(device: torch.device) -> dict:
             "cuda": torch.version.cuda, "triton": _version("triton"), "git_commit": _git("rev-parse", "HEAD"),
             "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch_threads": torch.get_num_threads(), "cpu": _cpu_name(), "cpu_count": os.cpu_count()}
+            "torch_threads": torch.get_num_threads(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+            "load_average": load_average()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(name=props.name, capability=f"sm_{props.major}{props.minor}",
@@ -84,6 +85,24 @@ def device_info(device: torch.device) -> dict:
     else:
         info.update(name=_cpu_name(), driver=None)
     return info
+
+
+def load_average() -> Optional[float]:
+    """The machine's 1-minute load average (runnable processes, others' included); None where unknown."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_warning(threads: int) -> Optional[str]:
+    """A warning when other work already keeps the CPU cores busy: timings are then slow and noisy."""
+    load, cores = load_average(), os.cpu_count() or 1
+    if load is None or load < 0.75 * cores:
+        return None
+    return (f"warning: this machine is busy (load average {load:.1f} on {cores} cores): times will be "
+            f"slower and noisier than on an idle machine" + (", and torch's threads wait on each other; "
+                                                              "--threads 1 may steady them" if threads > 1 else ""))
 
 
 def _version(module: str) -> Optional[str]:

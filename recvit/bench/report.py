@@ -84,7 +84,7 @@ def caption(results: dict, config: dict, profile: str) -> str:
         text += (f"; ToMe merges r = {config['tome_r']} tokens per layer: {config['tome_flops'] / 1e9:.2f} "
                  f"GFLOPs/image against Edge-RecViT's {config['recvit_paper_flops'] / 1e9:.2f} with the "
                  f"paper profile")
-    return text + f"; torch {dev['torch']}, {dev.get("torch_threads", "?")} torch thread(s), commit {dev['git_commit'][:10]}."
+    return text + f"; torch {dev['torch']}, {dev.get('torch_threads', '?')} torch thread(s), commit {dev['git_commit'][:10]}."
 
 
 def headline_table(results: dict, config: Optional[dict] = None, profile: Optional[str] = None) -> str:

@@ -137,6 +137,8 @@ def noise_summary(results: dict) -> str:
             f"per-round ratio contains 1); {len(noisy)} of {len(ok)} times spread more than "
             f"{NOISY_SPREAD:g}x between p10 and p90.")
     dev = results["device"]
+    if "wall_s" in results:
+        text += f" The run took {results['wall_s']:.0f} s."
     if dev.get("load_average") is not None:
         text += (f" Load average {dev['load_average']} at the start, {dev.get('load_average_end')} at the end, "
                  f"on {dev.get('cpu_count')} cores.")

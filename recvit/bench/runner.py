@@ -8,6 +8,7 @@ batch: ``status`` ok / unavailable / failed / oom / skipped, with its ``reason``
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Optional
 
 import torch
@@ -58,13 +59,15 @@ def _make_models(scale: str, img_size: int, dtype: torch.dtype, device: torch.de
 
 def run(settings: Settings, progress: bool = True) -> dict:
     """Run the harness; returns the results dictionary (see :func:`~recvit.bench.write_results`)."""
-    threads = torch.get_num_threads()
+    threads, start = torch.get_num_threads(), time.perf_counter()
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     try:
-        return _run(settings, progress)
+        results = _run(settings, progress)
     finally:
         torch.set_num_threads(threads)
+    results["wall_s"] = round(time.perf_counter() - start, 1)
+    return results
 
 
 def _run(settings: Settings, progress: bool) -> dict:

@@ -65,8 +65,8 @@ def _build_parser() -> argparse.ArgumentParser:
     depthmap.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
 
     commands.add_parser("bench", add_help=False,
-                        help="quick side-by-side of the backends (arguments go to recvit.bench; "
-                        "see recvit bench --help)")
+                        help="time ours against DeiT and ToMe on this device (arguments go to "
+                        "recvit.bench; see recvit bench --help)")
     commands.add_parser("train", add_help=False,
                         help="fine-tune an Edge-RecViT on an ImageFolder, torchrun for DDP (see recvit train --help)")
     commands.add_parser("eval", add_help=False,

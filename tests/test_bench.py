@@ -1,12 +1,25 @@
-"""Smoke test of the benchmark harness (recvit.bench, benchmarks/) on the CPU with tiny sizes."""
+"""The benchmark harness (recvit.bench, benchmarks/) on the CPU with tiny sizes: profiles, the
+baselines against the reference, ToMe's merging and FLOPs, the spread, the command line."""
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from recvit import bench, create_model
+from recvit.bench.tome import proportional_attention, token_counts
+from tolerance import assert_flash_rule
 
-pytest.importorskip("tqdm")
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one torch thread is faster, and steady on a loaded shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_paper_profile_hits_the_papers_sums():
@@ -36,7 +49,7 @@ def test_extreme_profiles():
         bench.profile_alpha("steep", 12)
 
 
-@pytest.mark.parametrize("name", ["gather-scatter", "nested-sdpa", "packed"])
+@pytest.mark.parametrize("name", ["gather-scatter", "nested-sdpa", "packed", "varlen_attn"])
 def test_baselines_compute_the_reference(name):
     model = create_model("edge_recvit_tiny", img_size=48, num_classes=10).eval()
     deit = bench.DeiTDense(48, embed_dim=192, num_heads=3, num_classes=10).eval()
@@ -46,7 +59,10 @@ def test_baselines_compute_the_reference(name):
     depths[:, 0] = 12
     impl = {i.name: i for i in bench.implementations()}[name]
     with torch.inference_mode():
-        fn = impl.build(model, deit, images, depths)
+        try:
+            fn = impl.build(model, deit, images, depths)
+        except bench.Unavailable as error:  # varlen_attn has no CPU kernel in every torch
+            pytest.skip(str(error))
         expected = model(images, depths=depths, backend="eager")
         torch.testing.assert_close(fn(images, depths), expected, rtol=1e-4, atol=1e-4)
         ranked = model(images, backend="eager")
@@ -56,22 +72,32 @@ def test_baselines_compute_the_reference(name):
 def test_harness_end_to_end(tmp_path):
     settings = bench.Settings("cpu", ["tiny"], ["fp32"], [32], [1, 2], ["paper", "ranker"], [1],
                               latency_batches=[1], implementations=[
-                                  "deit-dense", "reference", "gather-scatter", "packed", "cuda",
-                                  "packed+graph", "varlen_attn", "packed+compile"],
+                                  "deit-dense", "deit-dense+graph", "tome", "reference", "gather-scatter",
+                                  "packed", "cuda", "packed+graph", "varlen_attn", "packed+compile"],
                               warmup=1, min_repeats=3, max_repeats=3, target_s=0.0, latency_repeats=3,
-                              rotate=2)
+                              rotate=2, threads=1)
+    threads = torch.get_num_threads()
     results = bench.run(settings, progress=False)
+    assert torch.get_num_threads() == threads  # restored
+    assert results["device"]["torch_threads"] == 1 and results["wall_s"] > 0
     records = results["records"]
-    assert len(records) == 8 * (2 + 1)
+    assert len(records) == 10 * (2 + 1)
     by = {(r["profile"], r["implementation"], r["batch"]): r for r in records}
-    for impl in ("deit-dense", "reference", "gather-scatter", "packed"):
+    for impl in ("deit-dense", "tome", "reference", "gather-scatter", "packed"):
         record = by[("paper", impl, 2)]
         assert record["status"] == "ok" and record["images_per_s"] > 0 and record["repeats"] == 3
-        assert record["p50_ms"] <= record["p90_ms"] <= record["p99_ms"]
+        assert record["min_ms"] <= record["p10_ms"] <= record["p50_ms"] <= record["p90_ms"] <= record["p99_ms"]
         assert record["peak_memory_mb"] is None  # not measured on the CPU
+        low, mid, high = (record[f"speedup_vs_deit{s}"] for s in ("_p10", "", "_p90"))
+        assert 0 < low <= mid <= high and record["speedup_vs_deit_ranked"] in (True, False, None)
     assert by[("paper", "deit-dense", 1)]["speedup_vs_deit"] == 1.0
     assert by[("paper", "packed", 2)]["speedup_vs_reference"] > 0
-    for impl in ("cuda", "packed+graph", "packed+compile"):
+    assert by[("paper", "packed", 2)]["speedup_vs_tome"] > 0
+    # ToMe's and DeiT's FLOPs are their own, fixed; ours follow the depths
+    config = results["configs"][0]
+    assert by[("paper", "tome", 1)]["flops_per_image"] == config["tome_flops"] < config["dense_flops"]
+    assert by[("paper", "deit-dense", 1)]["flops_per_image"] == config["dense_flops"]
+    for impl in ("cuda", "packed+graph", "deit-dense+graph", "packed+compile"):
         assert by[("paper", impl, 1)]["status"] == "unavailable" and by[("paper", impl, 1)]["reason"]
     assert by[("paper", "varlen_attn", 1)]["status"] in ("ok", "unavailable")
     # the ranker profile's FLOPs come from the depths the ranker chose
@@ -85,6 +111,8 @@ def test_harness_end_to_end(tmp_path):
         assert (folder / plot).stat().st_size > 1000
     report = (folder / "results.md").read_text()
     assert "| packed |" in report and "CUDA graphs need a CUDA GPU" in report
+    assert f"r = {config['tome_r']} tokens per layer" in report and bench.report.LEGEND in report
+    assert "Noise: " in report
 
     from benchmarks.make_readme_table import main as make_table, replace_between_markers
     readme = tmp_path / "README.md"
@@ -96,11 +124,220 @@ def test_harness_end_to_end(tmp_path):
         replace_between_markers("no markers", "table")
 
 
-def test_cli_rejects_bad_arguments():
-    with pytest.raises(SystemExit):
-        bench.main(["--dtypes", "bf16", "--cpu"])
-    with pytest.raises(SystemExit):
-        bench.main(["--img-sizes", "30", "--cpu"])
+def _user_error(capsys, monkeypatch, argv, message):
+    """``recvit bench argv`` ends in a usage error naming the problem, before any timing starts."""
+    monkeypatch.setattr(bench.cli, "run", lambda *args, **kwargs: pytest.fail("ran before checking"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dtypes", "bf16", "--cpu"], "--dtypes: the CPU mode times fp32 only"),
+    (["--img-sizes", "30", "--cpu"], "--img-sizes: 30 is not"),
+    (["--implementations", "packed", "warp-drive", "--cpu"], "--implementations: unknown warp-drive"),
+    (["--batch-sizes", "0", "--cpu"], "--batch-sizes"),
+    (["--threads", "0", "--cpu"], "--threads"),
+    (["--min-rounds", "0", "--cpu"], "--min-rounds"),
+])
+def test_cli_rejects_bad_arguments(capsys, monkeypatch, argv, message):
+    _user_error(capsys, monkeypatch, argv, message)
     with pytest.raises(ValueError, match="implementations"):
         bench.run(bench.Settings("cpu", ["tiny"], ["fp32"], [32], [1], ["paper"], [1],
                                  implementations=["warp-drive"]), progress=False)
+
+
+def test_cli_checks_output_before_running(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    _user_error(capsys, monkeypatch, ["--full", "--cpu", "--out", str(tmp_path)], "need matplotlib")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    _user_error(capsys, monkeypatch, ["--cpu", "--no-plots", "--out", str(blocker / "sub")],
+                "--out: cannot create")
+
+
+def test_default_results_root_is_outside_the_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert bench.default_results_root() == tmp_path / "recvit" / "bench"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    root = bench.default_results_root().resolve()
+    package = Path(bench.__file__).resolve().parents[2]  # the source tree holding recvit/
+    assert package not in root.parents
+
+
+def test_cli_without_progress_imports_no_tqdm(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # any import of tqdm now fails
+    assert bench.main(["--cpu", "--scales", "tiny", "--img-sizes", "32", "--batch-sizes", "1",
+                       "--implementations", "deit-dense", "packed", "cuda", "--target-s", "0",
+                       "--min-rounds", "2", "--threads", "1", "--no-progress", "--no-plots",
+                       "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Timing on cpu" in out and "Edge-RecViT-Tiny against DeiT-Tiny" in out  # what is compared
+    assert "| packed |" in out and "Ours (packed) over DeiT dense:" in out and "Noise: " in out
+    assert "**cuda**: not measured" in out
+    assert (next(tmp_path.iterdir()) / "results.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Spread
+
+
+def test_paired_ratio_ranks_only_what_noise_cannot_flip():
+    steady = bench.paired_ratio([2.0, 2.2, 1.8, 2.0, 2.1], [1.0, 1.1, 0.9, 1.0, 1.05])
+    assert steady["ratio"] == pytest.approx(2.0) and steady["ranked"]
+    flipping = bench.paired_ratio([1.0, 2.0, 1.0, 2.0, 1.0], [2.0, 1.0, 2.0, 1.0, 2.0])
+    assert flipping["p10"] < 1 < flipping["p90"] and not flipping["ranked"]
+    with pytest.raises(ValueError, match="rounds"):
+        bench.paired_ratio([1.0], [1.0, 2.0])
+    assert not bench.summarize([1.0, 1.1, 1.2])["noisy"] and bench.summarize([1.0, 1.0, 3.0, 3.0])["noisy"]
+
+
+def test_report_marks_what_noise_cannot_rank():
+    from recvit.bench.report import ratio_cell, time_cell
+
+    record = {"status": "ok", "batch": 1, "p10_ms": 1.0, "p50_ms": 2.0, "p90_ms": 4.0, "noisy": True,
+              "speedup_vs_deit": 1.05, "speedup_vs_deit_p10": 0.9, "speedup_vs_deit_p90": 1.2,
+              "speedup_vs_deit_ranked": False}
+    assert time_cell(record) == "2.00 (1.00-4.00)*"
+    assert ratio_cell(record, "vs_deit") == "1.05x (0.90-1.20) ~"
+    record.update(speedup_vs_deit_p10=1.01, speedup_vs_deit_ranked=True)
+    assert ratio_cell(record, "vs_deit") == "1.05x (1.01-1.20)"
+    assert ratio_cell({"status": "ok", "speedup_vs_deit": 1.3}, "vs_deit") == "1.30x"  # old results
+
+
+# ----------------------------------------------------------------------------------------------
+# ToMe
+
+
+def _merged(metric, x, size, r):
+    return bench.merge_wavg(bench.bipartite_soft_matching(torch.tensor([metric]), r),
+                            torch.tensor([x])[..., None], torch.tensor([size])[..., None])
+
+
+def test_tome_merging_hand_checked():
+    # A = tokens 0, 2, 4 (even), B = 1, 3. [CLS] (0) is as similar to 1 as can be, yet never merged;
+    # 2's best match is 3 (cos 0.995), 4's is 1 (cos 0.894); r = 1 keeps the stronger edge 2 -> 3.
+    metric = [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.1, 1.0], [0.0, 1.0, 0.5]]
+    x, size = _merged(metric, [10.0, 20.0, 30.0, 40.0, 50.0], [1.0] * 5, 1)
+    assert x[0, :, 0].tolist() == [10, 50, 20, 35] and size[0, :, 0].tolist() == [1, 1, 1, 2]
+    x, size = _merged(metric, [10.0, 20.0, 30.0, 40.0, 50.0], [1.0] * 5, 2)
+    assert x[0, :, 0].tolist() == [10, 35, 35] and size[0, :, 0].tolist() == [1, 2, 2]
+    x, size = _merged(metric, [10.0, 20.0, 30.0, 40.0, 50.0], [1.0, 1.0, 3.0, 1.0, 1.0], 1)  # sizes weigh
+    assert x[0, :, 0].tolist() == [10, 50, 20, 32.5] and size[0, :, 0].tolist() == [1, 1, 1, 4]
+    with pytest.raises(ValueError, match="r: expected"):
+        bench.bipartite_soft_matching(torch.tensor([metric]), 3)  # at most (5 - 1) // 2 tokens
+
+
+def test_proportional_attention_weighs_a_merged_token_as_its_copies():
+    block = bench.DeiTDense(32, embed_dim=16, num_heads=2, depth=1).blocks[0]
+    x = torch.randn(1, 4, 16)
+    copies = x[:, [0, 1, 1, 1, 2, 3]]  # token 1 stands for three patches
+    with torch.no_grad():
+        merged, keys = proportional_attention(block, x, torch.tensor([[[1.0], [3.0], [1.0], [1.0]]]))
+        dense = block.attn(block.norm1(copies))
+    torch.testing.assert_close(merged, dense[:, [0, 1, 4, 5]], rtol=1e-5, atol=1e-5)
+    assert keys.shape == (1, 4, 8)
+
+
+def test_tome_flops_and_token_counts():
+    deit = bench.DeiTDense(32, embed_dim=8, num_heads=2, depth=2, num_classes=10)  # N0 = 5, C = 8, D = 4
+    assert bench.tome_flops(deit, 0) == bench.dense_flops(deit)
+    # by hand: patch 2*4*3*256*8; layer 1 (N = 5, merges 1): attention 2(4*5*64 + 2*25*8),
+    # matching 2*3*2*4, MLP 4*4*8*32; layer 2 (N = 4, merges 1): 2(4*4*64 + 2*16*8), 2*2*2*4, 4*3*8*32
+    assert bench.tome_flops(deit, 1) == 49152 + 3360 + 48 + 4096 + 2560 + 32 + 3072
+    assert token_counts(197, 12, 10) == [197 - 10 * i for i in range(12)]
+    assert token_counts(9, 4, 3) == [9, 6, 4, 3]  # r capped at (N - 1) // 2: 3, then 2, then 1
+    seen = []
+    deit.blocks[1].mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        bench.ToMe(deit, 1)(torch.randn(2, 3, 32, 32))
+    assert seen == [3]  # 5 tokens -> 4 after layer 1 -> 3 into layer 2's MLP
+
+
+def test_tome_r_matches_edge_recvit_base_flops():
+    with torch.device("meta"):  # shapes only
+        deit = bench.DeiTDense(224)
+        target = create_model("edge_recvit_base")
+    from recvit.bench.implementations import paper_profile_flops, tome_r
+
+    budget = paper_profile_flops(target)
+    assert round(budget / 1e9, 2) == 24.39
+    r = tome_r(target, deit)
+    error = abs(bench.tome_flops(deit, r) - budget)
+    assert error < abs(bench.tome_flops(deit, r - 1) - budget)
+    assert error < abs(bench.tome_flops(deit, r + 1) - budget)
+    assert error / budget < 0.05
+
+
+def test_tome_without_merging_is_the_dense_model():
+    deit = bench.DeiTDense(48, embed_dim=32, num_heads=2, num_classes=10).eval()
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(bench.ToMe(deit, 0)(images), deit(images))
+        assert bench.ToMe(deit, 3)(images).shape == (2, 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch-version-specific calls
+
+
+def _segments_attention(q, k, v, cu, scale):
+    out = torch.empty_like(q)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        out[start:end] = F.scaled_dot_product_attention(*(t[start:end].transpose(0, 1) for t in (q, k, v)),
+                                                        scale=scale).transpose(0, 1)
+    return out
+
+
+def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """torch 2.10's signature: no scale (1/sqrt(D)); the slot after max_k is is_causal."""
+    assert is_causal is False and return_aux is None
+    return _segments_attention(query, key, value, cu_seq_q, None)
+
+
+def varlen_attn_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None,
+                     num_splits=None):
+    """torch 2.11+'s form: keyword-only scale (and more)."""
+    return _segments_attention(query, key, value, cu_seq_q, scale)
+
+
+@pytest.mark.parametrize("fake", [varlen_attn_2_10, varlen_attn_2_13])
+def test_varlen_attn_call_follows_the_signature(fake):
+    q, k, v = (torch.randn(7, 2, 16, dtype=torch.float64) for _ in range(3))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    expected = _segments_attention(q, k, v, cu, 0.3)
+    out = bench.scaled_varlen_call(fake)(q, k, v, cu, cu, 4, 4, 0.3)
+    torch.testing.assert_close(out, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.mark.gpu
+def test_varlen_attn_call_on_this_torch():
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    q, k, v = (torch.randn(300, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, 197, 300], device="cuda", dtype=torch.int32)
+    expected = _segments_attention(q.double(), k.double(), v.double(), cu, 0.05)
+    theirs = _segments_attention(q, k, v, cu, 0.05)
+    ours = bench.scaled_varlen_call(varlen.varlen_attn)(q, k, v, cu, cu, 197, 197, 0.05)
+    assert_flash_rule(ours, theirs, expected, floor=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["deit", "tome"])
+def test_dense_baselines_in_a_cuda_graph(kind):
+    deit = bench.DeiTDense(224, embed_dim=192, num_heads=3).eval().cuda().half()
+    model = deit if kind == "deit" else bench.ToMe(deit, 10)
+    images = torch.randn(4, 3, 224, 224, device="cuda", dtype=torch.half)
+    with torch.inference_mode():
+        graphed = bench.capture_graph(model, images)
+        for _ in range(2):
+            fresh = torch.randn_like(images)
+            torch.testing.assert_close(graphed(fresh), model(fresh), rtol=2e-3, atol=2e-3)
+        with pytest.raises(ValueError, match="images"):
+            graphed(images[:2])

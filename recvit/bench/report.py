@@ -1,0 +1,216 @@
+"""Reports of a results dictionary: the headline table (also the README's), the full Markdown report,
+the files written, and the plain-language lines the quick run prints.
+
+Every figure is shown with its spread over the interleaved rounds, ``median (p10-p90)``. A
+speed-up is the median of the per-round ratios; ``~`` marks one whose p10-p90 range contains 1 (the
+noise is too wide to rank the two implementations), ``*`` a time whose p90 is more than
+``NOISY_SPREAD`` times its p10 (the machine changed speed under it). Results written before the
+spread was recorded show the median alone.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from .settings import device_slug
+from .timer import NOISY_SPREAD
+
+LEGEND = (f"Figures: median of the interleaved rounds, (p10-p90) beside it. Speed-ups are per-round "
+          f"ratios against the baseline timed in the same rounds. `~`: the ratio's p10-p90 range "
+          f"contains 1, so noise cannot rank the two; `*`: a time whose p90 exceeds {NOISY_SPREAD:g}x "
+          f"its p10 (the machine changed speed during it).")
+
+
+def _fmt(value, digits=2):
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
+def _records(results: dict, config: dict, profile: str) -> list[dict]:
+    return [r for r in results["records"] if r["profile"] == profile
+            and all(r[k] == config[k] for k in ("scale", "dtype", "img_size"))]
+
+
+def time_cell(record: Optional[dict], digits: int = 2) -> str:
+    """``p50 (p10-p90)`` in ms, ``*`` when noisy; the status when not measured."""
+    if not record or record["status"] != "ok":
+        return record["status"] if record else "n/a"
+    if "p10_ms" not in record:
+        return _fmt(record["p50_ms"], digits)
+    return (f"{_fmt(record['p50_ms'], digits)} ({_fmt(record['p10_ms'], digits)}-"
+            f"{_fmt(record['p90_ms'], digits)})" + ("*" if record.get("noisy") else ""))
+
+
+def rate_cell(record: Optional[dict]) -> str:
+    """Images/s at the median time, (the p90 time's rate - the p10 time's rate)."""
+    if not record or record["status"] != "ok":
+        return record["status"] if record else "n/a"
+    if "p10_ms" not in record:
+        return _fmt(record["images_per_s"], 1)
+    batch = record["batch"] * 1e3
+    return (f"{_fmt(record['images_per_s'], 1)} ({_fmt(batch / record['p90_ms'], 1)}-"
+            f"{_fmt(batch / record['p10_ms'], 1)})" + ("*" if record.get("noisy") else ""))
+
+
+def ratio_cell(record: Optional[dict], label: str) -> str:
+    """``1.46x (1.32-1.58)``; ``~`` when the range contains 1; just ``1.00x`` for the baseline itself."""
+    if not record or record["status"] != "ok":
+        return record["status"] if record else "n/a"
+    value = record.get(f"speedup_{label}")
+    if value is None:
+        return "n/a"
+    ranked = record.get(f"speedup_{label}_ranked")
+    if f"speedup_{label}_p10" not in record or ranked is None:
+        return f"{value:.2f}x"
+    return (f"{value:.2f}x ({record[f'speedup_{label}_p10']:.2f}-{record[f'speedup_{label}_p90']:.2f})"
+            + ("" if ranked else " ~"))
+
+
+def caption(results: dict, config: dict, profile: str) -> str:
+    """Which models, device, precision, resolution, profile, FLOPs and versions a table compares."""
+    dev, scale = results["device"], config["scale"].capitalize()
+    records = _records(results, config, profile)
+    sums = next((r for r in records if r["implementation"] == "reference"), records[0] if records else {})
+    ours = next((r["flops_per_image"] for r in records if r["implementation"] in ("reference", "packed")), None)
+    text = (f"{dev['name']}, Edge-RecViT-{scale} vs DeiT-{scale}, {config['dtype']}, {config['img_size']}px "
+            f"({config['tokens']} tokens), depth profile '{profile}' (realised sum alpha = "
+            f"{sums.get('sum_alpha', 'n/a')}, sum alpha^2 = {sums.get('sum_alpha_sq', 'n/a')}")
+    if ours is not None:
+        text += f"; Edge-RecViT {ours / 1e9:.2f} GFLOPs/image, DeiT {config['dense_flops'] / 1e9:.2f}"
+    text += ")"
+    if "tome_r" in config:
+        text += (f"; ToMe merges r = {config['tome_r']} tokens per layer: {config['tome_flops'] / 1e9:.2f} "
+                 f"GFLOPs/image against Edge-RecViT's {config['recvit_paper_flops'] / 1e9:.2f} with the "
+                 f"paper profile")
+    return text + f"; torch {dev['torch']}, {dev.get('torch_threads', '?')} torch thread(s), commit {dev['git_commit'][:10]}."
+
+
+def headline_table(results: dict, config: Optional[dict] = None, profile: Optional[str] = None) -> str:
+    """The README's headline table (Markdown) for one config and profile of a results dict:
+    one row per implementation with its FLOPs, throughput at the largest batch, latency at the
+    latency batches, speed-ups over DeiT dense (and ToMe, the gated reference), each with its spread.
+    Implementations that did not run are listed with why."""
+    config = config or results["configs"][0]
+    profile = profile or results["settings"]["headline_profile"]
+    records = _records(results, config, profile)
+    batches = sorted({r["batch"] for r in records})
+    big = max(batches)
+    lat = [b for b in results["settings"]["latency_batches"] if b in batches]
+    vs_deit = sorted(set(lat[:1] + [big]))
+    by = {(r["implementation"], r["batch"]): r for r in records}
+    has_tome = any(r.get("speedup_vs_tome") is not None for r in records)
+    head = (["implementation", "GFLOPs/img", f"img/s @ b={big}"] + [f"p50 ms @ b={b}" for b in lat]
+            + [f"vs DeiT @ b={b}" for b in vs_deit] + ([f"vs ToMe @ b={big}"] if has_tome else [])
+            + [f"vs reference @ b={big}", f"TFLOP/s @ b={big}"])
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    for name in results["implementations"]:
+        mine = {b: by.get((name, b)) for b in batches}
+        if not any(r and r["status"] == "ok" for r in mine.values()):
+            reason = next((r.get("reason") for r in mine.values() if r and r.get("reason")), "not run")
+            notes.append(f"- **{name}**: not measured: {reason}")
+            continue
+        at_big = mine[big]
+        flops = next(r["flops_per_image"] for r in mine.values() if r)
+        cells = ([name, f"{flops / 1e9:.2f}", rate_cell(at_big)] + [time_cell(mine[b]) for b in lat]
+                 + [ratio_cell(mine[b], "vs_deit") for b in vs_deit]
+                 + ([ratio_cell(at_big, "vs_tome")] if has_tome else [])
+                 + [ratio_cell(at_big, "vs_reference"),
+                    _fmt(at_big.get("tflops"), 4) if at_big and at_big["status"] == "ok" else "n/a"])
+        rows.append("| " + " | ".join(cells) + " |")
+    spread = any("p10_ms" in r for r in records)
+    return "\n".join([caption(results, config, profile), ""] + rows + ([""] + notes if notes else [])
+                     + (["", LEGEND] if spread else []))
+
+
+def noise_summary(results: dict) -> str:
+    """One sentence: how many comparisons the noise leaves unranked, how many times are noisy."""
+    ok = [r for r in results["records"] if r["status"] == "ok"]
+    pairs = [r for r in ok for label in ("vs_deit", "vs_reference", "vs_tome")
+             if r.get(f"speedup_{label}_ranked") is not None]
+    unranked = [r for r in ok for label in ("vs_deit", "vs_reference", "vs_tome")
+                if r.get(f"speedup_{label}_ranked") is False]
+    noisy = [r for r in ok if r.get("noisy")]
+    text = (f"Noise: {len(unranked)} of {len(pairs)} comparisons cannot be ranked (p10-p90 of the "
+            f"per-round ratio contains 1); {len(noisy)} of {len(ok)} times spread more than "
+            f"{NOISY_SPREAD:g}x between p10 and p90.")
+    dev = results["device"]
+    if "wall_s" in results:
+        text += f" The run took {results['wall_s']:.0f} s."
+    if dev.get("load_average") is not None:
+        text += (f" Load average {dev['load_average']} at the start, {dev.get('load_average_end')} at the end, "
+                 f"on {dev.get('cpu_count')} cores.")
+    if noisy or unranked:
+        text += (" On a shared or throttling machine rerun with more time per figure (--target-s) or "
+                 "fewer threads in use by others before reading those.")
+    return text
+
+
+def verdict(results: dict, ours: str = "packed") -> Optional[str]:
+    """One line for the quick run: our speed-up over DeiT dense (and ToMe) at each batch, with spread."""
+    config, profile = results["configs"][0], results["settings"]["headline_profile"]
+    mine = sorted((r for r in _records(results, config, profile)
+                   if r["implementation"] == ours and r["status"] == "ok"), key=lambda r: r["batch"])
+    if not mine:
+        return None
+    parts = []
+    for label, what in (("vs_deit", "DeiT dense"), ("vs_tome", "ToMe at the same FLOPs")):
+        cells = [f"{ratio_cell(r, label)} at batch {r['batch']}" for r in mine
+                 if r.get(f"speedup_{label}") is not None]
+        if cells:
+            parts.append(f"over {what}: " + ", ".join(cells))
+    return f"Ours ({ours}) " + "; ".join(parts) + "." if parts else None
+
+
+def markdown_report(results: dict) -> str:
+    """Full Markdown report: environment, the paper profile, and one table per config and profile."""
+    dev = results["device"]
+    lines = ["# recvit benchmark results", "",
+             f"Device: **{dev['name']}** ({dev['device_type']}), driver {dev.get('driver')}, "
+             f"torch {dev['torch']}, CUDA {dev['cuda']}, triton {dev['triton']}, "
+             f"commit `{dev['git_commit']}`{' (dirty tree)' if dev.get('git_dirty') else ''}, "
+             f"{dev['date_utc']}, {dev['torch_threads']} torch threads.", "",
+             "Generated by `python -m benchmarks.run`; do not edit by hand. Ratios compare "
+             "implementations of one run only. Times are per-call times after warm-up, the "
+             "implementations taking turns round by round, inputs rotated among several batches. "
+             "Peak memory is torch's allocator peak on a GPU and not measured on the CPU (n/a). "
+             "TFLOP/s counts the FLOPs (supplement conventions, recvit.flops) of each implementation's "
+             "own work: Edge-RecViT's active FLOPs for every Edge-RecViT implementation, the dense "
+             "model's for DeiT, the merged token counts' for ToMe.", "", LEGEND, "",
+             noise_summary(results), "",
+             f"Paper depth profile (ours; the paper gives only its sums): active tokens of a 197-token "
+             f"image at steps 1..12 = {list(results['paper_profile']['active_tokens_224'])}, "
+             f"sum alpha = {results['paper_profile']['sum_alpha']}, sum alpha^2 = "
+             f"{results['paper_profile']['sum_alpha_sq']}. At other token counts N_l = round(alpha_l N0).",
+             "", "## Implementations", ""]
+    lines += [f"- **{name}**: {text}" for name, text in results["implementations"].items()]
+    for config in results["configs"]:
+        for profile in results["settings"]["profiles"]:
+            lines += ["", f"## {config['scale']} / {config['dtype']} / {config['img_size']}px / "
+                      f"profile {profile}", "", headline_table(results, config, profile), "",
+                      "| implementation | batch | img/s | p50 ms (p10-p90) | p99 ms | min-max ms | peak MiB "
+                      "| TFLOP/s | vs DeiT | vs ToMe | vs reference |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for r in _records(results, config, profile):
+                if r["status"] != "ok":
+                    continue
+                lines.append(f"| {r['implementation']} | {r['batch']} | {rate_cell(r)} | {time_cell(r)} | "
+                             f"{_fmt(r['p99_ms'])} | {_fmt(r.get('min_ms'))}-{_fmt(r.get('max_ms'))} | "
+                             f"{_fmt(r['peak_memory_mb'], 0)} | {_fmt(r.get('tflops'), 4)} | "
+                             f"{ratio_cell(r, 'vs_deit')} | {ratio_cell(r, 'vs_tome')} | "
+                             f"{ratio_cell(r, 'vs_reference')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, out_root: Path, plots: bool = True) -> Path:
+    """Write results.json, results.md (and PNGs) to ``out_root/<device slug>/``; returns the folder."""
+    folder = Path(out_root) / device_slug(results["device"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (folder / "results.md").write_text(markdown_report(results))
+    if plots:
+        from .plot import plot
+
+        plot(results, folder)
+    return folder

@@ -73,7 +73,7 @@ def kind(command):
 
 def ci_commands():
     """.ci/run's commands, normalised as a user types them (no python -m pip, no --quiet)."""
-    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    lines = (ROOT / ".ci" / "run").read_text().replace("\\\n", " ").splitlines()
     found = set()
     for line in lines:
         command = " ".join(part for part in shlex.split(line, comments=True) if part != "--quiet")

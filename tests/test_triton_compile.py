@@ -108,11 +108,13 @@ def test_committed_table_is_current(entry):
     assert identities(committed[entry["triton"]]["variants"]) == identities(entry["variants"])
 
 
-# The attention backward's launches (the model's trace above runs under no_grad): head_dim 64, the
-# sync-free form's tables (kv active: used key lengths; kv all: none), each dtype setting.
+# The attention's training launches (the model's trace above runs under no_grad): the forward that
+# stores the log-sum-exp and the backward, head_dim 64, the sync-free form's tables (kv active: used
+# key lengths; kv all: none), each dtype setting.
 _BACKWARD_SCRIPT = textwrap.dedent("""
     import json, torch
     from benchmarks.triton_variants import DTYPES, Trace, _allow_tf32, fake_triton, report
+    from recvit_kernels.triton.varlen_attention import _launch
     from recvit_kernels.triton.varlen_attention_backward import varlen_attention_backward
 
     trace, batch, tokens, heads, head_dim = Trace(), 2, 197, 2, 64
@@ -125,6 +127,8 @@ _BACKWARD_SCRIPT = textwrap.dedent("""
                 starts = torch.arange(0, total + 1, tokens, dtype=torch.int32)
                 used = torch.full((batch,), 150, dtype=torch.int32)
                 table = torch.randperm(total).to(torch.int32)
+                _launch(q, k, v, starts, starts, tokens, tokens, head_dim ** -0.5, table, table, used,
+                        used if kv == "active" else None, True)
                 varlen_attention_backward(grad_out, q, k, v, out, torch.randn(total, heads), starts,
                                           starts, tokens, tokens, head_dim ** -0.5, table, table, used,
                                           used if kv == "active" else None)
@@ -132,9 +136,10 @@ _BACKWARD_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_attention_backward_compiles_without_spills():
-    """The dQ and dK/dV kernels, in bf16/fp16/fp32/fp32-tf32 and both kv modes, for sm_80 and
-    sm_90: no spill, shared memory within the limit, tensor cores unless IEEE fp32."""
+def test_attention_training_kernels_compile_without_spills():
+    """The forward storing the log-sum-exp, the dQ and the dK/dV kernels, in bf16/fp16/fp32/fp32-tf32
+    and both kv modes, for sm_80 and sm_90: no spill, shared memory within the limit, tensor cores
+    unless IEEE fp32."""
     env = _compiler_env()
     if not _has_nvidia_backend(env):
         pytest.skip("this triton has no nvidia backend")
@@ -143,9 +148,11 @@ def test_attention_backward_compiles_without_spills():
     assert result.returncode == 0, result.stderr[-4000:]
     backward = json.loads(result.stdout.splitlines()[-1])
     kernels = {(row["kernel"], row["dtype"], row["constexprs"]["HAS_USED_K"]) for row in backward["variants"]}
-    assert {kernel for kernel, _, _ in kernels} == {"_varlen_attention_dq_kernel",
+    assert {kernel for kernel, _, _ in kernels} == {"_varlen_attention_kernel", "_varlen_attention_dq_kernel",
                                                     "_varlen_attention_dkdv_kernel"}
-    assert len(kernels) == 2 * 3 * 2  # kernel x dtype (bf16, fp16, fp32) x kv mode
+    assert len(kernels) == 3 * 3 * 2  # kernel x dtype (bf16, fp16, fp32) x kv mode
+    assert all(row["constexprs"]["STORE_LSE"] for row in backward["variants"]
+               if row["kernel"] == "_varlen_attention_kernel")
     for row in backward["variants"]:
         for arch, res in row["compiled"].items():
             where = f"{row['kernel']} {row['constexprs']} {row['options']} on {arch}"

@@ -271,6 +271,17 @@ def test_gpu_real_sizes(tokens, kv, dtype, seqused):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("seqused", [False, True], ids=["cu_seqlens", "seqused"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kv", ["active", "all"])
+def test_gpu_backward_real_sizes(kv, head_dim, dtype, seqused):
+    depths = torch.randint(1, 13, (4, 197))
+    depths[:, 0] = 12
+    run_all_steps_backward(depths, 12, kv, dtype, heads=12, head_dim=head_dim, seqused=seqused)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kv", ["active", "all"])
 def test_gpu_cuda_glue_with_used_lengths(kv):
     """The cuda kernel reads the used lengths (seqused_q/k) itself, over the one image_order table."""

@@ -197,6 +197,14 @@ def test_backward_empty_segments_and_clamps(dtype):
     assert not dq[10 + 16:].any() and not dk[33 + 11:].any(), "positions past max_seqlen are unused"
 
 
+def test_double_backward_is_refused():
+    q, k, v, cu = (t.requires_grad_() if t.is_floating_point() else t for t in _plain_inputs())
+    out = rk.varlen_attention(q, k, v, cu, cu, 11, 11, backend="triton")
+    (grad_q,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_q.sum().backward()
+
+
 def test_backward_launches_two_kernels_and_no_eager_attention():
     """The backward runs the Triton dQ and dK/dV kernels, not a recomputed eager attention."""
     from launches import trace_launches

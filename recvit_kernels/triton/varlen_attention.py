@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from .._backend import register
@@ -152,6 +153,7 @@ class _VarlenAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiated again: say so, not zeros
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_q, cu_k, q_rows, kv_rows, used_q, used_k = ctx.saved_tensors
         max_q, max_k, scale = ctx.static

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .._backend import register
 from ._common import device_reason, dot_precision, new_output, records_grad

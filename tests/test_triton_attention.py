@@ -115,18 +115,111 @@ def test_plain_flash_attention_convention(dtype):
     check_against_reference(q, k, v, cu, cu, 48, 48, None, None)
 
 
-def test_gradients_equal_eager():
+def check_gradients(q, k, v, *args, form=attention):
+    """dq, dk, dv of the Triton backward vs an fp64 reference <= 2x the eager op's error in the same
+    dtype + floor, for a fresh random output gradient; returns the Triton gradients."""
+    grad_out = torch.randn_like(q)
+    grads = {}
+    for name, dtype, backend in (("ours", q.dtype, "triton"), ("theirs", q.dtype, "eager"),
+                                 ("reference", torch.float64, "eager")):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        form(*leaves, *args, backend=backend).backward(grad_out.to(dtype))
+        grads[name] = [t.grad for t in leaves]
+    for ours, theirs, reference in zip(grads["ours"], grads["theirs"], grads["reference"]):
+        assert ours.dtype == q.dtype
+        assert_flash_rule(ours, theirs, reference, FLOOR[q.dtype])
+    return grads["ours"]
+
+
+def run_all_steps_backward(depths, num_steps, kv, dtype, heads=2, head_dim=32, seqused=False):
+    """The gradients of every step's attention, through the model's index tables."""
+    batch, tokens = depths.shape
+    layout, q, k, v = layout_inputs(depths, num_steps, heads, head_dim, dtype)
+    total = batch * tokens
+    for step in range(1, num_steps + 1):
+        if seqused:
+            used = layout.image_lengths[step - 1]
+            check_gradients(q, k, v, layout.all_rows_cu_seqlens(), used, used if kv == "active" else None,
+                            tokens, tokens, layout.image_order, form=attention_used)
+            continue
+        q_rows = layout.attention_rows(step, total)
+        cu_q = layout.cu_seqlens[step - 1]
+        kv_rows, cu_k = (q_rows, cu_q) if kv == "active" else (layout.image_order,
+                                                               layout.all_rows_cu_seqlens())
+        dq, dk, dv = check_gradients(q, k, v, cu_q, cu_k, tokens, tokens, q_rows, kv_rows)
+        inactive = torch.ones(total, dtype=torch.bool, device=q.device)
+        inactive[q_rows[: int(layout.step_rows[step - 1])]] = False
+        assert not dq[inactive].any(), "rows outside every segment get no gradient"
+        if kv == "active":
+            assert not dk[inactive].any() and not dv[inactive].any()
+
+
+BACKWARD_PROFILES = ("random", "all_depth_1", "one_active_token", "batch_1_odd_50")
+
+
+@pytest.mark.parametrize("kv", ["active", "all"])
+@pytest.mark.parametrize("profile", BACKWARD_PROFILES)
+def test_backward_depth_profiles(profile, kv):
+    run_all_steps_backward(PROFILES[profile](), 3, kv, torch.float16)
+
+
+@pytest.mark.parametrize("kv", ["active", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_backward_used_lengths(dtype, kv):
+    """The sync-free form: one table, static starts, used lengths (0 for images whose every token
+    exited at step 3 of a 4-step draw)."""
+    depths = torch.randint(1, 5, (3, 17))
+    depths[1] = torch.randint(1, 3, (17,))  # image 1 has no active token from step 3 on
+    run_all_steps_backward(depths, 4, kv, dtype, seqused=True)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_backward_head_dims(head_dim, dtype):
+    run_all_steps_backward(torch.randint(1, 3, (2, 17)), 2, "all", dtype, heads=1, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_backward_empty_segments_and_clamps(dtype):
+    """Plain varlen with strided inputs: a segment without queries or keys, one with queries but no
+    keys (zero output and dq), one with keys but no queries (zero dk, dv), one query left, and the
+    max_seqlen clamps cutting two segments (positions past them get no gradient)."""
+    cu_q = torch.tensor([0, 5, 5, 9, 9, 10, 31], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 7, 7, 7, 20, 33, 50], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(2, 31, 32, dtype=dtype, device=DEVICE).transpose(0, 1)
+    k = torch.randn(50, 2, 64, dtype=dtype, device=DEVICE)[..., ::2]
+    v = torch.randn(50, 2, 32, dtype=dtype, device=DEVICE)
+    for max_q, max_k in ((21, 17), (16, 11)):
+        dq, dk, dv = check_gradients(q, k, v, cu_q, cu_k, max_q, max_k, None, None)
+        assert not dq[5:9].any(), "queries without keys get no gradient"
+        assert not dk[7:20].any() and not dv[7:20].any(), "keys without queries get no gradient"
+        assert dq[9].abs().sum() > 0 and dk[20:20 + max_k].abs().sum() > 0
+    assert not dq[10 + 16:].any() and not dk[33 + 11:].any(), "positions past max_seqlen are unused"
+
+
+def test_double_backward_is_refused():
+    q, k, v, cu = (t.requires_grad_() if t.is_floating_point() else t for t in _plain_inputs())
+    out = rk.varlen_attention(q, k, v, cu, cu, 11, 11, backend="triton")
+    (grad_q,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_q.sum().backward()
+
+
+def test_backward_launches_two_kernels_and_no_eager_attention():
+    """The backward runs the Triton dQ and dK/dV kernels, not a recomputed eager attention."""
+    from launches import trace_launches
+
     layout, q, k, v = layout_inputs(torch.randint(1, 4, (2, 17)), 3, 2, 32, torch.float32)
     rows = layout.attention_rows(2, 34)
-    grads = {}
-    for backend in ("triton", "eager"):
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        out = attention(*leaves, layout.cu_seqlens[1], layout.cu_seqlens[1], 17, 17, rows, rows, backend)
-        out.pow(2).sum().backward()
-        grads[backend] = [t.grad for t in leaves]
-    for ours, theirs in zip(grads["triton"], grads["eager"]):
-        torch.testing.assert_close(ours, theirs)
-    assert grads["triton"][0].abs().sum() > 0
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, layout.cu_seqlens[1], layout.cu_seqlens[1], 17, 17, rows, rows, "triton")
+    with trace_launches(execute=True) as trace:
+        out.backward(torch.randn_like(out))
+    names = [launch.name for launch in trace.launches]
+    assert names.count("_varlen_attention_dq_kernel") == 1, names
+    assert names.count("_varlen_attention_dkdv_kernel") == 1, names
+    assert not any("attention" in name and launch.kind == "aten"
+                   for name, launch in zip(names, trace.launches)), names
 
 
 def _plain_inputs(head_dim=32, dtype=torch.float32):
@@ -183,6 +276,17 @@ def test_gpu_real_sizes(tokens, kv, dtype, seqused):
     depths = torch.randint(1, 13, (4, tokens))
     depths[:, 0] = 12
     run_all_steps(depths, 12, kv, dtype, heads=12, head_dim=64, seqused=seqused)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqused", [False, True], ids=["cu_seqlens", "seqused"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kv", ["active", "all"])
+def test_gpu_backward_real_sizes(kv, head_dim, dtype, seqused):
+    depths = torch.randint(1, 13, (4, 197))
+    depths[:, 0] = 12
+    run_all_steps_backward(depths, 12, kv, dtype, heads=12, head_dim=head_dim, seqused=seqused)
 
 
 @pytest.mark.gpu

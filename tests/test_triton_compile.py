@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,11 +28,17 @@ def _has_nvidia_backend(env):
     return "nvidia" in probe.stdout
 
 
+def _compiler_env():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
 @pytest.fixture(scope="module")
 def entry(tmp_path_factory):
     """This Triton version's entry of a fresh variant table."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = _compiler_env()
     if not _has_nvidia_backend(env):
         pytest.skip("this triton has no nvidia backend")
     out = tmp_path_factory.mktemp("variants") / "variants"
@@ -99,3 +106,57 @@ def test_committed_table_is_current(entry):
         return sorted(json.dumps([r[f] for f in fields], sort_keys=True) for r in rows)
 
     assert identities(committed[entry["triton"]]["variants"]) == identities(entry["variants"])
+
+
+# The attention's training launches (the model's trace above runs under no_grad): the forward that
+# stores the log-sum-exp and the backward, head_dim 64, the sync-free form's tables (kv active: used
+# key lengths; kv all: none), each dtype setting.
+_BACKWARD_SCRIPT = textwrap.dedent("""
+    import json, torch
+    from benchmarks.triton_variants import DTYPES, Trace, _allow_tf32, fake_triton, report
+    from recvit_kernels.triton.varlen_attention import _launch
+    from recvit_kernels.triton.varlen_attention_backward import varlen_attention_backward
+
+    trace, batch, tokens, heads, head_dim = Trace(), 2, 197, 2, 64
+    for name, (dtype, tf32) in DTYPES.items():
+        for kv in ("active", "all"):
+            setting = dict(dtype=name, batch=batch, path="backward", kv=kv)
+            with _allow_tf32(tf32), fake_triton(90, trace, setting):
+                total = batch * tokens
+                q, k, v, out, grad_out = torch.randn(5, total, heads, head_dim).to(dtype).unbind(0)
+                starts = torch.arange(0, total + 1, tokens, dtype=torch.int32)
+                used = torch.full((batch,), 150, dtype=torch.int32)
+                table = torch.randperm(total).to(torch.int32)
+                _launch(q, k, v, starts, starts, tokens, tokens, head_dim ** -0.5, table, table, used,
+                        used if kv == "active" else None, True)
+                varlen_attention_backward(grad_out, q, k, v, out, torch.randn(total, heads), starts,
+                                          starts, tokens, tokens, head_dim ** -0.5, table, table, used,
+                                          used if kv == "active" else None)
+    print(json.dumps(report(trace.variants())))
+""")
+
+
+def test_attention_training_kernels_compile_without_spills():
+    """The forward storing the log-sum-exp, the dQ and the dK/dV kernels, in bf16/fp16/fp32/fp32-tf32
+    and both kv modes, for sm_80 and sm_90: no spill, shared memory within the limit, tensor cores
+    unless IEEE fp32."""
+    env = _compiler_env()
+    if not _has_nvidia_backend(env):
+        pytest.skip("this triton has no nvidia backend")
+    result = subprocess.run([sys.executable, "-c", _BACKWARD_SCRIPT], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    backward = json.loads(result.stdout.splitlines()[-1])
+    kernels = {(row["kernel"], row["dtype"], row["constexprs"]["HAS_USED_K"]) for row in backward["variants"]}
+    assert {kernel for kernel, _, _ in kernels} == {"_varlen_attention_kernel", "_varlen_attention_dq_kernel",
+                                                    "_varlen_attention_dkdv_kernel"}
+    assert len(kernels) == 3 * 3 * 2  # kernel x dtype (bf16, fp16, fp32) x kv mode
+    assert all(row["constexprs"]["STORE_LSE"] for row in backward["variants"]
+               if row["kernel"] == "_varlen_attention_kernel")
+    for row in backward["variants"]:
+        for arch, res in row["compiled"].items():
+            where = f"{row['kernel']} {row['constexprs']} {row['options']} on {arch}"
+            assert res["spill_bytes"] == 0 and res["local_bytes"] == 0, f"{where} spills: {res}"
+            assert res["shared_bytes"] <= backward["shared_limit"][arch], f"{where}: {res}"
+            ieee = row["dtype"] == "fp32" and row["constexprs"]["PRECISION"] == "ieee"
+            assert (res["mma"] == "none") == ieee, f"{where}: {res}"

@@ -69,8 +69,10 @@ def test_forward_static_is_forward_packed_on_the_live_rows(kv):
         assert torch.equal(in_place[live:], rows[live:])
 
 
+@pytest.mark.parametrize("kv", ["active", "all"])
 @pytest.mark.parametrize("static_shapes", [False, True])
-def test_gradients_equal_eager(static_shapes):
+def test_gradients_equal_eager(static_shapes, kv):
+    """Every parameter's gradient (the attention's through the Triton backward kernels)."""
     images = torch.randn(2, 3, 32, 32)
     depths = random_depths(2, 17, 4)
     grads = {}
@@ -78,7 +80,7 @@ def test_gradients_equal_eager(static_shapes):
         torch.manual_seed(3)
         model = small_model(num_steps=4).train()
         model.recursion.static_shapes = static_shapes
-        model(images, depths=depths, backend=backend).logsumexp(-1).sum().backward()
+        model(images, depths=depths, kv=kv, backend=backend).logsumexp(-1).sum().backward()
         grads[backend] = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     assert grads["triton"].keys() == grads["eager"].keys()
     for name, grad in grads["eager"].items():

@@ -8,18 +8,20 @@ programs past the live segment length (read from ``seqused_q``, else ``cu_seqlen
 to ``max_seqlen_q``; keys likewise to ``max_seqlen_k``) return at once, so the launch never depends
 on device values. Online softmax in base 2 with fp32 accumulation; outputs go to ``q_rows[p]``.
 Rows no segment covers stay zero, or, with ``seqused_q``, are never touched (no zero fill: the
-cost follows the used rows). The backward recomputes with the eager op (see
-``_common.recompute_grads``).
+cost follows the used rows). When autograd records the call the kernel also stores each used
+query's log-sum-exp (``STORE_LSE``, (total_q, H) fp32, base 2), from which the Triton backward
+(``varlen_attention_backward``) recomputes the probabilities; inference stores nothing more.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .._backend import register
-from ..varlen_attention import _varlen_attention_eager
-from ._common import device_reason, dot_precision, new_output, recompute_grads, records_grad
+from ._common import device_reason, dot_precision, new_output, records_grad
+from .varlen_attention_backward import varlen_attention_backward
 
 HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634
@@ -30,13 +32,13 @@ _LOG2E = 1.4426950408889634
 # specialising on them only recompiles.
 @triton.jit(do_not_specialize=["CU_Q", "CU_K", "Q_ROWS", "KV_ROWS", "USED_Q", "USED_K", "max_seqlen_q",
                                "max_seqlen_k"])
-def _varlen_attention_kernel(Q, K, V, O, CU_Q, CU_K, Q_ROWS, KV_ROWS, USED_Q, USED_K,
+def _varlen_attention_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Q_ROWS, KV_ROWS, USED_Q, USED_K,
                              max_seqlen_q, max_seqlen_k,
                              sq_r, sq_h, sq_d, sk_r, sk_h, sk_d, sv_r, sv_h, sv_d,
                              so_r, so_h, so_d, scale_log2,
                              HAS_Q_ROWS: tl.constexpr, HAS_KV_ROWS: tl.constexpr,
                              HAS_USED_Q: tl.constexpr, HAS_USED_K: tl.constexpr,
-                             PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             STORE_LSE: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     block = tl.program_id(0)
     segment = tl.program_id(1)
@@ -91,6 +93,9 @@ def _varlen_attention_kernel(Q, K, V, O, CU_Q, CU_K, Q_ROWS, KV_ROWS, USED_Q, US
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a segment without keys gives zeros
     tl.store(O + q_row[:, None] * so_r + head * so_h + offs_d[None, :] * so_d,
              acc.to(O.dtype.element_ty), mask=m_valid[:, None])
+    if STORE_LSE:  # -inf for a query without keys (the backward never reads it then)
+        lse = m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))
+        tl.store(LSE + q_row * tl.num_programs(2) + head, lse, mask=m_valid)
 
 
 # precision -> head_dim -> (BLOCK_M, BLOCK_N, num_warps). Each compiles without a register spill
@@ -112,47 +117,52 @@ def _config(dtype, head_dim):
 
 
 def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, q_rows,
-            kv_rows, seqused_q, seqused_k, zero):
+            kv_rows, seqused_q, seqused_k, grad):
+    """(out, lse): ``lse`` ((total_q, H) fp32; only used rows written) when ``grad``, else None."""
     if seqused_q is None:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     else:  # rows no used position covers stay unwritten
-        out = new_output(q.shape, q, zero)
+        out = new_output(q.shape, q, grad)
     batch, heads, head_dim = cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if grad else None
     block_m, block_n, num_warps = _config(q.dtype, head_dim)
     grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
     _varlen_attention_kernel[grid](
-        q, k, v, out, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, out, lse if grad else out, cu_seqlens_q, cu_seqlens_k,
         q_rows if q_rows is not None else cu_seqlens_q, kv_rows if kv_rows is not None else cu_seqlens_k,
         seqused_q if seqused_q is not None else cu_seqlens_q,
         seqused_k if seqused_k is not None else cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), softmax_scale * _LOG2E,
         HAS_Q_ROWS=q_rows is not None, HAS_KV_ROWS=kv_rows is not None,
-        HAS_USED_Q=seqused_q is not None, HAS_USED_K=seqused_k is not None,
+        HAS_USED_Q=seqused_q is not None, HAS_USED_K=seqused_k is not None, STORE_LSE=grad,
         PRECISION=dot_precision(q.dtype), HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps)
-    return out
+    return out, lse
 
 
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                q_rows, kv_rows, seqused_q, seqused_k, zero):
-        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, q_rows, kv_rows, seqused_q, seqused_k)
-        ctx.static = (max_seqlen_q, max_seqlen_k, softmax_scale)
-        return _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                       q_rows, kv_rows, seqused_q, seqused_k, zero)
+                q_rows, kv_rows, seqused_q, seqused_k, grad):
+        out, lse = _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                           q_rows, kv_rows, seqused_q, seqused_k, grad)
+        if grad:
+            ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q_rows, kv_rows,
+                                  seqused_q, seqused_k)
+            ctx.static = (max_seqlen_q, max_seqlen_k, softmax_scale)
+        return out
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not differentiated again: say so, not zeros
     def backward(ctx, grad_out):
-        q, k, v, cu_q, cu_k, q_rows, kv_rows, used_q, used_k = ctx.saved_tensors
+        q, k, v, out, lse, cu_q, cu_k, q_rows, kv_rows, used_q, used_k = ctx.saved_tensors
         max_q, max_k, scale = ctx.static
-
-        def eager(q, k, v):
-            return _varlen_attention_eager(q, k, v, cu_q, cu_k, max_q, max_k, scale, q_rows=q_rows,
-                                           kv_rows=kv_rows, seqused_q=used_q, seqused_k=used_k)
-
-        grads = recompute_grads(eager, (q, k, v), ctx.needs_input_grad[:3], (grad_out,))
-        return (*grads, *[None] * 10)
+        dq, dk, dv = varlen_attention_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+                                               scale, q_rows, kv_rows, used_q, used_k,
+                                               needs_kv_grad=any(ctx.needs_input_grad[1:3]))
+        needs = ctx.needs_input_grad
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+                *[None] * 10)
 
 
 def _supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -168,7 +178,7 @@ def _supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 @register("varlen_attention", "triton", supports=_supports)
 def varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             softmax_scale, *, q_rows=None, kv_rows=None, seqused_q=None, seqused_k=None):
-    """Triton forward (eager-recomputing backward) of :func:`recvit_kernels.varlen_attention`."""
+    """Triton forward and backward of :func:`recvit_kernels.varlen_attention`."""
     return _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   softmax_scale, q_rows, kv_rows, seqused_q, seqused_k,
                                   records_grad(q, k, v))

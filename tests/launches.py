@@ -142,10 +142,10 @@ def trace_launches(execute: bool = False):
         patched.append(kernel)
     original_store = InterpreterBuilder.create_masked_store
 
-    def store(builder, ptrs, value, mask, cache_policy):
+    def store(builder, ptrs, value, mask, *rest):  # rest: cache/eviction policies (per Triton version)
         if current:
             current[-1].bytes_written += int(np.count_nonzero(mask.data)) * value.data.dtype.itemsize
-        return original_store(builder, ptrs, value, mask, cache_policy)
+        return original_store(builder, ptrs, value, mask, *rest)
 
     InterpreterBuilder.create_masked_store = store
     original_tolist = torch.Tensor.tolist

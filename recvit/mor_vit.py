@@ -242,6 +242,11 @@ class GatedRecursiveBlock(RecursiveBlock):
         layer = super().layer_for_step(step)
         return layer if self._gates is None else _GatedLayer(layer, self._gates)
 
+    def _records_grad(self, rows: torch.Tensor) -> bool:
+        """The gates come from outside (the routers): autograd records if they need a gradient too."""
+        gated = self._gates is not None and self._gates.requires_grad and torch.is_grad_enabled()
+        return gated or super()._records_grad(rows)
+
 
 class _GatedLayer:
     """A layer whose update of each token is scaled by the token's gate (B, N)."""

@@ -105,7 +105,7 @@ class RecursiveBlock(nn.Module):
         # The one host sync of this path: the per-step row counts size the prefix GEMMs, the
         # longest image per step bounds the attention tiles.
         step_rows, longest = torch.stack([layout.step_rows, layout.image_lengths.amax(1).long()]).tolist()
-        records = _records_grad(self, rows)
+        records = self._records_grad(rows)
         for step, (num_rows, max_active) in enumerate(zip(step_rows, longest), start=1):
             if num_rows == 0:
                 break
@@ -118,6 +118,11 @@ class RecursiveBlock(nn.Module):
                                      out=rows[:num_rows])
         return rk.unpack(rows, layout)
 
+    def _records_grad(self, rows: torch.Tensor) -> bool:
+        """Whether autograd records the steps (then they run out of place, keeping the old rows)."""
+        return torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad
+                                                                      for p in self.parameters()))
+
     def _steps_static(self, rows, layout, kv, backend):
         """All L steps on the static rows, M_l read on the device (no host sync).
 
@@ -125,7 +130,7 @@ class RecursiveBlock(nn.Module):
         is the fresh buffer ``pack`` made), so the exited rows are never touched. Under autograd
         the step is out of place and merged with a ``torch.where`` over all rows (training only).
         """
-        records = _records_grad(self, rows)
+        records = self._records_grad(rows)
         position = torch.arange(rows.shape[0], device=rows.device)[:, None] if records else None
         for step in range(1, self.num_steps + 1):
             layer = self.layer_for_step(step)
@@ -135,12 +140,6 @@ class RecursiveBlock(nn.Module):
             else:
                 layer.forward_static(rows, layout, step, kv, backend, out=rows)
         return rows
-
-
-def _records_grad(block: nn.Module, rows: torch.Tensor) -> bool:
-    """Whether autograd records the steps (then they run out of place, keeping the old rows)."""
-    return torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad
-                                                                  for p in block.parameters()))
 
 
 def _write_prefix(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,7 @@ print(", ".join(f"{name} {version(name)}" for name in
 EOF
 }
 
-# The CUDA extension, timed: "8.0;9.0" (setup.py's default) in the check stage, the GPU's own
+# The CUDA extension, timed: "8.0;9.0+PTX" (setup.py's default) in the check stage, the GPU's own
 # architecture in the others (half the compile). The package is installed editable, without
 # build isolation (torch must be visible) and without dependencies (no network there).
 build() {
@@ -157,7 +157,7 @@ TOY=(--cpu --scales tiny --dtypes fp32 --img-sizes 32 --batch-sizes 2 --implemen
      --target-s 0.01 --threads 1 --no-plots)
 case $STAGE in
 check)
-    build "8.0;9.0"
+    build "8.0;9.0+PTX"
     if ((DRY)); then
         step check 120 "$PY" -m recvit check --device cpu --quick --only depth_sort pack --json "$WORK/check.json"
         step sanitize-ops 120 "$PY" benchmarks/sanitize_ops.py --device cpu

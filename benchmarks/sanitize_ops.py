@@ -8,8 +8,7 @@ For the cuda and triton backends (those available), fp16 and bf16: the depth sor
 LayerNorm with and without the residual, the MLP and prefix_linear (hidden width 320: partial tiles,
 and racecheck stays fast), on two batches: three images of
 197 tokens (random depths; every patch token exiting at step 1; every token at depth L) and two
-images of one token. The ops go through the public API with ``backend=`` named, so an op the cuda
-backend has no kernel for runs the next backend's (logged). Each result must be finite and each op
+images of one token. The ops go through the public API with ``backend=`` named. Each result must be finite and each op
 is followed by a synchronisation, so that a fault is reported at the op that made it.
 
 ``--device cpu`` runs the triton backend under the Triton interpreter at a small width (set before

@@ -81,13 +81,6 @@ class Variant:
     def name(self) -> str:
         return self.kernel.rsplit(".", 1)[1]
 
-    def shape_key(self, declared: Iterable[str]) -> tuple:
-        """The variant without Triton's value specialisations (divisibility by 16, equal to 1):
-        the kernel, its ``declared`` ``tl.constexpr`` arguments, pointer dtypes and options."""
-        constexprs = tuple((name, value) for name, value in self.constexprs if name in declared)
-        pointers = tuple((name, ty) for name, ty in self.signature if ty.startswith("*"))
-        return self.kernel, constexprs, pointers, self.options
-
 
 @dataclass
 class Trace:

@@ -460,5 +460,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return recvit::varlen_attention_supports_head_dim(head_dim);
   });
   m.attr("max_depth_steps") = recvit::kMaxDepthSteps;
-  m.attr("prefix_linear_k_multiple") = recvit::kPrefixLinearKMultiple;
 }

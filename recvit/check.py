@@ -10,8 +10,8 @@ against a float64 reference at most twice that of the eager op in the same dtype
 The depth sort and pack/unpack must match exactly: eager's against the definition (sorted by depth,
 counts, segments), the other backends' against eager's.
 
-A backend whose op runs another backend's implementation (packed's ops are eager's; the cuda
-backend hands its GEMMs to triton) is checked once, under the backend that owns it. On a CPU the
+A backend whose op runs another backend's implementation (packed's ops are eager's) is checked
+once, under the backend that owns it. On a CPU the
 triton backend runs through the Triton interpreter (``TRITON_INTERPRET=1``, set here before the
 backend loads) at small sizes, fp32 and fp16 only.
 """
@@ -402,8 +402,9 @@ def check_models(checker: _Checker, group: Group) -> None:
                             if check == "graph replay" and kv != model.recursion.kv:
                                 continue
                             checker.run(check, backend, name, case,
-                                        lambda: _check_model(checker, check, model_d, low, depths, kv,
-                                                             backend, theirs, reference, FLOOR_MODEL[name]))
+                                        lambda model_d=model_d: _check_model(
+                                            checker, check, model_d, low, depths, kv, backend, theirs,
+                                            reference, FLOOR_MODEL[name]))
                 del model_d
         del model, model64
         if checker.device.type == "cuda":

@@ -82,8 +82,8 @@ def dispatch(op: str, backend: Optional[str], *args, **kwargs) -> Callable:
 
     An explicitly named backend that cannot run the call raises ``RuntimeError`` with the reason;
     ``auto`` falls back along :data:`AUTO_ORDER` and logs why. An explicitly named backend that is
-    available but has no kernel for ``op`` at all (the cuda backend has no GEMMs, say) hands the op
-    to the backends after it in :data:`AUTO_ORDER`, as ``auto`` would, and logs it.
+    available but has no kernel for ``op`` at all (a backend added with only some ops, say) hands the
+    op to the backends after it in :data:`AUTO_ORDER`, as ``auto`` would, and logs it.
     """
     _load_optional_backends()
     name = resolve_backend(backend)

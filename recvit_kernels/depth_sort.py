@@ -3,8 +3,10 @@
 Given per-token depths ``d`` of shape (B, N) with values in 1..L, sort the B*N tokens once by depth,
 descending (ties in image-major token order). At step ``l`` the active tokens (``d >= l``) are then
 the first ``M_l`` rows of the sorted buffer, so the token-wise layers run on a contiguous prefix.
-Attention reads each image's active rows through an index table (``attention_rows``), image-major,
-in the segments ``cu_seqlens[l]`` that flash-attention's varlen convention expects.
+Attention reads each image's active rows through one index table per forward, ``image_order``:
+image b's rows at step l are ``image_order[b*N : b*N + n_bl]``, i.e. static segment starts b*N
+(``all_rows_cu_seqlens``) with used lengths ``image_lengths[l]`` (flash-attention 3's ``seqused``).
+``attention_rows`` gives one step's rows as a compact table, flash-attention's plain varlen form.
 
 Everything here is computed on the device without a host synchronisation.
 """

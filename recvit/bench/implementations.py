@@ -31,10 +31,6 @@ class Implementation:
     flops: Optional[Callable] = None
     headline_only: bool = False  # timed for the headline depth profile only (slow to build)
 
-    @property
-    def uses_depths(self) -> bool:
-        return self.flops is None
-
 
 def paper_profile_flops(model) -> float:
     """Edge-RecViT's FLOPs per image with the paper's depth profile at the model's token count

@@ -56,7 +56,8 @@ def new_output(shape, like: torch.Tensor, zero: bool) -> torch.Tensor:
 def recompute_grads(eager: Callable, inputs: Sequence, needs_grad: Sequence[bool], grad_outputs):
     """Gradients of ``eager(*inputs)`` for the inputs flagged in ``needs_grad`` (None for the rest).
 
-    The backward of every Triton forward here: it reruns the eager PyTorch op under autograd and
+    The backward of the LayerNorm, MLP-epilogue and prefix_linear forwards (attention has its own
+    Triton backward): it reruns the eager PyTorch op under autograd and
     differentiates that, so gradients equal the eager reference's at the cost of one more forward.
     """
     with torch.enable_grad():

@@ -4,9 +4,10 @@
 ``compute-sanitizer --tool memcheck|racecheck python benchmarks/sanitize_ops.py``.
 
 For the cuda and triton backends (those available), fp16 and bf16: the depth sort, then at steps
-1, 2, L/2 and L varlen attention (kv active and all, through the index tables, static bound),
-LayerNorm with and without the residual, the MLP and prefix_linear (hidden width 320: partial tiles,
-and racecheck stays fast), on two batches: three images of
+1, 2, L/2 and L varlen attention (kv active and all, through the index tables, static bound; and
+in the model's form: one ``image_order`` table with ``seqused_q/k``), LayerNorm with and without the
+residual (and on the live rows, ``num_rows``), the MLP and prefix_linear (also ``out=`` into the
+residual, as fc2's epilogue; hidden width 320: partial tiles, and racecheck stays fast), on two batches: three images of
 197 tokens (random depths; every patch token exiting at step 1; every token at depth L) and two
 images of one token. The ops go through the public API with ``backend=`` named. Each result must be finite and each op
 is followed by a synchronisation, so that a fault is reported at the op that made it.
@@ -86,6 +87,17 @@ def main(argv=None) -> int:
                         out = rk.varlen_attention(q, k, v, cu_q, cu_k, count, count, q_rows=q_rows,
                                                   kv_rows=kv_rows, backend=backend)
                         done(f"{backend} {dtype} varlen_attention {label} step {step} kv={kv}", out)
+                        # the model's form: one image_order table, static starts, used lengths
+                        # (rows no used query covers are unspecified: only the covered ones checked)
+                        used = layout.image_lengths[step - 1]
+                        out = rk.varlen_attention(q, k, v, layout.all_rows_cu_seqlens(),
+                                                  layout.all_rows_cu_seqlens(), count, count,
+                                                  q_rows=layout.image_order, kv_rows=layout.image_order,
+                                                  seqused_q=used, seqused_k=used if kv == "active" else None,
+                                                  backend=backend)
+                        covered = layout.attention_rows(step, int(layout.step_rows[step - 1]))
+                        done(f"{backend} {dtype} varlen_attention seqused {label} step {step} kv={kv}",
+                             out[covered])
                 x, residual = randn(total, dim, dtype=dtype), randn(total, dim, dtype=dtype)
                 weight, bias = 1 + randn(dim, dtype=dtype, scale=0.1), randn(dim, dtype=dtype, scale=0.1)
                 done(f"{backend} {dtype} layer_norm {label}",
@@ -103,6 +115,13 @@ def main(argv=None) -> int:
                     done(f"{backend} {dtype} prefix_linear {label} step {step}",
                          rk.prefix_linear(x, fc1_w, fc1_b, live, "gelu", None, backend=backend)[:num_live],
                          rk.prefix_linear(x, proj_w, None, live, None, residual, backend=backend)[:num_live])
+                    in_place = residual.clone()  # fc2's epilogue: the live rows written into the residual
+                    rk.prefix_linear(x, proj_w, None, live, None, in_place, out=in_place, backend=backend)
+                    done(f"{backend} {dtype} prefix_linear out= {label} step {step}", in_place)
+                    normed, summed = rk.layer_norm(x, weight, bias, 1e-6, residual, num_rows=live,
+                                                   backend=backend)
+                    done(f"{backend} {dtype} layer_norm num_rows {label} step {step}",
+                         normed[:num_live], summed[:num_live])
             print(f"{backend} {str(dtype).removeprefix('torch.')}: every op ran", flush=True)
     print(f"sanitize_ops: {calls} op calls on {args.device}, backends {', '.join(backends)}: all finite")
     return 0

@@ -1,10 +1,13 @@
-"""Shared pieces of the triton backend: where a tensor can run, and the recomputing backward."""
+"""Shared pieces of the triton backend: where a tensor can run, the recomputing backward, and how the
+attention kernels (forward and backward) read their segments."""
 from __future__ import annotations
 
 import os
 from typing import Callable, Optional, Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -69,3 +72,30 @@ def recompute_grads(eager: Callable, inputs: Sequence, needs_grad: Sequence[bool
         grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True)
                      if wanted else ())
     return tuple(next(grads) if flag else None for flag in needs_grad)
+
+
+LOG2E = 1.4426950408889634
+# The attention kernels' length and index tables are slices of per-step tensors (their 16-byte
+# alignment alternates step to step) read at data-dependent offsets, and the bounds change per step
+# on the packed path: specialising on them only recompiles (``do_not_specialize``).
+ATTENTION_TABLES = ["CU_Q", "CU_K", "Q_ROWS", "KV_ROWS", "USED_Q", "USED_K", "max_seqlen_q", "max_seqlen_k"]
+
+
+@triton.jit
+def segment_bounds(CU, USED, segment, max_seqlen, HAS_USED: tl.constexpr):
+    """(start, length) of ``segment``: its used length if ``HAS_USED``, else its own, clamped to
+    ``max_seqlen`` (flash-attention's convention)."""
+    start = tl.load(CU + segment)
+    if HAS_USED:
+        length = tl.load(USED + segment)
+    else:
+        length = tl.load(CU + segment + 1) - start
+    return start, tl.minimum(length, max_seqlen)
+
+
+@triton.jit
+def segment_rows(ROWS, start, offs, valid, HAS_ROWS: tl.constexpr):
+    """Tensor row (int64) of each segment position ``start + offs``, through the table if any."""
+    if HAS_ROWS:
+        return tl.load(ROWS + start + offs, mask=valid, other=0).to(tl.int64)
+    return (start + offs).to(tl.int64)

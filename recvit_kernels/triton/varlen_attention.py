@@ -20,18 +20,14 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .._backend import register
-from ._common import device_reason, dot_precision, new_output, records_grad
+from ._common import (ATTENTION_TABLES, LOG2E, device_reason, dot_precision, new_output, records_grad,
+                      segment_bounds, segment_rows)
 from .varlen_attention_backward import varlen_attention_backward
 
 HEAD_DIMS = (16, 32, 64, 128)
-_LOG2E = 1.4426950408889634
 
 
-# The length and index tables are slices of per-step tensors (their 16-byte alignment alternates
-# step to step) read at data-dependent offsets, and the bounds change per step on the packed path:
-# specialising on them only recompiles.
-@triton.jit(do_not_specialize=["CU_Q", "CU_K", "Q_ROWS", "KV_ROWS", "USED_Q", "USED_K", "max_seqlen_q",
-                               "max_seqlen_k"])
+@triton.jit(do_not_specialize=ATTENTION_TABLES)
 def _varlen_attention_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Q_ROWS, KV_ROWS, USED_Q, USED_K,
                              max_seqlen_q, max_seqlen_k,
                              sq_r, sq_h, sq_d, sk_r, sk_h, sk_d, sv_r, sv_h, sv_d,
@@ -43,27 +39,14 @@ def _varlen_attention_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Q_ROWS, KV_ROWS, USED_
     block = tl.program_id(0)
     segment = tl.program_id(1)
     head = tl.program_id(2).to(tl.int64)
-    q_start = tl.load(CU_Q + segment)
-    if HAS_USED_Q:
-        q_len = tl.load(USED_Q + segment)
-    else:
-        q_len = tl.load(CU_Q + segment + 1) - q_start
-    q_len = tl.minimum(q_len, max_seqlen_q)
+    q_start, q_len = segment_bounds(CU_Q, USED_Q, segment, max_seqlen_q, HAS_USED_Q)
     if block * BLOCK_M >= q_len:
         return
-    k_start = tl.load(CU_K + segment)
-    if HAS_USED_K:
-        k_len = tl.load(USED_K + segment)
-    else:
-        k_len = tl.load(CU_K + segment + 1) - k_start
-    k_len = tl.minimum(k_len, max_seqlen_k)
+    k_start, k_len = segment_bounds(CU_K, USED_K, segment, max_seqlen_k, HAS_USED_K)
 
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < q_len
-    if HAS_Q_ROWS:
-        q_row = tl.load(Q_ROWS + q_start + offs_m, mask=m_valid, other=0).to(tl.int64)
-    else:
-        q_row = (q_start + offs_m).to(tl.int64)
+    q_row = segment_rows(Q_ROWS, q_start, offs_m, m_valid, HAS_Q_ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + q_row[:, None] * sq_r + head * sq_h + offs_d[None, :] * sq_d,
                 mask=m_valid[:, None], other=0.0)
@@ -74,10 +57,7 @@ def _varlen_attention_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Q_ROWS, KV_ROWS, USED_
     for n0 in range(0, k_len, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_valid = offs_n < k_len
-        if HAS_KV_ROWS:
-            kv_row = tl.load(KV_ROWS + k_start + offs_n, mask=n_valid, other=0).to(tl.int64)
-        else:
-            kv_row = (k_start + offs_n).to(tl.int64)
+        kv_row = segment_rows(KV_ROWS, k_start, offs_n, n_valid, HAS_KV_ROWS)
         k = tl.load(K + kv_row[:, None] * sk_r + head * sk_h + offs_d[None, :] * sk_d,
                     mask=n_valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
@@ -132,7 +112,7 @@ def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
         q_rows if q_rows is not None else cu_seqlens_q, kv_rows if kv_rows is not None else cu_seqlens_k,
         seqused_q if seqused_q is not None else cu_seqlens_q,
         seqused_k if seqused_k is not None else cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), softmax_scale * _LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), softmax_scale * LOG2E,
         HAS_Q_ROWS=q_rows is not None, HAS_KV_ROWS=kv_rows is not None,
         HAS_USED_Q=seqused_q is not None, HAS_USED_K=seqused_k is not None, STORE_LSE=grad,
         PRECISION=dot_precision(q.dtype), HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,

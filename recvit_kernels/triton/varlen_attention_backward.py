@@ -24,33 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision
-
-_LOG2E = 1.4426950408889634
-_TABLES = ["CU_Q", "CU_K", "Q_ROWS", "KV_ROWS", "USED_Q", "USED_K", "max_seqlen_q", "max_seqlen_k"]
-
-
-@triton.jit
-def _segment(CU, USED, segment, max_seqlen, HAS_USED: tl.constexpr):
-    """(start, used length clamped to ``max_seqlen``) of ``segment``, as the forward reads them."""
-    start = tl.load(CU + segment)
-    if HAS_USED:
-        length = tl.load(USED + segment)
-    else:
-        length = tl.load(CU + segment + 1) - start
-    return start, tl.minimum(length, max_seqlen)
-
-
-@triton.jit
-def _rows(ROWS, start, offs, valid, HAS_ROWS: tl.constexpr):
-    """Tensor row (int64) of each segment position ``start + offs``, through the table if any."""
-    if HAS_ROWS:
-        return tl.load(ROWS + start + offs, mask=valid, other=0).to(tl.int64)
-    return (start + offs).to(tl.int64)
+from ._common import ATTENTION_TABLES, LOG2E, dot_precision, segment_bounds, segment_rows
 
 
 # Data-dependent tables and bounds: not specialised (see the forward kernel).
-@triton.jit(do_not_specialize=_TABLES)
+@triton.jit(do_not_specialize=ATTENTION_TABLES)
 def _varlen_attention_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, CU_Q, CU_K, Q_ROWS, KV_ROWS, USED_Q,
                                 USED_K, max_seqlen_q, max_seqlen_k,
                                 sq_r, sq_h, sq_d, sk_r, sk_h, sk_d, sv_r, sv_h, sv_d,
@@ -64,13 +42,13 @@ def _varlen_attention_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, CU_Q, CU_K, Q_RO
     segment = tl.program_id(1)
     head = tl.program_id(2).to(tl.int64)
     heads = tl.num_programs(2)
-    q_start, q_len = _segment(CU_Q, USED_Q, segment, max_seqlen_q, HAS_USED_Q)
+    q_start, q_len = segment_bounds(CU_Q, USED_Q, segment, max_seqlen_q, HAS_USED_Q)
     if block * BLOCK_M >= q_len:
         return
-    k_start, k_len = _segment(CU_K, USED_K, segment, max_seqlen_k, HAS_USED_K)
+    k_start, k_len = segment_bounds(CU_K, USED_K, segment, max_seqlen_k, HAS_USED_K)
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < q_len
-    q_row = _rows(Q_ROWS, q_start, offs_m, m_valid, HAS_Q_ROWS)
+    q_row = segment_rows(Q_ROWS, q_start, offs_m, m_valid, HAS_Q_ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + q_row[:, None] * sq_r + head * sq_h + offs_d[None, :] * sq_d,
                 mask=m_valid[:, None], other=0.0)
@@ -86,7 +64,7 @@ def _varlen_attention_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, CU_Q, CU_K, Q_RO
     for n0 in range(0, k_len, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_valid = offs_n < k_len
-        kv_row = _rows(KV_ROWS, k_start, offs_n, n_valid, HAS_KV_ROWS)
+        kv_row = segment_rows(KV_ROWS, k_start, offs_n, n_valid, HAS_KV_ROWS)
         k = tl.load(K + kv_row[:, None] * sk_r + head * sk_h + offs_d[None, :] * sk_d,
                     mask=n_valid[:, None], other=0.0)
         v = tl.load(V + kv_row[:, None] * sv_r + head * sv_h + offs_d[None, :] * sv_d,
@@ -101,7 +79,7 @@ def _varlen_attention_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, CU_Q, CU_K, Q_RO
              (dq * scale).to(DQ.dtype.element_ty), mask=m_valid[:, None])
 
 
-@triton.jit(do_not_specialize=_TABLES)
+@triton.jit(do_not_specialize=ATTENTION_TABLES)
 def _varlen_attention_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, Q_ROWS, KV_ROWS, USED_Q,
                                   USED_K, max_seqlen_q, max_seqlen_k,
                                   sq_r, sq_h, sq_d, sk_r, sk_h, sk_d, sv_r, sv_h, sv_d,
@@ -115,13 +93,13 @@ def _varlen_attention_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, Q
     segment = tl.program_id(1)
     head = tl.program_id(2).to(tl.int64)
     heads = tl.num_programs(2)
-    k_start, k_len = _segment(CU_K, USED_K, segment, max_seqlen_k, HAS_USED_K)
+    k_start, k_len = segment_bounds(CU_K, USED_K, segment, max_seqlen_k, HAS_USED_K)
     if block * BLOCK_N >= k_len:
         return
-    q_start, q_len = _segment(CU_Q, USED_Q, segment, max_seqlen_q, HAS_USED_Q)
+    q_start, q_len = segment_bounds(CU_Q, USED_Q, segment, max_seqlen_q, HAS_USED_Q)
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < k_len
-    kv_row = _rows(KV_ROWS, k_start, offs_n, n_valid, HAS_KV_ROWS)
+    kv_row = segment_rows(KV_ROWS, k_start, offs_n, n_valid, HAS_KV_ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     k = tl.load(K + kv_row[:, None] * sk_r + head * sk_h + offs_d[None, :] * sk_d,
                 mask=n_valid[:, None], other=0.0)
@@ -133,7 +111,7 @@ def _varlen_attention_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, Q
     for m0 in range(0, q_len, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_valid = offs_m < q_len
-        q_row = _rows(Q_ROWS, q_start, offs_m, m_valid, HAS_Q_ROWS)
+        q_row = segment_rows(Q_ROWS, q_start, offs_m, m_valid, HAS_Q_ROWS)
         q = tl.load(Q + q_row[:, None] * sq_r + head * sq_h + offs_d[None, :] * sq_d,
                     mask=m_valid[:, None], other=0.0)
         do = tl.load(DO + q_row[:, None] * sdo_r + head * sdo_h + offs_d[None, :] * sdo_d,
@@ -194,7 +172,7 @@ def varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seql
     flags = dict(HAS_Q_ROWS=q_rows is not None, HAS_KV_ROWS=kv_rows is not None,
                  HAS_USED_Q=seqused_q is not None, HAS_USED_K=seqused_k is not None,
                  PRECISION=dot_precision(q.dtype), HEAD_DIM=head_dim)
-    scales = (softmax_scale, softmax_scale * _LOG2E)
+    scales = (softmax_scale, softmax_scale * LOG2E)
     _varlen_attention_dq_kernel[(triton.cdiv(max_seqlen_q, dq_m), batch, heads)](
         q, k, v, out, grad_out, lse, delta, dq, *tables,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *scales,

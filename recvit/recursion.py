@@ -105,18 +105,37 @@ class RecursiveBlock(nn.Module):
         # The one host sync of this path: the per-step row counts size the prefix GEMMs, the
         # longest image per step bounds the attention tiles.
         step_rows, longest = torch.stack([layout.step_rows, layout.image_lengths.amax(1).long()]).tolist()
-        records = self._records_grad(rows)
+        if self._records_grad(rows):
+            return rk.unpack(self._steps_recorded(rows, layout, step_rows, longest, kv, backend), layout)
         for step, (num_rows, max_active) in enumerate(zip(step_rows, longest), start=1):
             if num_rows == 0:
                 break
-            layer = self.layer_for_step(step)
-            if records:
-                updated = layer.forward_packed(rows, layout, step, num_rows, kv, backend, max_active)
-                rows = torch.cat([updated, rows[num_rows:]])
-            else:  # the MLP's last epilogue writes the new prefix in place
-                layer.forward_packed(rows, layout, step, num_rows, kv, backend, max_active,
-                                     out=rows[:num_rows])
+            # the MLP's last epilogue writes the new prefix in place
+            self.layer_for_step(step).forward_packed(rows, layout, step, num_rows, kv, backend,
+                                                     max_active, out=rows[:num_rows])
         return rk.unpack(rows, layout)
+
+    def _steps_recorded(self, rows, layout, step_rows, longest, kv, backend):
+        """The packed steps under autograd, out of place; returns the final (B*N, C) rows.
+
+        With ``kv="active"`` step l reads only the previous step's M_(l-1) rows, and the rows that
+        leave at l (``rows[M_l:]``, already final) are set aside and joined once at the end: what
+        autograd keeps for the backward is the live rows of each step, sum_l M_l rows, not L full
+        buffers. With ``kv="all"`` every step reads all rows (the exited tokens' keys), so the
+        buffer is rebuilt each step.
+        """
+        finished = []  # the rows that left at each step, deepest first
+        for step, (num_rows, max_active) in enumerate(zip(step_rows, longest), start=1):
+            if num_rows == 0:
+                break
+            updated = self.layer_for_step(step).forward_packed(rows, layout, step, num_rows, kv,
+                                                               backend, max_active)
+            if kv == "all":
+                rows = torch.cat([updated, rows[num_rows:]])
+            else:
+                finished.append(rows[num_rows:])
+                rows = updated
+        return torch.cat([rows, *reversed(finished)]) if finished else rows
 
     def _records_grad(self, rows: torch.Tensor) -> bool:
         """Whether autograd records the steps (then they run out of place, keeping the old rows)."""

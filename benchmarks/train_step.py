@@ -2,14 +2,19 @@
 against the dense DeiT of the same scale, timed interleaved on the present device.
 
     python -m benchmarks.train_step [--scale small] [--batch 8] [--img-size 224] [--profile paper]
-                                    [--rounds 9] [--out benchmarks/results/train-step]
+                                    [--dtype fp32] [--rounds 9] [--out benchmarks/results/train-step]
 
 Edge-RecViT runs with the depths of the named profile (``paper``: the supplement's sum alpha = 8.21,
 sum alpha^2 = 6.64; ``ranker``: its own ranker's, random at initialisation) and the recipe's loss
 (CCE with label smoothing + 1e-3 STB + 0.1 DU); DeiT with label-smoothed cross-entropy. Every
 implementation has its own weights and AdamW. One step of each per round, in turn; the ratios
 are taken within a round (so a change of machine load reaches both sides), and reported as the
-median with the 25th-75th percentiles.
+median with the 25th-75th percentiles. ``--dtype bf16`` runs forward and loss under bf16 autocast
+(weights and optimizer in fp32, as the recipe trains on GPUs).
+
+Memory, per implementation: the activations autograd saves for the backward in one forward (the
+distinct non-parameter storages, counted with ``saved_tensors_hooks``; any device), and on a GPU the
+peak allocated memory of one step.
 """
 from __future__ import annotations
 
@@ -24,12 +29,15 @@ import torch.nn.functional as F
 
 import recvit
 from recvit.bench import SCALES, DeiTDense, device_info, device_slug, percentile, profile_depths, time_interleaved
+from recvit.bench.timer import peak_memory, saved_activation_bytes
 
 
-def _step_fn(model, optimizer, loss_fn):
+def _step_fn(model, optimizer, loss_fn, autocast):
     def step(images, targets, depths):
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model, images, targets, depths).backward()
+        with autocast():
+            loss = loss_fn(model, images, targets, depths)
+        loss.backward()
         optimizer.step()
     return step
 
@@ -40,8 +48,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--profile", default="paper", choices=("paper", "ranker"))
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                        help="bf16: forward and loss under bf16 autocast")
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds (after 2 warm-up rounds)")
-    parser.add_argument("--backends", nargs="+", default=["packed", "eager"])
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="Edge-RecViT backends (default: packed eager, and triton on a GPU)")
     parser.add_argument("--out", default=None, help="write results.json and results.md under OUT/<device>/")
     args = parser.parse_args(argv)
 
@@ -56,15 +67,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     depths = profile_depths(args.profile, args.batch, base.num_tokens, base.num_steps, generator)
     depths = None if depths is None else depths.to(device)
     criterion = recvit.EdgeRecViTLoss(label_smoothing=0.1)
+    if args.backends is None:
+        args.backends = ["packed", "triton", "eager"] if device.type == "cuda" else ["packed", "eager"]
 
-    fns = {}
-    for backend in args.backends:
-        model = copy.deepcopy(base)
+    def autocast():
+        return torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bf16")
+
+    fns, saved_mib, peak_mib = {}, {}, {}
+    losses = {f"edge-recvit-{backend}": lambda m, x, y, d, b=backend: criterion(
+        m(x, depths=d, return_aux=True, backend=b), y).total for backend in args.backends}
+    losses["deit-dense"] = lambda m, x, y, d: F.cross_entropy(m(x), y, label_smoothing=0.1)
+    for name, loss_fn in losses.items():
+        model = deit if name == "deit-dense" else copy.deepcopy(base)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-        fns[f"edge-recvit-{backend}"] = _step_fn(model, optimizer, lambda m, x, y, d, b=backend: criterion(
-            m(x, depths=d, return_aux=True, backend=b), y).total)
-    fns["deit-dense"] = _step_fn(deit, torch.optim.AdamW(deit.parameters(), lr=1e-4, weight_decay=0.05),
-                                 lambda m, x, y, d: F.cross_entropy(m(x), y, label_smoothing=0.1))
+        fns[name] = _step_fn(model, optimizer, loss_fn, autocast)
+        with autocast():
+            saved = saved_activation_bytes(model, lambda: loss_fn(model, images, targets, depths))
+        saved_mib[name] = saved / 2 ** 20
+        if device.type == "cuda":
+            peak_mib[name] = peak_memory(fns[name], (images, targets, depths), device) / 2 ** 20
     times = time_interleaved(fns, [(images, targets, depths)], device, warmup=2, min_repeats=args.rounds,
                              max_repeats=args.rounds, target_s=0.0)
     failed = {name: repr(value) for name, value in times.items() if isinstance(value, Exception)}
@@ -82,13 +103,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = {"device": device_info(device), "settings": vars(args), "failed": failed,
               "forward_gflops_per_image": {"edge-recvit": flops.total / 1e9},
               "seconds_per_step": {name: summary(values) for name, values in times.items()},
+              "saved_activations_mib": saved_mib, "peak_memory_mib": peak_mib,
               "raw_seconds": times, "speedup": ratios}
     lines = [f"Training step (forward + backward + AdamW), {args.scale}, batch {args.batch}, {args.img_size} px, "
-             f"fp32, depth profile {args.profile!r}, {args.rounds} interleaved rounds on "
+             f"{args.dtype}, depth profile {args.profile!r}, {args.rounds} interleaved rounds on "
              f"{result['device']['name']} ({result['device']['torch_threads']} threads), commit "
              f"{result['device']['git_commit'][:10]}.", "",
-             "| implementation | s/step median | p25 | p75 |", "|---|---|---|---|"]
-    lines += [f"| {name} | {s['median']:.3f} | {s['p25']:.3f} | {s['p75']:.3f} |"
+             "| implementation | s/step median | p25 | p75 | saved activations MiB | peak MiB |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {s['median']:.3f} | {s['p25']:.3f} | {s['p75']:.3f} | {saved_mib[name]:.1f} | "
+              f"{peak_mib[name]:.0f} |" if name in peak_mib else
+              f"| {name} | {s['median']:.3f} | {s['p25']:.3f} | {s['p75']:.3f} | {saved_mib[name]:.1f} | - |"
               for name, s in result["seconds_per_step"].items()]
     lines += ["", "| speed-up (time of the second / time of the first, per round) | median | p25 | p75 |",
               "|---|---|---|---|"]

@@ -10,6 +10,7 @@ then cost 14% more per live row than the deep one.
 import pytest
 import torch
 
+from recvit.bench.timer import saved_activation_bytes
 from recvit.recursion import RecursiveBlock
 
 BATCH, TOKENS, STEPS = 2, 17, 4
@@ -21,19 +22,7 @@ PROFILES = {
 
 
 def saved_bytes(block, x, depths, backend, kv="active"):
-    """Bytes of the distinct non-parameter storages autograd saves in one forward."""
-    parameters = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        block(x, depths, kv=kv, backend=backend)
-    return sum(saved.values())
+    return saved_activation_bytes(block, lambda: block(x, depths, kv=kv, backend=backend))
 
 
 def live_rows(depths):

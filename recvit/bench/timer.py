@@ -88,6 +88,23 @@ def peak_memory(fn: Callable, args: tuple, device: torch.device) -> Optional[int
     return torch.cuda.max_memory_allocated(device)
 
 
+def saved_activation_bytes(model, forward) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves for the backward while
+    ``forward()`` runs (``model``'s parameters excluded): the activation memory of training, on
+    any device."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(saved.values())
+
 
 def summarize(seconds: Sequence[float]) -> dict:
     """Per-call times (s) -> p10/p50/p90/p99/min/max in ms, and ``noisy`` (p90 / p10 > NOISY_SPREAD)."""

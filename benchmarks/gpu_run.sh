@@ -3,7 +3,8 @@
 #   check    nvidia-smi and versions; build the CUDA extension (timed); recvit check --device cuda;
 #            compute-sanitizer memcheck and racecheck on benchmarks/sanitize_ops.py; pytest -m gpu -x
 #   bench    the headline: Base, bf16, 224 px, paper profile, batch 1/8/256, every implementation
-#   sweep    Tiny and Small (bf16, every depth profile, batch 1-256), Base in fp16; peak memory
+#   sweep    Tiny and Small (bf16, every depth profile, batch 1-256), Base in fp16; peak memory; a Base
+#            training step in bf16 (benchmarks/train_step.py)
 #   profile  one forward per implementation under the torch profiler, ncu on the triton and cuda
 #            forwards; summarised per kernel in profile/profile.md and profile/ncu.md
 # Each stage is one call of the device tool, under 9 minutes (GPU_RUN_BUDGET_S, default 530 s): every
@@ -195,12 +196,17 @@ sweep)
     if ((DRY)); then
         step sweep-scales 120 "${BENCH[@]}" "${TOY[@]}" --profiles uniform all-deep \
             --out "$WORK/benchmarks/results/sweep-scales"
+        step train-step 120 "$PY" -m benchmarks.train_step --scale tiny --img-size 32 --batch 2 --rounds 1 \
+            --out "$WORK/benchmarks/results/train-step-tiny-32"
         step sweep-fp16 120 "${BENCH[@]}" "${TOY[@]}" --profiles paper --out "$WORK/benchmarks/results/sweep-fp16"
     else
         # every depth profile (the harness's default), Tiny and Small, bf16
         step sweep-scales 270 "${BENCH[@]}" --scales tiny small --dtypes bf16 --img-sizes 224 \
             --batch-sizes 1 8 64 256 ${FAST[0]:+--implementations "${FAST[@]}"} \
             --out "$WORK/benchmarks/results/sweep-scales"
+        # a training step (forward + backward + AdamW), Base, bf16 autocast: packed, triton, eager, DeiT-B
+        step train-step 150 "$PY" -m benchmarks.train_step --scale base --batch 64 --dtype bf16 --rounds 7 \
+            --out "$WORK/benchmarks/results/train-step-base-224"
         step sweep-fp16 200 "${BENCH[@]}" --scales base --dtypes fp16 --img-sizes 224 --profiles paper \
             --batch-sizes 1 8 64 256 ${FAST[0]:+--implementations "${FAST[@]}"} \
             --out "$WORK/benchmarks/results/sweep-fp16"

@@ -1,0 +1,53 @@
+"""A training step's gradients equal the eager reference's, under flash-attention's rule, for every
+parameter: the recursive layers', the embedding's and the ranker's (whose gradient comes only
+through the confidence-scaled CE), on every depth profile and both kv modes; on the packed path and
+on the triton backend (host-sync packed path and sync-free static path; the interpreter on a CPU).
+
+Reference: the eager (masked) model in float64; baseline: the same eager model in float32. The loss
+is the recipe's: ``EdgeRecViTLoss`` (CCE with label smoothing + STB + DU) on the model's outputs.
+"""
+import copy
+
+import pytest
+import torch
+
+import recvit
+import recvit_kernels as rk
+from test_ops import PROFILES, random_depths
+from tolerance import assert_flash_rule
+
+SMALL = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=64, num_heads=2, num_steps=4)
+PATHS = [("packed", False), ("triton", False), ("triton", True)]
+
+
+def gradients(model, images, depths, targets, kv, backend):
+    """{parameter name: gradient} of one step of the recipe's loss."""
+    model.zero_grad(set_to_none=True)
+    out = model(images, depths=depths, return_aux=True, kv=kv, backend=backend)
+    recvit.EdgeRecViTLoss(label_smoothing=0.1)(out, targets).total.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kv", ["active", "all"])
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("backend,static_shapes", PATHS, ids=["packed", "triton", "triton-static"])
+def test_training_gradients_equal_eager(backend, static_shapes, profile, kv):
+    if backend == "triton" and rk.unavailable_reason("triton") is not None:
+        pytest.skip(rk.unavailable_reason("triton"))
+    model = recvit.create_model("edge_recvit_tiny", **SMALL).train()
+    reference_model = copy.deepcopy(model).double()
+    model.recursion.static_shapes = static_shapes
+    images, targets = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
+    depths = random_depths(2, model.num_tokens, model.num_steps, profile)
+
+    ours = gradients(model, images, depths, targets, kv, backend)
+    theirs = gradients(model, images, depths, targets, kv, "eager")
+    reference = gradients(reference_model, images.double(), depths, targets, kv, "eager")
+    assert ours.keys() == theirs.keys() == reference.keys()
+    assert any(name.startswith("ranker.") for name in ours)
+    for name, grad in reference.items():
+        floor = 1e-6 * float(grad.abs().max()) + 1e-9
+        try:
+            assert_flash_rule(ours[name], theirs[name], grad, floor)
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from None

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from . import distributed
+from .edge_recvit import RANKERS
 from .flops import count_flops
 
 
@@ -102,19 +103,21 @@ def _synchronize(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------
 # Models from the command line and from training checkpoints
 
-MODEL_SETTINGS = ("model", "img_size", "patch_size", "kv")  # what a training checkpoint fixes
+MODEL_SETTINGS = ("model", "img_size", "patch_size", "kv", "ranker")  # what a training checkpoint fixes
 
 
 def build_model(name: str, num_classes: int, img_size: Optional[int] = None, patch_size: Optional[int] = None,
-                kv: Optional[str] = None, backend: Optional[str] = None) -> nn.Module:
-    """An Edge-RecViT from the registry (``ValueError`` naming the setting that does not fit)."""
+                kv: Optional[str] = None, backend: Optional[str] = None, ranker: Optional[str] = None) -> nn.Module:
+    """An Edge-RecViT from the registry (``ValueError`` naming the setting that does not fit); a setting
+    left None is the model's."""
     from .factory import create_model, list_models
 
     if name not in list_models() or not name.startswith("edge_recvit"):
         models = [model for model in list_models() if model.startswith("edge_recvit")]
         raise ValueError(f"model={name!r}: the recipe trains Edge-RecViT; expected one of {models}")
     overrides = {key: value for key, value in (("img_size", img_size), ("patch_size", patch_size),
-                                               ("kv", kv), ("backend", backend)) if value is not None}
+                                               ("kv", kv), ("backend", backend), ("ranker", ranker))
+                 if value is not None}
     return create_model(name, num_classes=num_classes, **overrides)
 
 
@@ -143,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     parser.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's)")
     parser.add_argument("--kv", choices=("active", "all"), default=None, help="attention mode (default: the model's)")
+    parser.add_argument("--ranker", choices=tuple(RANKERS), default=None,
+                        help="depth ranker (default: the training checkpoint's, else the model's, earr)")
     parser.add_argument("--layers", type=int, nargs=3, default=(0, 6, 11), metavar=("HEAD", "SHARED", "TAIL"),
                         help="source blocks of a DeiT/ViT checkpoint (default: 0 6 11)")
     parser.add_argument("--backend", default=None, help="kernel backend (default: auto)")
@@ -184,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          f"from the checkpoint's ({len(trained['classes'])}: {list(trained['classes'])[:5]}...)")
         try:
             model = build_model(settings["model"] or "edge_recvit_base", len(classes), settings["img_size"],
-                                settings["patch_size"], settings["kv"], args.backend)
+                                settings["patch_size"], settings["kv"], args.backend, settings["ranker"])
         except (TypeError, ValueError) as error:
             parser.error(f"argument --model/--img-size/--patch-size: {error}")
         try:

@@ -145,15 +145,12 @@ class _Checker:
 
     def timed(self, fn: Callable):
         """(fn(), milliseconds of one call); on CUDA the timed call follows a warm-up call."""
-        torch = self.torch
+        from .bench.timer import timed_call
+
         if self.device.type == "cuda":
             fn()
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return out, (time.perf_counter() - start) * 1e3
+        out, seconds = timed_call(fn, self.device)
+        return out, seconds * 1e3
 
     def run(self, check: str, backend: str, dtype: str, case: str, body: Callable[[], tuple]) -> None:
         """Record ``body() -> (error, bound, ms)`` as a row; a declined call is a skip, an exception
@@ -493,33 +490,17 @@ def environment(device: str) -> dict:
     import torch
 
     from . import __version__
+    from .bench.settings import cpu_name, module_version
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         name = f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2 ** 30:.0f} GiB)"
     else:
-        name = _cpu_name()
+        name = f"{cpu_name()}, {os.cpu_count()} cores"
     return {"recvit": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "triton": triton_version,
+            "cuda": torch.version.cuda, "triton": module_version("triton"),
             "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1" and device == "cpu",
             "device": device, "device_name": name}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 HEADER = f"{'check':<20} {'backend':<7} {'dtype':<8} {'case':<36} {'max err':>9} {'bound':>9} {'ms':>8}  result"

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from . import distributed
+from .bench.timer import timed_call
 from .edge_recvit import RANKERS
 from .flops import count_flops
 
@@ -60,12 +60,8 @@ def evaluate(model: nn.Module, loader: DataLoader, context: distributed.Context,
                                 leave=False, dynamic_ncols=True):
         images = images.to(context.device, non_blocking=True)
         targets = targets.to(context.device, non_blocking=True)
-        _synchronize(context.device)
-        start = time.perf_counter()
         with autocast(context.device, amp):
-            out = model(images, return_aux=True)
-        _synchronize(context.device)
-        seconds = time.perf_counter() - start
+            out, seconds = timed_call(lambda: model(images, return_aux=True), context.device)
         logits = out.logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == targets[:, None]
@@ -93,11 +89,6 @@ def evaluate(model: nn.Module, loader: DataLoader, context: distributed.Context,
         "gflops_per_image": totals[4].item() / count / 1e9,
         "images_per_s": sum(rates),
     }
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -312,28 +312,34 @@ def _check_row_ops(checker, candidates, scale, batch, layout, dtype):
 
     name = _dtype_name(dtype)
     total, dim, heads = batch * scale.tokens, scale.dim, scale.heads
+
+    def against_eager(check, op, args, call, case, floor, tables=None):
+        """A row per candidate with its own ``op`` for ``args``: ``call(backend, cast)`` against
+        eager's in this dtype and in float64 (``cast`` to double)."""
+        backends = _distinct(op, ["eager"] + candidates, args, tables)[1:]
+        if not backends:
+            return
+        reference, theirs = call("eager", lambda t: t.double()), call("eager")
+        for backend in backends:
+            checker.run(check, backend, name, f"{scale.name} b={batch}{case}",
+                        lambda: checker.rule(lambda: call(backend), theirs, reference, floor))
+
     if checker.wanted("varlen_attention"):
         qkv = checker.randn(total, 3, heads, dim // heads, dtype=dtype)
+        q, k, v = qkv.unbind(1)
         for step in (2, scale.num_steps):
             for kv in ("active", "all"):
                 for form, (cu_q, cu_k, tables, covered) in attention_forms(layout, step, kv).items():
-                    def attention(backend, tensors, cu_q=cu_q, cu_k=cu_k, tables=tables, covered=covered):
-                        q, k, v = tensors.unbind(1)
-                        out = rk.varlen_attention(q, k, v, cu_q, cu_k, scale.tokens, scale.tokens, **tables,
-                                                  backend=backend)
+                    def attention(backend, cast=lambda t: t, cu_q=cu_q, cu_k=cu_k, tables=tables,
+                                  covered=covered):
+                        out = rk.varlen_attention(*cast(qkv).unbind(1), cu_q, cu_k, scale.tokens, scale.tokens,
+                                                  **tables, backend=backend)
                         return out if covered is None else out[covered]
 
-                    q, k, v = qkv.unbind(1)
-                    args = (q, k, v, cu_q, cu_k, scale.tokens, scale.tokens, (dim // heads) ** -0.5)
-                    backends = _distinct("varlen_attention", ["eager"] + candidates, args, tables)[1:]
-                    if backends:
-                        reference, theirs = attention("eager", qkv.double()), attention("eager", qkv)
-                    for backend in backends:
-                        checker.run("varlen_attention", backend, name,
-                                    f"{scale.name} b={batch} step {step} kv={kv}"
-                                    + ("" if form == "compact" else f" {form}"),
-                                    lambda: checker.rule(lambda: attention(backend, qkv), theirs, reference,
-                                                         FLOOR_ATTENTION[name]))
+                    against_eager("varlen_attention", "varlen_attention",
+                                  (q, k, v, cu_q, cu_k, scale.tokens, scale.tokens, (dim // heads) ** -0.5),
+                                  attention, f" step {step} kv={kv}" + ("" if form == "compact" else f" {form}"),
+                                  FLOOR_ATTENTION[name], tables)
     x = checker.randn(total, dim, dtype=dtype)
     residual = checker.randn(total, dim, dtype=dtype)
     weight = 1 + checker.randn(dim, dtype=dtype, scale=0.1)
@@ -352,12 +358,7 @@ def _check_row_ops(checker, candidates, scale, batch, layout, dtype):
                     return out
                 return out[:num_live] if res is None else tuple(t[:num_live] for t in out)
 
-            backends = _distinct("layer_norm", ["eager"] + candidates, (x, weight, bias, 1e-6, res))[1:]
-            if backends:
-                reference, theirs = norm("eager", lambda t: t.double()), norm("eager")
-            for backend in backends:
-                checker.run(check, backend, name, f"{scale.name} b={batch}{case}",
-                            lambda: checker.rule(lambda: norm(backend), theirs, reference, FLOOR_ROWS[name]))
+            against_eager(check, "layer_norm", (x, weight, bias, 1e-6, res), norm, case, FLOOR_ROWS[name])
     hidden = 4 * dim
     fc1_w = checker.randn(hidden, dim, dtype=dtype, scale=dim ** -0.5)
     fc1_b = checker.randn(hidden, dtype=dtype, scale=0.1)
@@ -367,12 +368,7 @@ def _check_row_ops(checker, candidates, scale, batch, layout, dtype):
         def run_mlp(backend, cast=lambda t: t):
             return rk.mlp(*(cast(t) for t in (x, fc1_w, fc1_b, fc2_w, fc2_b, residual)), backend=backend)
 
-        backends = _distinct("mlp", ["eager"] + candidates, (x, fc1_w, fc1_b, fc2_w, fc2_b, residual))[1:]
-        if backends:
-            reference, theirs = run_mlp("eager", lambda t: t.double()), run_mlp("eager")
-        for backend in backends:
-            checker.run("mlp", backend, name, f"{scale.name} b={batch}",
-                        lambda: checker.rule(lambda: run_mlp(backend), theirs, reference, FLOOR_ROWS[name]))
+        against_eager("mlp", "mlp", (x, fc1_w, fc1_b, fc2_w, fc2_b, residual), run_mlp, "", FLOOR_ROWS[name])
     if checker.wanted("prefix_linear"):
         out_residual = checker.randn(total, hidden, dtype=dtype)
 
@@ -388,16 +384,10 @@ def _check_row_ops(checker, candidates, scale, batch, layout, dtype):
                              backend=backend)
             return out
 
-        for run_linear, args, case in (
-                (linear, (x, fc1_w, fc1_b, live, "gelu", out_residual), "gelu+res"),
-                (linear_into, (out_residual, fc2_w, fc2_b, live, None, residual), "res out=")):
-            backends = _distinct("prefix_linear", ["eager"] + candidates, args)[1:]
-            if backends:
-                reference, theirs = run_linear("eager", lambda t: t.double()), run_linear("eager")
-            for backend in backends:
-                checker.run("prefix_linear", backend, name, f"{scale.name} b={batch} {case} step {step}",
-                            lambda: checker.rule(lambda: run_linear(backend), theirs, reference,
-                                                 FLOOR_ROWS[name]))
+        against_eager("prefix_linear", "prefix_linear", (x, fc1_w, fc1_b, live, "gelu", out_residual), linear,
+                      f" gelu+res step {step}", FLOOR_ROWS[name])
+        against_eager("prefix_linear", "prefix_linear", (out_residual, fc2_w, fc2_b, live, None, residual),
+                      linear_into, f" res out= step {step}", FLOOR_ROWS[name])
 
 
 # ----------------------------------------------------------------------------------------------

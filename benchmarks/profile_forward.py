@@ -25,7 +25,6 @@ import argparse
 import csv
 import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -53,23 +52,16 @@ def build(name: str, model, images, depths):
     return lambda: model(images, depths=depths, backend=backend)
 
 
-def median_ms(fn, device, repeats: int) -> float:
-    import torch
+def median_ms(fn, device, repeats: int, warmup: int) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones (CUDA events on a
+    GPU, wall clock on the CPU; :func:`recvit.bench.time_interleaved` with one implementation)."""
+    from recvit.bench import percentile, time_interleaved
 
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+    seconds = time_interleaved({"fn": fn}, [()], device, warmup, min_repeats=repeats, max_repeats=repeats,
+                               target_s=0.0)["fn"]
+    if isinstance(seconds, Exception):
+        raise seconds
+    return percentile(seconds, 50) * 1e3
 
 
 def kernel_table(prof, device_type: str) -> list[dict]:
@@ -111,9 +103,7 @@ def profile_one(name, model, images, depths, device, out_dir: Path, top: int, re
 
     fn = build(name, model, images, depths)
     with torch.no_grad():
-        for _ in range(3):
-            fn()
-        ms = median_ms(fn, device, repeats)
+        ms = median_ms(fn, device, repeats, warmup=3)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities, with_flops=True) as prof:
             fn()

@@ -4,8 +4,9 @@
 ``compute-sanitizer --tool memcheck|racecheck python benchmarks/sanitize_ops.py``.
 
 For the cuda and triton backends (those available), fp16 and bf16: the depth sort, then at steps
-1, 2, L/2 and L varlen attention (kv active and all, through the index tables, static bound; and
-in the model's form: one ``image_order`` table with ``seqused_q/k``), LayerNorm with and without the
+1, 2, L/2 and L varlen attention (kv active and all, in both forms of ``recvit.check.attention_forms``:
+compact index tables at the static bound, and the model's one ``image_order`` table with
+``seqused_q/k``), LayerNorm with and without the
 residual (and on the live rows, ``num_rows``), the MLP and prefix_linear (also ``out=`` into the
 residual, as fc2's epilogue; hidden width 320: partial tiles, and racecheck stays fast), on two batches: three images of
 197 tokens (random depths; every patch token exiting at step 1; every token at depth L) and two
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     import torch
 
     import recvit_kernels as rk
+    from recvit.check import attention_forms
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: no CUDA device visible")
@@ -79,25 +81,12 @@ def main(argv=None) -> int:
                 qkv = randn(total, 3, heads, dim // heads, dtype=dtype)
                 q, k, v = qkv.unbind(1)
                 for step in sorted({1, 2, steps // 2, steps}):
-                    q_rows = layout.attention_rows(step, total)
-                    cu_q = layout.cu_seqlens[step - 1]
                     for kv in ("active", "all"):
-                        kv_rows, cu_k = ((q_rows, cu_q) if kv == "active"
-                                         else (layout.image_order, layout.all_rows_cu_seqlens()))
-                        out = rk.varlen_attention(q, k, v, cu_q, cu_k, count, count, q_rows=q_rows,
-                                                  kv_rows=kv_rows, backend=backend)
-                        done(f"{backend} {dtype} varlen_attention {label} step {step} kv={kv}", out)
-                        # the model's form: one image_order table, static starts, used lengths
-                        # (rows no used query covers are unspecified: only the covered ones checked)
-                        used = layout.image_lengths[step - 1]
-                        out = rk.varlen_attention(q, k, v, layout.all_rows_cu_seqlens(),
-                                                  layout.all_rows_cu_seqlens(), count, count,
-                                                  q_rows=layout.image_order, kv_rows=layout.image_order,
-                                                  seqused_q=used, seqused_k=used if kv == "active" else None,
-                                                  backend=backend)
-                        covered = layout.attention_rows(step, int(layout.step_rows[step - 1]))
-                        done(f"{backend} {dtype} varlen_attention seqused {label} step {step} kv={kv}",
-                             out[covered])
+                        for form, (cu_q, cu_k, tables, covered) in attention_forms(layout, step, kv).items():
+                            out = rk.varlen_attention(q, k, v, cu_q, cu_k, count, count, **tables,
+                                                      backend=backend)
+                            done(f"{backend} {dtype} varlen_attention {form} {label} step {step} kv={kv}",
+                                 out if covered is None else out[covered])
                 x, residual = randn(total, dim, dtype=dtype), randn(total, dim, dtype=dtype)
                 weight, bias = 1 + randn(dim, dtype=dtype, scale=0.1), randn(dim, dtype=dtype, scale=0.1)
                 done(f"{backend} {dtype} layer_norm {label}",

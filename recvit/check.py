@@ -1,7 +1,9 @@
 """``recvit check``: does this package compute the right thing on this machine?
 
 For every backend available on the device: each op (depth_sort, pack/unpack, varlen_attention,
-layer_norm with and without the fused residual, mlp, prefix_linear) against the eager op, then the
+layer_norm with and without the fused residual, mlp, prefix_linear) against the eager op, in the
+forms the model calls too (attention over one ``image_order`` table with ``seqused_q/k``, LayerNorm
+on the live rows ``num_rows``, prefix_linear writing into ``out=`` in place), then the
 Edge-RecViT forward of each backend against the eager (masked) forward, on the prefix path and on
 the sync-free path (``RecursiveBlock.static_shapes``); on CUDA that sync-free forward runs under
 ``torch.cuda.set_sync_debug_mode("error")``, and a CUDA-graph capture is replayed on new images.
@@ -143,15 +145,12 @@ class _Checker:
 
     def timed(self, fn: Callable):
         """(fn(), milliseconds of one call); on CUDA the timed call follows a warm-up call."""
-        torch = self.torch
+        from .bench.timer import timed_call
+
         if self.device.type == "cuda":
             fn()
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return out, (time.perf_counter() - start) * 1e3
+        out, seconds = timed_call(fn, self.device)
+        return out, seconds * 1e3
 
     def run(self, check: str, backend: str, dtype: str, case: str, body: Callable[[], tuple]) -> None:
         """Record ``body() -> (error, bound, ms)`` as a row; a declined call is a skip, an exception
@@ -283,56 +282,83 @@ def _check_pack(checker, depths, scale, backend):
     return bad, 0, ms
 
 
+def attention_forms(layout, step: int, kv: str) -> dict:
+    """The two ways ``varlen_attention`` reads the rows of recursion step ``step`` (1-based) of
+    ``layout`` with ``kv`` ("active" or "all"): {form: (cu_seqlens_q, cu_seqlens_k, tables, covered)}
+    with ``tables`` the keyword arguments ``q_rows``, ``kv_rows``, ``seqused_q``, ``seqused_k`` and
+    ``covered`` the output rows the call specifies (None: all; uncovered rows are zero).
+
+    ``"compact"``: the step's rows as one compact table (``attention_rows`` at the static bound B*N),
+    flash-attention's plain varlen form. ``"seqused"``: the model's form
+    (``recvit.layers.Block._forward_rows``), one ``image_order`` table for every step with the
+    static starts b*N and the used lengths ``image_lengths[step - 1]``; its uncovered rows are
+    unspecified. Reads M_step back to the host (for ``covered``).
+    """
+    starts, used = layout.all_rows_cu_seqlens(), layout.image_lengths[step - 1]
+    rows, cu = layout.attention_rows(step, layout.batch * layout.tokens), layout.cu_seqlens[step - 1]
+    active = kv == "active"
+    compact = (cu, cu if active else starts, dict(q_rows=rows, kv_rows=rows if active else layout.image_order))
+    seqused = (starts, starts, dict(q_rows=layout.image_order, kv_rows=layout.image_order, seqused_q=used,
+                                    seqused_k=used if active else None))
+    covered = layout.attention_rows(step, int(layout.step_rows[step - 1]))
+    return {"compact": (*compact, None), "seqused": (*seqused, covered)}
+
+
 def _check_row_ops(checker, candidates, scale, batch, layout, dtype):
-    """varlen_attention, layer_norm (+residual), mlp, prefix_linear at this size and dtype, for the
+    """varlen_attention (both :func:`attention_forms`), layer_norm (+residual; all rows and
+    ``num_rows``), mlp, prefix_linear (a new result and ``out=``) at this size and dtype, for the
     ``candidates`` backends with an implementation of their own."""
     import recvit_kernels as rk
 
     name = _dtype_name(dtype)
     total, dim, heads = batch * scale.tokens, scale.dim, scale.heads
+
+    def against_eager(check, op, args, call, case, floor, tables=None):
+        """A row per candidate with its own ``op`` for ``args``: ``call(backend, cast)`` against
+        eager's in this dtype and in float64 (``cast`` to double)."""
+        backends = _distinct(op, ["eager"] + candidates, args, tables)[1:]
+        if not backends:
+            return
+        reference, theirs = call("eager", lambda t: t.double()), call("eager")
+        for backend in backends:
+            checker.run(check, backend, name, f"{scale.name} b={batch}{case}",
+                        lambda: checker.rule(lambda: call(backend), theirs, reference, floor))
+
     if checker.wanted("varlen_attention"):
         qkv = checker.randn(total, 3, heads, dim // heads, dtype=dtype)
+        q, k, v = qkv.unbind(1)
         for step in (2, scale.num_steps):
             for kv in ("active", "all"):
-                q_rows = layout.attention_rows(step, total)  # the static bound, as the sync-free path
-                cu_q = layout.cu_seqlens[step - 1]
-                kv_rows, cu_k = (q_rows, cu_q) if kv == "active" else (layout.image_order,
-                                                                       layout.all_rows_cu_seqlens())
+                for form, (cu_q, cu_k, tables, covered) in attention_forms(layout, step, kv).items():
+                    def attention(backend, cast=lambda t: t, cu_q=cu_q, cu_k=cu_k, tables=tables,
+                                  covered=covered):
+                        out = rk.varlen_attention(*cast(qkv).unbind(1), cu_q, cu_k, scale.tokens, scale.tokens,
+                                                  **tables, backend=backend)
+                        return out if covered is None else out[covered]
 
-                def attention(backend, tensors, q_rows=q_rows, kv_rows=kv_rows, cu_q=cu_q, cu_k=cu_k):
-                    q, k, v = tensors.unbind(1)
-                    return rk.varlen_attention(q, k, v, cu_q, cu_k, scale.tokens, scale.tokens,
-                                               q_rows=q_rows, kv_rows=kv_rows, backend=backend)
-
-                q, k, v = qkv.unbind(1)
-                args = (q, k, v, cu_q, cu_k, scale.tokens, scale.tokens, (dim // heads) ** -0.5)
-                backends = _distinct("varlen_attention", ["eager"] + candidates, args,
-                                     dict(q_rows=q_rows, kv_rows=kv_rows))[1:]
-                if backends:
-                    reference, theirs = attention("eager", qkv.double()), attention("eager", qkv)
-                for backend in backends:
-                    checker.run("varlen_attention", backend, name,
-                                f"{scale.name} b={batch} step {step} kv={kv}",
-                                lambda: checker.rule(lambda: attention(backend, qkv), theirs, reference,
-                                                     FLOOR_ATTENTION[name]))
+                    against_eager("varlen_attention", "varlen_attention",
+                                  (q, k, v, cu_q, cu_k, scale.tokens, scale.tokens, (dim // heads) ** -0.5),
+                                  attention, f" step {step} kv={kv}" + ("" if form == "compact" else f" {form}"),
+                                  FLOOR_ATTENTION[name], tables)
     x = checker.randn(total, dim, dtype=dtype)
     residual = checker.randn(total, dim, dtype=dtype)
     weight = 1 + checker.randn(dim, dtype=dtype, scale=0.1)
     bias = checker.randn(dim, dtype=dtype, scale=0.1)
+    step = 2  # the live rows of the num_rows / prefix_linear forms: M_2
+    live = layout.step_rows[step - 1:step]
+    num_live = int(live)  # the rows past it are unspecified (the kernels write nothing there)
     for check, res in (("layer_norm", None), ("layer_norm+residual", residual)):
         if not checker.wanted(check):
             continue
+        for rows, case in ((None, ""), (live, f" num_rows step {step}")):
+            def norm(backend, cast=lambda t: t, res=res, rows=rows):
+                out = rk.layer_norm(cast(x), cast(weight), cast(bias), 1e-6,
+                                    None if res is None else cast(res), num_rows=rows, backend=backend)
+                if rows is None:
+                    return out
+                return out[:num_live] if res is None else tuple(t[:num_live] for t in out)
 
-        def norm(backend, cast=lambda t: t, res=res):
-            return rk.layer_norm(cast(x), cast(weight), cast(bias), 1e-6,
-                                 None if res is None else cast(res), backend=backend)
-
-        backends = _distinct("layer_norm", ["eager"] + candidates, (x, weight, bias, 1e-6, res))[1:]
-        if backends:
-            reference, theirs = norm("eager", lambda t: t.double()), norm("eager")
-        for backend in backends:
-            checker.run(check, backend, name, f"{scale.name} b={batch}",
-                        lambda: checker.rule(lambda: norm(backend), theirs, reference, FLOOR_ROWS[name]))
+            against_eager(check, "layer_norm", (x, weight, bias, 1e-6, res), norm, case, FLOOR_ROWS[name])
     hidden = 4 * dim
     fc1_w = checker.randn(hidden, dim, dtype=dtype, scale=dim ** -0.5)
     fc1_b = checker.randn(hidden, dtype=dtype, scale=0.1)
@@ -342,29 +368,26 @@ def _check_row_ops(checker, candidates, scale, batch, layout, dtype):
         def run_mlp(backend, cast=lambda t: t):
             return rk.mlp(*(cast(t) for t in (x, fc1_w, fc1_b, fc2_w, fc2_b, residual)), backend=backend)
 
-        backends = _distinct("mlp", ["eager"] + candidates, (x, fc1_w, fc1_b, fc2_w, fc2_b, residual))[1:]
-        if backends:
-            reference, theirs = run_mlp("eager", lambda t: t.double()), run_mlp("eager")
-        for backend in backends:
-            checker.run("mlp", backend, name, f"{scale.name} b={batch}",
-                        lambda: checker.rule(lambda: run_mlp(backend), theirs, reference, FLOOR_ROWS[name]))
+        against_eager("mlp", "mlp", (x, fc1_w, fc1_b, fc2_w, fc2_b, residual), run_mlp, "", FLOOR_ROWS[name])
     if checker.wanted("prefix_linear"):
-        step = 2
-        live = layout.step_rows[step - 1:step]
-        num_live = int(live)  # the rows past it are unspecified (the kernels write nothing there)
         out_residual = checker.randn(total, hidden, dtype=dtype)
 
         def linear(backend, cast=lambda t: t):
             return rk.prefix_linear(cast(x), cast(fc1_w), cast(fc1_b), live, "gelu", cast(out_residual),
                                     backend=backend)[:num_live]
 
-        backends = _distinct("prefix_linear", ["eager"] + candidates,
-                             (x, fc1_w, fc1_b, live, "gelu", out_residual))[1:]
-        if backends:
-            reference, theirs = linear("eager", lambda t: t.double()), linear("eager")
-        for backend in backends:
-            checker.run("prefix_linear", backend, name, f"{scale.name} b={batch} gelu+res step {step}",
-                        lambda: checker.rule(lambda: linear(backend), theirs, reference, FLOOR_ROWS[name]))
+        def linear_into(backend, cast=lambda t: t):
+            """fc2's epilogue in the sync-free forward: the live rows written into ``out`` in place,
+            its other rows kept (all rows compared)."""
+            out = cast(x).clone()
+            rk.prefix_linear(cast(out_residual), cast(fc2_w), cast(fc2_b), live, None, cast(residual), out=out,
+                             backend=backend)
+            return out
+
+        against_eager("prefix_linear", "prefix_linear", (x, fc1_w, fc1_b, live, "gelu", out_residual), linear,
+                      f" gelu+res step {step}", FLOOR_ROWS[name])
+        against_eager("prefix_linear", "prefix_linear", (out_residual, fc2_w, fc2_b, live, None, residual),
+                      linear_into, f" res out= step {step}", FLOOR_ROWS[name])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,36 +480,20 @@ def environment(device: str) -> dict:
     import torch
 
     from . import __version__
+    from .bench.settings import cpu_name, module_version
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         name = f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2 ** 30:.0f} GiB)"
     else:
-        name = _cpu_name()
+        name = f"{cpu_name()}, {os.cpu_count()} cores"
     return {"recvit": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "triton": triton_version,
+            "cuda": torch.version.cuda, "triton": module_version("triton"),
             "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1" and device == "cpu",
             "device": device, "device_name": name}
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
-HEADER = f"{'check':<20} {'backend':<7} {'dtype':<8} {'case':<30} {'max err':>9} {'bound':>9} {'ms':>8}  result"
+HEADER = f"{'check':<20} {'backend':<7} {'dtype':<8} {'case':<36} {'max err':>9} {'bound':>9} {'ms':>8}  result"
 
 
 def format_result(r: Result) -> str:
@@ -500,7 +507,7 @@ def format_result(r: Result) -> str:
     exact = r.bound == 0
     bound = "exact" if exact and r.status != "skip" else number(r.bound)
     ms = "-" if r.ms is None else f"{r.ms:.1f}"
-    line = (f"{r.check:<20} {r.backend:<7} {r.dtype:<8} {r.case:<30} {number(r.error, exact):>9} "
+    line = (f"{r.check:<20} {r.backend:<7} {r.dtype:<8} {r.case:<36} {number(r.error, exact):>9} "
             f"{bound:>9} {ms:>8}  {r.status}")
     return f"{line}  {r.note}" if r.note else line
 

@@ -141,13 +141,8 @@ def _info(args, sub) -> int:
     import recvit_kernels as rk
 
     from . import __version__
+    from .bench.settings import module_version
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         device = f"cuda: {props.name} (sm_{props.major}{props.minor}), CUDA {torch.version.cuda}"
@@ -156,7 +151,7 @@ def _info(args, sub) -> int:
     print(f"recvit  {__version__}")
     print(f"python  {platform.python_version()}")
     print(f"torch   {torch.__version__}")
-    print(f"triton  {triton_version}")
+    print(f"triton  {module_version('triton') or 'not installed'}")
     print(f"device  {device}")
     status = 0
     if os.environ.get("RECVIT_BACKEND"):

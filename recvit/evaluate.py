@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
 import torch
@@ -23,6 +22,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from . import distributed
+from .bench.timer import timed_call
+from .edge_recvit import RANKERS
 from .flops import count_flops
 
 
@@ -59,12 +60,8 @@ def evaluate(model: nn.Module, loader: DataLoader, context: distributed.Context,
                                 leave=False, dynamic_ncols=True):
         images = images.to(context.device, non_blocking=True)
         targets = targets.to(context.device, non_blocking=True)
-        _synchronize(context.device)
-        start = time.perf_counter()
         with autocast(context.device, amp):
-            out = model(images, return_aux=True)
-        _synchronize(context.device)
-        seconds = time.perf_counter() - start
+            out, seconds = timed_call(lambda: model(images, return_aux=True), context.device)
         logits = out.logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == targets[:, None]
@@ -94,27 +91,24 @@ def evaluate(model: nn.Module, loader: DataLoader, context: distributed.Context,
     }
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ----------------------------------------------------------------------------------------------
 # Models from the command line and from training checkpoints
 
-MODEL_SETTINGS = ("model", "img_size", "patch_size", "kv")  # what a training checkpoint fixes
+MODEL_SETTINGS = ("model", "img_size", "patch_size", "kv", "ranker")  # what a training checkpoint fixes
 
 
 def build_model(name: str, num_classes: int, img_size: Optional[int] = None, patch_size: Optional[int] = None,
-                kv: Optional[str] = None, backend: Optional[str] = None) -> nn.Module:
-    """An Edge-RecViT from the registry (``ValueError`` naming the setting that does not fit)."""
+                kv: Optional[str] = None, backend: Optional[str] = None, ranker: Optional[str] = None) -> nn.Module:
+    """An Edge-RecViT from the registry (``ValueError`` naming the setting that does not fit); a setting
+    left None is the model's."""
     from .factory import create_model, list_models
 
     if name not in list_models() or not name.startswith("edge_recvit"):
         models = [model for model in list_models() if model.startswith("edge_recvit")]
         raise ValueError(f"model={name!r}: the recipe trains Edge-RecViT; expected one of {models}")
     overrides = {key: value for key, value in (("img_size", img_size), ("patch_size", patch_size),
-                                               ("kv", kv), ("backend", backend)) if value is not None}
+                                               ("kv", kv), ("backend", backend), ("ranker", ranker))
+                 if value is not None}
     return create_model(name, num_classes=num_classes, **overrides)
 
 
@@ -143,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     parser.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's)")
     parser.add_argument("--kv", choices=("active", "all"), default=None, help="attention mode (default: the model's)")
+    parser.add_argument("--ranker", choices=tuple(RANKERS), default=None,
+                        help="depth ranker (default: the training checkpoint's, else the model's, earr)")
     parser.add_argument("--layers", type=int, nargs=3, default=(0, 6, 11), metavar=("HEAD", "SHARED", "TAIL"),
                         help="source blocks of a DeiT/ViT checkpoint (default: 0 6 11)")
     parser.add_argument("--backend", default=None, help="kernel backend (default: auto)")
@@ -184,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          f"from the checkpoint's ({len(trained['classes'])}: {list(trained['classes'])[:5]}...)")
         try:
             model = build_model(settings["model"] or "edge_recvit_base", len(classes), settings["img_size"],
-                                settings["patch_size"], settings["kv"], args.backend)
+                                settings["patch_size"], settings["kv"], args.backend, settings["ranker"])
         except (TypeError, ValueError) as error:
             parser.error(f"argument --model/--img-size/--patch-size: {error}")
         try:

@@ -6,11 +6,12 @@ on a side stream, captures one inference forward (``torch.no_grad``) into a ``to
 and returns a :class:`GraphedForward`. Calling it copies the new images (and depths) into the static
 input buffers, replays the graph and returns a copy of the logits. Inputs must match the example's
 shape, dtype and device: anything else raises ``ValueError``, since a replay would silently reuse
-the captured shapes.
+the captured shapes. :func:`capture` is the warm-up and capture step alone, for any forward that reads
+static input buffers (the benchmark's dense baselines use it).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -78,15 +79,24 @@ def compile_graph(model: nn.Module, example_images: torch.Tensor, depths: Option
     previous = recursion.static_shapes
     recursion.static_shapes = True
     try:
-        side = torch.cuda.Stream(device=example_images.device)
-        side.wait_stream(torch.cuda.current_stream(example_images.device))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(warmup):
-                model(static_images, static_depths, backend=backend)
-        torch.cuda.current_stream(example_images.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
-            static_logits = model(static_images, static_depths, backend=backend)
+        graph, static_logits = capture(lambda: model(static_images, static_depths, backend=backend),
+                                       example_images.device, warmup)
     finally:
         recursion.static_shapes = previous
     return GraphedForward(graph, static_images, static_depths, static_logits)
+
+
+def capture(forward: Callable[[], torch.Tensor], device: torch.device,
+            warmup: int = 3) -> tuple["torch.cuda.CUDAGraph", torch.Tensor]:
+    """``(graph, output)``: ``forward()`` (inference, reading static input buffers) run ``warmup``
+    times on a side stream, then captured once in a CUDA graph whose replay rewrites ``output``."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(warmup):
+            forward()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        output = forward()
+    return graph, output

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from . import distributed
+from .edge_recvit import RANKERS
 from .evaluate import autocast, build_model, evaluate, shard_loader
 from .losses import EdgeRecViTLoss
 
@@ -61,6 +62,9 @@ def _parser(suppress: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=default(None), help="patch size (default: the model's)")
     p.add_argument("--kv", choices=("active", "all"), default=default(None),
                    help="attention mode (default: the model's, active)")
+    p.add_argument("--ranker", choices=tuple(RANKERS), default=default(None),
+                   help="depth ranker: earr (the paper's) or public_3layer (the public code's, which its "
+                   "checkpoints need for --init) (default: the model's, earr)")
     p.add_argument("--backend", default=default(None),
                    help="kernel backend (default: auto = packed on the CPU)")
     p.add_argument("--init", default=default(None),
@@ -118,8 +122,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if changed:
             parser.error(f"argument --resume: these settings differ from the checkpoint's and would change "
                          f"the run: {', '.join(changed)}")
-        # run-control settings not given are the checkpoint's, except --stop-after (once only)
-        args = argparse.Namespace(**{**saved, "stop_after": None,
+        # run-control settings not given are the checkpoint's, except --stop-after (once only); a setting
+        # the checkpoint predates keeps its default
+        args = argparse.Namespace(**{**vars(args), **saved, "stop_after": None,
                                      **{key: given[key] for key in given if key in RUN_CONTROL}, "resume": path})
     _check(parser, args)
     return args
@@ -240,7 +245,8 @@ def _build(args, context):
     from .data import SeededSamples, find_classes, image_folder
 
     classes = find_classes(os.path.join(args.data, "train"))
-    model = build_model(args.model, len(classes), args.img_size, args.patch_size, args.kv, args.backend)
+    model = build_model(args.model, len(classes), args.img_size, args.patch_size, args.kv, args.backend,
+                        args.ranker)
     size = model.patch_embed.img_size
     train_set = SeededSamples(image_folder(os.path.join(args.data, "train"), size, True, args.min_scale), args.seed)
     val_root = os.path.join(args.data, "val")

@@ -112,8 +112,8 @@ register("depth_sort", "packed")(_depth_sort_eager)
 
 def depth_sort(depths: torch.Tensor, num_steps: int, backend: Optional[str] = None) -> DepthLayout:
     """Sort the tokens of a (B, N) depth map (values in 1..``num_steps``) into the prefix layout."""
-    if depths.dim() != 2:
-        raise ValueError(f"depths: expected shape (batch, tokens), got {tuple(depths.shape)}")
+    if depths.dim() != 2 or 0 in depths.shape:
+        raise ValueError(f"depths: expected a non-empty shape (batch, tokens), got {tuple(depths.shape)}")
     if num_steps < 1:
         raise ValueError(f"num_steps: expected >= 1, got {num_steps}")
     return dispatch("depth_sort", backend, depths, num_steps)(depths, num_steps)

@@ -194,6 +194,19 @@ def test_paired_ratio_ranks_only_what_noise_cannot_flip():
     assert not bench.summarize([1.0, 1.1, 1.2])["noisy"] and bench.summarize([1.0, 1.0, 3.0, 3.0])["noisy"]
 
 
+def test_one_timed_call_and_the_machine_record():
+    """The helpers `recvit check`, `recvit eval`, `recvit info` and the benchmarks share."""
+    import time
+
+    from recvit.bench.settings import cpu_name, module_version
+    from recvit.bench.timer import timed_call
+
+    result, seconds = timed_call(lambda: time.sleep(0.02) or 7, torch.device("cpu"))
+    assert result == 7 and 0.02 <= seconds < 2
+    assert module_version("torch") == torch.__version__ and module_version("no_such_module_here") is None
+    assert cpu_name() and bench.device_info(torch.device("cpu"))["name"] == cpu_name()
+
+
 def test_report_marks_what_noise_cannot_rank():
     from recvit.bench.report import ratio_cell, time_cell
 

@@ -91,6 +91,45 @@ def test_a_broken_op_fails_the_check(monkeypatch, capsys, tmp_path, op, backend,
     assert "FAILED: " + sorted(failing)[0][0] in out
 
 
+def _broken_in_form(keyword):
+    """A breaker: the op off by one part in a hundred (past fp16 attention's bound too) only when
+    called with ``keyword`` (the form the model uses); with ``out`` the values written in place are
+    the ones off."""
+    def breaker(implementation):
+        def broken(*args, **kwargs):
+            out = implementation(*args, **kwargs)
+            if kwargs.get(keyword) is None:
+                return out
+            if keyword == "out":
+                return kwargs["out"].mul_(1.01)
+            return (out[0] * 1.01,) + out[1:] if isinstance(out, tuple) else out * 1.01
+        return broken
+    return breaker
+
+
+@pytest.mark.parametrize("op,keyword,form", [
+    ("varlen_attention", "seqused_q", "seqused"),  # one image_order table with seqused_q/k
+    ("layer_norm", "num_rows", "num_rows"),        # the live rows only
+    ("prefix_linear", "out", "out="),              # fc2's epilogue, in place
+])
+def test_the_models_forms_are_checked(monkeypatch, tmp_path, capsys, op, keyword, form):
+    """An op broken only in the form the model calls it fails exactly that form's rows."""
+    if not triton_importable():
+        pytest.skip("triton is not installed")
+    import recvit_kernels as rk
+
+    rk.available_backends()
+    monkeypatch.setitem(_IMPLEMENTATIONS[op], "triton", _broken_in_form(keyword)(_IMPLEMENTATIONS[op]["triton"]))
+    report = tmp_path / "check.json"
+    code = cli.main(["check", "--quick", "--device", "cpu", "--json", str(report), "--only", op,
+                     "--backends", "triton"])
+    out = capsys.readouterr().out
+    rows = json.loads(report.read_text())["checks"]
+    in_form = [form in row["case"] for row in rows]
+    assert code == 1 and any(in_form) and not all(in_form), out
+    assert [row["status"] == "FAIL" for row in rows] == in_form, out
+
+
 def test_check_refuses_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         cli.main(["check", "--only", "nonsense"])

@@ -1,4 +1,6 @@
 """The eager ops against obviously-correct references, and their argument checks."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,6 +66,12 @@ def test_check_depths_names_the_argument():
         rk.check_depths(torch.ones(3, dtype=torch.long), 12)
     with pytest.raises(ValueError, match="depths.*integer"):
         rk.check_depths(torch.ones(2, 3), 12)
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (0, 5), (3, 0)])
+def test_depth_sort_rejects_empty_depths(shape):
+    with pytest.raises(ValueError, match=r"depths: expected a non-empty shape.*" + re.escape(str(shape))):
+        rk.depth_sort(torch.empty(shape, dtype=torch.long), 4)
 
 
 def segment_loop_attention(q, k, v, cu_q, cu_k, scale, q_rows=None, kv_rows=None):

@@ -199,6 +199,28 @@ def test_eval_refuses_other_classes(learned, capsys, tmp_path):
     assert "differ from the checkpoint's" in capsys.readouterr().err
 
 
+def test_eval_rebuilds_the_trained_ranker(tmp_path, capsys, one_thread):
+    """A run with --ranker public_3layer records it: `recvit eval` builds the same model and reproduces
+    the last validation; a checkpoint written before --ranker existed resumes with the default ranker."""
+    data = tmp_path / "data"
+    make_shapes_dataset(str(data), images_per_class=4, val_per_class=2, size=32, seed=5)
+    result = train.run(train.parse_args(["--data", str(data), "--output", str(tmp_path / "run"), "--epochs", "1",
+                                         "--batch-size", "8", "--no-plot", "--ranker", "public_3layer", *TINY]))
+    assert isinstance(result.model.ranker, recvit.edge_recvit.ThreeLayerRanker)
+    report = tmp_path / "eval.json"
+    assert cli_main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "run" / "last.pt"),
+                     "--workers", "0", "--no-progress", "--json", str(report)]) == 0
+    capsys.readouterr()
+    metrics, last = json.loads(report.read_text()), result.history[-1]
+    for key in ("top1", "loss", "depth_histogram"):
+        assert metrics[key] == last[f"val_{key}"], key
+
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    del state["args"]["ranker"]
+    torch.save(state, tmp_path / "old.pt")
+    assert train.parse_args(["--output", str(tmp_path / "run"), "--resume", str(tmp_path / "old.pt")]).ranker is None
+
+
 def test_init_from_a_deit_checkpoint(tmp_path):
     from recvit.bench import DeiTDense
 

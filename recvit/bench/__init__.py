@@ -18,7 +18,7 @@ The parts, each readable alone:
   CUDA-graph capture of a dense model, Edge-RecViT written per step by hand
 - :mod:`.tome`: ToMe token merging on the DeiT, its FLOPs and the r that matches a FLOP budget
 - :mod:`.implementations`: the registry of what is timed
-- :mod:`.timer`: interleaved timing, percentiles, paired ratios
+- :mod:`.timer`: interleaved timing, one synchronised call, percentiles, paired ratios
 - :mod:`.settings`: what a run measures by default, and the device record
 - :mod:`.runner`: the run itself
 - :mod:`.report` / :mod:`.plot`: tables, Markdown, files, PNGs

@@ -69,18 +69,10 @@ def capture_graph(fn: Callable[[torch.Tensor], torch.Tensor], example_images: to
     so batch-1 latency compares graphs on both sides. Returns ``graphed(images, depths=None)``."""
     if example_images.device.type != "cuda":
         raise Unavailable("CUDA graphs need a CUDA GPU")
-    from ..graph import GraphedForward
+    from ..graph import GraphedForward, capture
 
     static = example_images.clone()
-    side = torch.cuda.Stream(device=static.device)
-    side.wait_stream(torch.cuda.current_stream(static.device))
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(warmup):
-            fn(static)
-    torch.cuda.current_stream(static.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        logits = fn(static)
+    graph, logits = capture(lambda: fn(static), static.device, warmup)
     graphed = GraphedForward(graph, static, None, logits)
     return lambda images, depths=None: graphed(images)
 

@@ -13,7 +13,7 @@ from .implementations import IMPLEMENTATION_NAMES
 from .profiles import PROFILES
 from .report import headline_table, noise_summary, verdict, write_results
 from .runner import run
-from .settings import DTYPES, SCALES, Settings, _cpu_name, busy_warning, default_settings
+from .settings import DTYPES, SCALES, Settings, busy_warning, cpu_name, default_settings
 
 
 def default_results_root() -> Path:
@@ -122,7 +122,7 @@ def _check_output(args, parser) -> Optional[Path]:
 
 def describe(settings: Settings) -> str:
     """What the run compares, in words (printed before it starts)."""
-    device = _cpu_name() if settings.device == "cpu" else torch.cuda.get_device_name(0)
+    device = cpu_name() if settings.device == "cpu" else torch.cuda.get_device_name(0)
     threads = settings.threads or torch.get_num_threads()
     scales = ", ".join(s.capitalize() for s in settings.scales)
     batches = sorted(set(settings.batch_sizes) | set(settings.latency_batches))

@@ -72,10 +72,10 @@ def default_settings(device: str, full: bool = True) -> Settings:
 
 def device_info(device: torch.device) -> dict:
     info = {"device_type": device.type, "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.version.cuda, "triton": _version("triton"), "git_commit": _git("rev-parse", "HEAD"),
+            "cuda": torch.version.cuda, "triton": module_version("triton"), "git_commit": _git("rev-parse", "HEAD"),
             "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch_threads": torch.get_num_threads(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "load_average": load_average()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -83,7 +83,7 @@ def device_info(device: torch.device) -> dict:
                     memory_gib=round(props.total_memory / 2 ** 30, 1), driver=_nvidia_smi_driver(),
                     cudnn=torch.backends.cudnn.version())
     else:
-        info.update(name=_cpu_name(), driver=None)
+        info.update(name=cpu_name(), driver=None)
     return info
 
 
@@ -105,7 +105,8 @@ def busy_warning(threads: int) -> Optional[str]:
                                                               "--threads 1 may steady them" if threads > 1 else ""))
 
 
-def _version(module: str) -> Optional[str]:
+def module_version(module: str) -> Optional[str]:
+    """``module.__version__``, or None where ``module`` does not import."""
     try:
         return __import__(module).__version__
     except ImportError:
@@ -130,7 +131,8 @@ def _nvidia_smi_driver() -> Optional[str]:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo; else what ``platform`` knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

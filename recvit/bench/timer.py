@@ -17,9 +17,19 @@ import torch
 NOISY_SPREAD = 1.5
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a GPU's); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed_call(fn: Callable, device: torch.device) -> tuple:
+    """``(fn(), seconds)``: the wall-clock time of one call, the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
 
 
 def time_interleaved(fns: dict, inputs: Sequence[tuple], device: torch.device, warmup: int,
@@ -47,7 +57,7 @@ def time_interleaved(fns: dict, inputs: Sequence[tuple], device: torch.device, w
     for i in range(max(1, warmup)):
         for name in list(live):
             call(name, i)
-    _sync(device)
+    synchronize(device)
     per_round = (time.perf_counter() - start) / max(1, warmup)
     rounds = int(min(max_repeats, max(min_repeats, target_s * max(1, len(live)) / max(per_round, 1e-6))))
     times: dict = {name: [] for name in live}
@@ -63,7 +73,7 @@ def time_interleaved(fns: dict, inputs: Sequence[tuple], device: torch.device, w
                 begin = time.perf_counter()
                 call(name, i)
                 times[name].append(time.perf_counter() - begin)
-    _sync(device)
+    synchronize(device)
     for name in live:
         outcome[name] = [b.elapsed_time(e) / 1e3 for b, e in times[name]] if device.type == "cuda" \
             else times[name]

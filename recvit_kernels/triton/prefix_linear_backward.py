@@ -132,7 +132,7 @@ def prefix_linear_backward(grad_out, x, weight, num_rows, pre, has_bias, needs_x
         dx = prefix_linear_rows(dpre, weight.t(), None, num_rows, None, None,
                                 torch.zeros((rows, k_dim), dtype=x.dtype, device=x.device))
     if needs_weight:
-        dweight = torch.empty_like(weight)
+        dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         dbias = torch.empty(n_out, dtype=weight.dtype, device=weight.device) if has_bias else None
         block_n, block_k, block_m, num_warps, num_stages = _dweight_config(n_out, k_dim, x.dtype)
         grid = (triton.cdiv(n_out, block_n), triton.cdiv(k_dim, block_k))

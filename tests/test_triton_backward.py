@@ -148,3 +148,35 @@ def test_backward_reruns_no_eager_op():
     aten = {launch.name for launch in trace.launches if launch.kind == "aten"}
     assert not aten & EAGER_OPS, aten
     assert "sum" in aten  # the weight gradients' last reduction is traced (the check can fail)
+
+
+# ---------------------------------------------------------------- GPU (skipped without CUDA)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_gpu_backward_real_sizes(dtype):
+    """Base's widths at batch 2 (394 rows, 300 live): LayerNorm with the residual, fc1 with GELU,
+    fc2 with the residual; and no host sync in the backward."""
+    rows, live, dim, hidden = 394, 300, 768, 3072
+    num_rows = torch.tensor([live], device=DEVICE)
+
+    def layer_norm(x, weight, bias, residual, backend):
+        return rk.layer_norm(x, weight, bias, 1e-6, residual, num_rows=num_rows, backend=backend)
+
+    check_gradients(layer_norm, [randn(rows, dim), 1 + randn(dim, scale=0.1), randn(dim), randn(rows, dim)],
+                    [randn(rows, dim), randn(rows, dim)], live, dtype)
+    for k_dim, n_out, activation, residual in ((dim, hidden, "gelu", False), (hidden, dim, None, True)):
+        def linear(x, weight, bias, residual, backend):
+            return rk.prefix_linear(x, weight, bias, num_rows, activation, residual, backend=backend)
+
+        check_gradients(linear, [randn(rows, k_dim), randn(n_out, k_dim, scale=k_dim ** -0.5), randn(n_out),
+                                 randn(rows, n_out) if residual else None], [randn(rows, n_out)], live, dtype)
+    x, weight = randn(rows, dim).to(dtype).requires_grad_(), randn(hidden, dim).to(dtype).requires_grad_()
+    out = rk.prefix_linear(rk.layer_norm(x, weight[0, :dim], None, num_rows=num_rows, backend="triton"),
+                           weight, None, num_rows, "gelu", backend="triton")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out.backward(torch.randn_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -90,46 +90,45 @@ def _commit() -> str:
 
 def markdown(results: dict) -> str:
     setting = results["setting"]
-    steps, eager, after = results["step_rows"], results["eager"], results["triton"]
-    before = results.get("triton_before")
-    total = lambda runs, key: sum(run[key] for run in runs)
-    lines = [f"# Backward of one static-path step: bytes written and token-wise GEMM FLOPs", "",
+    steps, rows = results["step_rows"], results["rows"]
+    runs = {"eager": results["eager"], "triton": results["triton"]}
+    if "triton_before" in results:
+        runs["triton before"] = results["triton_before"]
+    total = lambda name, key: sum(step[key] for step in runs[name])
+    before = f", before: the triton backward at {setting['before']}" if setting.get("before") else ""
+    lines = ["# Backward of one static-path step: bytes written and token-wise GEMM FLOPs", "",
              f"Edge-RecViT-{setting['scale'].capitalize()}, batch {setting['batch']}, {setting['img_size']} px "
-             f"({results['rows']} rows), {setting['dtype']}, the paper's depth profile, kv active; counted on "
-             f"the CPU (Triton interpreter) by `python -m benchmarks.backward_cost` at commit "
-             f"{results['commit']}" + (f", before: the triton backward at {setting['before']}" if before else "")
-             + ". Bytes: every aten output and Triton store of the step's backward; GEMM FLOPs: the "
-             "QKV/proj/fc1/fc2 products (aten `mm`/`addmm` from shapes; Triton tiles as issued, 32-row "
-             "tiles in the interpreter); attention's are left out on both sides.", ""]
-    head = ["step", "M_l", "eager MB", "triton MB"] + (["triton before MB"] if before else []) + \
-        ["triton / eager bytes", "eager GFLOP", "triton GFLOP"] + (["triton before GFLOP"] if before else []) + \
-        ["triton / eager FLOPs"]
+             f"({rows} rows), {setting['dtype']}, the paper's depth profile, kv active; counted on the CPU "
+             f"(Triton interpreter) by `python -m benchmarks.backward_cost` at commit {results['commit']}{before}. "
+             "Bytes: every aten output and Triton store of the step's backward. GEMM FLOPs: the QKV, proj, "
+             "fc1 and fc2 products, aten `mm`/`addmm` from their shapes, Triton's `tl.dot` tiles as issued "
+             "(32-row tiles in the interpreter, so the live rows rounded up to 32); attention's are left out "
+             "on both sides. Exactly counted, the live rows' GEMM FLOPs are M_l / R of eager's.", ""]
+    head = ["step", "M_l"] + [f"{name} MB" for name in runs] + ["triton / eager bytes"] + \
+        [f"{name} GFLOP" for name in runs] + ["triton / eager FLOPs"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for index, live in enumerate(steps):
-        e, a = eager[index], after[index]
-        cells = [str(index + 1), str(live), f"{e['bytes'] / 1e6:.2f}", f"{a['bytes'] / 1e6:.2f}"]
-        cells += [f"{before[index]['bytes'] / 1e6:.2f}"] if before else []
-        cells += [f"{a['bytes'] / e['bytes']:.2f}", f"{e['gemm_flops'] / 1e9:.3f}", f"{a['gemm_flops'] / 1e9:.3f}"]
-        cells += [f"{before[index]['gemm_flops'] / 1e9:.3f}"] if before else []
-        cells += [f"{a['gemm_flops'] / e['gemm_flops']:.2f}"]
+    rows_of = [(str(index + 1), str(live), {name: run[index] for name, run in runs.items()})
+               for index, live in enumerate(steps)]
+    rows_of.append(("all", str(sum(steps)), {name: {key: total(name, key) for key in ("bytes", "gemm_flops")}
+                                             for name in runs}))
+    for step, live, counts in rows_of:
+        cells = [step, live] + [f"{counts[name]['bytes'] / 1e6:.2f}" for name in runs]
+        cells += [f"{counts['triton']['bytes'] / counts['eager']['bytes']:.2f}"]
+        cells += [f"{counts[name]['gemm_flops'] / 1e9:.3f}" for name in runs]
+        cells += [f"{counts['triton']['gemm_flops'] / counts['eager']['gemm_flops']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    cells = ["all", str(sum(steps)), f"{total(eager, 'bytes') / 1e6:.2f}", f"{total(after, 'bytes') / 1e6:.2f}"]
-    cells += [f"{total(before, 'bytes') / 1e6:.2f}"] if before else []
-    cells += [f"{total(after, 'bytes') / total(eager, 'bytes'):.2f}", f"{total(eager, 'gemm_flops') / 1e9:.3f}",
-              f"{total(after, 'gemm_flops') / 1e9:.3f}"]
-    cells += [f"{total(before, 'gemm_flops') / 1e9:.3f}"] if before else []
-    cells += [f"{total(after, 'gemm_flops') / total(eager, 'gemm_flops'):.2f}"]
-    lines += ["| " + " | ".join(cells) + " |", ""]
-    summary = (f"Over the {len(steps)} steps the triton backward writes "
-               f"{100 * total(after, 'bytes') / total(eager, 'bytes'):.0f}% of the eager backward's bytes")
-    if before:
-        summary += f" and {100 * total(after, 'bytes') / total(before, 'bytes'):.0f}% of what it wrote before"
-    summary += (f"; its token-wise GEMMs issue {100 * total(after, 'gemm_flops') / total(eager, 'gemm_flops'):.0f}% "
-                f"of eager's FLOPs" + (f" and {100 * total(after, 'gemm_flops') / total(before, 'gemm_flops'):.0f}% of "
-                                       "what they issued before" if before else "") + " (the live rows are {100 * sum(steps) / (len(steps) * results['rows']):.0f}% "
-                f"of the static rows). Launches per step: eager {eager[0]['launches']}, triton {after[0]['launches']}"
-                + (f", triton before {before[0]['launches']}" if before else "") + ".")
-    return "\n".join(lines + [summary, ""])
+    percent = lambda name, key: f"{100 * total('triton', key) / total(name, key):.0f}%"
+    summary = (f"Over the {len(steps)} steps the triton backward writes {percent('eager', 'bytes')} of the "
+               "eager backward's bytes")
+    if "triton before" in runs:
+        summary += f" and {percent('triton before', 'bytes')} of what it wrote before"
+    summary += f"; its token-wise GEMMs issue {percent('eager', 'gemm_flops')} of eager's FLOPs"
+    if "triton before" in runs:
+        summary += f" and {percent('triton before', 'gemm_flops')} of what they issued before"
+    summary += (f" (the live rows are {100 * sum(steps) / (len(steps) * rows):.0f}% of the static rows). "
+                "Launches per step: " + ", ".join(f"{name} {run[0]['launches']}" for name, run in runs.items())
+                + ".")
+    return "\n".join(lines + ["", summary, ""])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -2,7 +2,8 @@
 
 Same contract as :func:`recvit_kernels.prefix_linear`. The grid is static, cdiv(R, BLOCK_M) x
 cdiv(N_out, BLOCK_N) programs in grouped order (Triton's matmul tutorial); each loads M from
-``num_rows``. A program whose row block starts at or past M returns at once; the others
+``num_rows``. A program whose row block starts at or past M returns at once (``ZERO_DEAD``, for the
+backward's dX: after storing zeros there); the others
 accumulate ``x @ weight.T`` in fp32 with ``tl.dot`` (fp32 inputs in TF32 or IEEE precision as
 ``torch.backends.cuda.matmul.allow_tf32`` says, as for the eager op's cuBLAS GEMM:
 ``_common.dot_precision``), add the bias, apply the exact (erf) GELU, add the residual, round once
@@ -27,8 +28,9 @@ from ._common import device_reason, dot_precision, interpreting, new_output, rec
 @triton.jit(do_not_specialize=["NUM_ROWS", "rows"])
 def _prefix_linear_kernel(X, W, B, R, O, P, NUM_ROWS, rows, n_out, k_dim, sxm, sxk, swn, swk, srm, srn,
                           som, spm, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                          STORE_PRE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                          STORE_PRE: tl.constexpr, ZERO_DEAD: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     blocks_m, blocks_n = tl.cdiv(rows, BLOCK_M), tl.cdiv(n_out, BLOCK_N)
     group = pid // (GROUP_M * blocks_n)
@@ -38,11 +40,16 @@ def _prefix_linear_kernel(X, W, B, R, O, P, NUM_ROWS, rows, n_out, k_dim, sxm, s
     pid_n = (pid % (GROUP_M * blocks_n)) // group_size
 
     live = tl.minimum(tl.load(NUM_ROWS).to(tl.int64), rows)
-    if pid_m * BLOCK_M >= live:
-        return
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < n_out
+    # the rows the final store writes: the live ones, or (ZERO_DEAD) every row, zero past M
+    stored = (offs_m < rows if ZERO_DEAD else offs_m < live)[:, None] & n_valid[None, :]
+    if pid_m * BLOCK_M >= live:
+        if ZERO_DEAD:
+            tl.store(O + offs_m[:, None] * som + offs_n[None, :],
+                     tl.zeros((BLOCK_M, BLOCK_N), O.dtype.element_ty), mask=stored)
+        return
     m_live = offs_m < live
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
@@ -65,8 +72,9 @@ def _prefix_linear_kernel(X, W, B, R, O, P, NUM_ROWS, rows, n_out, k_dim, sxm, s
     if HAS_RESIDUAL:
         acc += tl.load(R + offs_m[:, None] * srm + offs_n[None, :] * srn,
                        mask=m_live[:, None] & n_valid[None, :], other=0.0).to(tl.float32)
-    tl.store(O + offs_m[:, None] * som + offs_n[None, :], acc.to(O.dtype.element_ty),
-             mask=m_live[:, None] & n_valid[None, :])
+    if ZERO_DEAD:
+        acc = tl.where(m_live[:, None], acc, 0.0)
+    tl.store(O + offs_m[:, None] * som + offs_n[None, :], acc.to(O.dtype.element_ty), mask=stored)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), largest first; each compiles without a
@@ -102,8 +110,9 @@ def _config(rows, n_out, dtype):
     return tiles[-1]
 
 
-def _launch(x, weight, bias, num_rows, activation, residual, out, pre=None):
-    """``out`` (and GELU's input ``x @ weight.T + bias`` into ``pre``, if given) at the live rows."""
+def _launch(x, weight, bias, num_rows, activation, residual, out, pre=None, zero_dead=False):
+    """``out`` (and GELU's input ``x @ weight.T + bias`` into ``pre``, if given) at the live rows;
+    with ``zero_dead`` zeros at the other rows of ``out`` (the backward's dX)."""
     rows, k_dim = x.shape
     n_out = weight.shape[0]
     if out.numel() == 0:
@@ -116,7 +125,8 @@ def _launch(x, weight, bias, num_rows, activation, residual, out, pre=None):
         x, weight, bias if bias is not None else weight, r, out, p, num_rows, rows, n_out, k_dim,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), r.stride(0), r.stride(1),
         out.stride(0), p.stride(0), HAS_BIAS=bias is not None, GELU=activation == "gelu",
-        HAS_RESIDUAL=residual is not None, STORE_PRE=pre is not None, PRECISION=dot_precision(x.dtype),
+        HAS_RESIDUAL=residual is not None, STORE_PRE=pre is not None, ZERO_DEAD=zero_dead,
+        PRECISION=dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
         num_stages=num_stages)
     return out

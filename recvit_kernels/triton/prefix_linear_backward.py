@@ -8,7 +8,7 @@ For the forward ``out = act(x @ weight.T + bias) [+ residual]`` at rows < M (``x
 - ``dpre = grad_out * gelu'(pre)`` with exact (erf) GELU, ``pre`` (R, N) the GELU input the forward
   stored at the live rows; without GELU ``dpre = grad_out``;
 - ``dx`` (R, K) ``= dpre @ weight`` at rows < M, zero below: the forward's GEMM kernel with the
-  weight's strides swapped and no epilogue, into a zeroed buffer;
+  weight's strides swapped, no epilogue, and its row blocks past M storing zeros (``ZERO_DEAD``);
 - ``dweight`` (N, K) ``= dpre[:M].T @ x[:M]`` and ``dbias`` (N,) the column sums of ``dpre[:M]``:
   ``_prefix_linear_dweight_kernel``, one program per (N, K) tile looping over the live row blocks
   (its loop bound read on the device), fp32 accumulation, the bias sums taken by the programs of the
@@ -130,7 +130,7 @@ def prefix_linear_backward(grad_out, x, weight, num_rows, pre, has_bias, needs_x
                 BLOCK_COLS=block_cols)
     if needs_x:
         dx = prefix_linear_rows(dpre, weight.t(), None, num_rows, None, None,
-                                torch.zeros((rows, k_dim), dtype=x.dtype, device=x.device))
+                                torch.empty((rows, k_dim), dtype=x.dtype, device=x.device), zero_dead=True)
     if needs_weight:
         dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         dbias = torch.empty(n_out, dtype=weight.dtype, device=weight.device) if has_bias else None

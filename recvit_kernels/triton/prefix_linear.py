@@ -20,6 +20,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .._backend import register
+from . import prefix_linear_backward as backward_kernels  # a module import: they import each other
 from ._common import device_reason, dot_precision, interpreting, new_output, records_grad
 
 
@@ -146,7 +147,7 @@ class _PrefixLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, num_rows, pre = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dx, dweight, dbias, dresidual = prefix_linear_backward(
+        dx, dweight, dbias, dresidual = backward_kernels.prefix_linear_backward(
             grad_out, x, weight, num_rows, pre, ctx.has_bias, needs_x=needs[0],
             needs_weight=needs[1] or needs[2], needs_residual=needs[5])
         return (dx, dweight if needs[1] else None, dbias if needs[2] else None, None, None, dresidual,
@@ -170,6 +171,3 @@ def prefix_linear_triton(x, weight, bias, num_rows, activation, residual, out=No
     out = new_output((x.shape[0], weight.shape[0]), x, grad)
     return _PrefixLinear.apply(x, weight, bias, num_rows, activation, residual, out, grad)
 
-
-# the backward's dX GEMM is this module's kernel (``_launch``), hence the import after it
-from .prefix_linear_backward import prefix_linear_backward  # noqa: E402

@@ -25,9 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import prefix_linear as forward  # its GEMM kernel computes dX; a module import: they import each other
 from ._common import dot_precision, interpreting
-from .prefix_linear import _MIN_PROGRAMS, _TILES
-from .prefix_linear import _launch as prefix_linear_rows
 
 
 @triton.jit(do_not_specialize=["NUM_ROWS", "rows"])
@@ -85,22 +84,17 @@ def _prefix_linear_dweight_kernel(D, X, DW, DB, NUM_ROWS, rows, n_out, k_dim, sd
             tl.store(DB + offs_n, bias_acc.to(DB.dtype.element_ty), mask=n_valid)
 
 
-# (BLOCK_N, BLOCK_K, BLOCK_M (the reduction over rows), num_warps, num_stages) of the weight
-# gradient's (N, K) tiles, largest first: the forward's tiles (prefix_linear._TILES) with the
-# output's rows and columns over N and K; each compiles without a spill for sm_80 and sm_90
-# (tests/test_triton_compile.py).
-_DWEIGHT_TILES = _TILES
-
-
 def _dweight_config(n_out, k_dim, dtype):
-    """(BLOCK_N, BLOCK_K, BLOCK_M, num_warps, num_stages) of the (n_out, k_dim) weight gradient: the
-    largest tile that still gives about one wave of programs. Not tuned on a GPU; no split over the
-    rows yet, so a small weight (few tiles) reduces long row loops in few programs."""
+    """(BLOCK_N, BLOCK_K, BLOCK_M (the reduction over rows), num_warps, num_stages) of the
+    (n_out, k_dim) weight gradient: the forward's tiles (``prefix_linear._TILES``, each compiling
+    without a spill here too: tests/test_triton_compile.py) over the output's N and K, the largest
+    that still gives about one wave of programs. Not tuned on a GPU; no split over the rows yet, so
+    a small weight (few tiles) reduces long row loops in few programs."""
     if interpreting():
         return 32, 32, 32, 4, 1
-    tiles = _DWEIGHT_TILES["16-bit" if dtype != torch.float32 else dot_precision(dtype)]
+    tiles = forward._TILES["16-bit" if dtype != torch.float32 else dot_precision(dtype)]
     for tile in tiles:
-        if triton.cdiv(n_out, tile[0]) * triton.cdiv(k_dim, tile[1]) >= _MIN_PROGRAMS:
+        if triton.cdiv(n_out, tile[0]) * triton.cdiv(k_dim, tile[1]) >= forward._MIN_PROGRAMS:
             return tile
     return tiles[-1]
 
@@ -129,8 +123,8 @@ def prefix_linear_backward(grad_out, x, weight, num_rows, pre, has_bias, needs_x
                 r.stride(0), GELU=pre is not None, HAS_DRES=needs_residual, BLOCK_ROWS=32,
                 BLOCK_COLS=block_cols)
     if needs_x:
-        dx = prefix_linear_rows(dpre, weight.t(), None, num_rows, None, None,
-                                torch.empty((rows, k_dim), dtype=x.dtype, device=x.device), zero_dead=True)
+        dx = forward._launch(dpre, weight.t(), None, num_rows, None, None,
+                             torch.empty((rows, k_dim), dtype=x.dtype, device=x.device), zero_dead=True)
     if needs_weight:
         dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         dbias = torch.empty(n_out, dtype=weight.dtype, device=weight.device) if has_bias else None

@@ -71,11 +71,13 @@ def test_layer_norm_backward(live, bias, residual, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
-def test_layer_norm_backward_rows_of_a_3d_input(dtype):
-    """Without num_rows, x (B, N, C) with a wide, non-power-of-2 C and a strided residual."""
-    inputs = [randn(2, 9, 200), 1 + randn(200, scale=0.1), randn(200), randn(2, 9, 400)[..., ::2]]
+@pytest.mark.parametrize("width", [200, 1500])
+def test_layer_norm_backward_rows_of_a_3d_input(width, dtype):
+    """Without num_rows, x (B, N, C) with a non-power-of-2 C (1500: one row a program, 8 warps)
+    and a strided residual."""
+    inputs = [randn(2, 9, width), 1 + randn(width, scale=0.1), randn(width), randn(2, 9, 2 * width)[..., ::2]]
     check_gradients(lambda *args, backend: rk.layer_norm(*args[:3], 1e-5, args[3], backend=backend),
-                    inputs, [randn(2, 9, 200), randn(2, 9, 200)], None, dtype)
+                    inputs, [randn(2, 9, width), randn(2, 9, width)], None, dtype)
 
 
 LINEAR_FORMS = [(True, None, False), (True, "gelu", False), (True, None, True), (False, "gelu", True)]

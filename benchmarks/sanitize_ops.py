@@ -8,7 +8,9 @@ For the cuda and triton backends (those available), fp16 and bf16: the depth sor
 compact index tables at the static bound, and the model's one ``image_order`` table with
 ``seqused_q/k``), LayerNorm with and without the
 residual (and on the live rows, ``num_rows``), the MLP and prefix_linear (also ``out=`` into the
-residual, as fc2's epilogue; hidden width 320: partial tiles, and racecheck stays fast), on two batches: three images of
+residual, as fc2's epilogue; hidden width 320: partial tiles, and racecheck stays fast), and for
+triton the backward of LayerNorm + prefix_linear (GELU, residual) on the live rows and of the MLP, on
+two batches: three images of
 197 tokens (random depths; every patch token exiting at step 1; every token at depth L) and two
 images of one token. The ops go through the public API with ``backend=`` named. Each result must be finite and each op
 is followed by a synchronisation, so that a fault is reported at the op that made it.
@@ -111,6 +113,21 @@ def main(argv=None) -> int:
                                                    backend=backend)
                     done(f"{backend} {dtype} layer_norm num_rows {label} step {step}",
                          normed[:num_live], summed[:num_live])
+                    if backend == "triton":  # the backward kernels, as a training step runs them
+                        leaves = [t.detach().requires_grad_() for t in (x, residual, weight, bias, fc1_w,
+                                                                        fc1_b, fc2_w, fc2_b)]
+                        lx, lr, lw, lb, l1w, l1b, l2w, l2b = leaves
+                        normed, summed = rk.layer_norm(lx, lw, lb, 1e-6, lr, num_rows=live, backend=backend)
+                        hidden_rows = rk.prefix_linear(normed, l1w, l1b, live, "gelu", None, backend=backend)
+                        out = rk.prefix_linear(hidden_rows, l2w, l2b, live, None, summed, backend=backend)
+                        out.backward(randn(*out.shape, dtype=dtype))
+                        done(f"{backend} {dtype} layer_norm + prefix_linear backward {label} step {step}",
+                             *[t.grad for t in leaves])
+                if backend == "triton":
+                    leaves = [t.detach().requires_grad_() for t in (x, fc1_w, fc1_b, fc2_w, fc2_b, residual)]
+                    out = rk.mlp(*leaves, backend=backend)
+                    out.backward(randn(*out.shape, dtype=dtype))
+                    done(f"{backend} {dtype} mlp backward {label}", *[t.grad for t in leaves])
             print(f"{backend} {str(dtype).removeprefix('torch.')}: every op ran", flush=True)
     print(f"sanitize_ops: {calls} op calls on {args.device}, backends {', '.join(backends)}: all finite")
     return 0

@@ -7,7 +7,9 @@ a pre-norm block computes its second norm and keeps the new residual stream in o
 With ``num_rows`` (a 1-element integer tensor on x's device, read there, never on the host) only
 the rows ``r < num_rows[0]`` of the 2-D ``x`` are normalised (the live prefix of the sync-free
 path); the outputs' other rows are unspecified: the triton and cuda kernels neither read nor write
-them (their work follows the live count), the eager one computes every row.
+them (their work follows the live count), the eager one computes every row. Gradients follow:
+the triton backward reads and reduces the live rows only and gives the rows past ``num_rows[0]``
+a zero gradient (their outputs are constants to it), where the eager one differentiates every row.
 """
 from __future__ import annotations
 

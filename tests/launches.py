@@ -18,6 +18,10 @@ Bytes written: an out-of-place aten op writes its outputs (``nbytes``), an in-pl
 op the tensors it mutates; a Triton kernel writes what its ``tl.store`` calls store under their
 masks (counted in the interpreter, so only with ``execute=True``).
 
+GEMM FLOPs: 2 m n k per product, for the aten ``mm``/``addmm``/``bmm``/``baddbmm`` from their
+shapes, and for a Triton kernel over the ``tl.dot`` tiles it issues (in the interpreter, masked
+rows of a tile included, as a GPU computes them too). Fused aten attention (SDPA) is not counted.
+
 Run ``PYTHONPATH=$PWD python tests/launches.py [1x224 256x32 ...]`` (batch x image size) for the
 launch counts of Edge-RecViT-Base (static and packed paths, both kv modes) and of the dense DeiT-B
 baseline of ``recvit.bench``.
@@ -47,6 +51,7 @@ class Launch:
     kind: str  # "aten" or "triton"
     name: str
     bytes_written: int = 0
+    gemm_flops: int = 0
 
 
 @dataclass
@@ -65,6 +70,16 @@ class LaunchTrace:
 def _is_view(func) -> bool:
     returns = func._schema.returns
     return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+GEMMS = {"mm", "addmm", "bmm", "baddbmm"}
+
+
+def _gemm_flops(name, args) -> int:
+    if name not in GEMMS:
+        return 0
+    a, b = args[-2:] if name in ("addmm", "baddbmm") else args[:2]
+    return 2 * a.numel() * b.shape[-1]
 
 
 def _written(func, args, kwargs, out) -> int:
@@ -93,7 +108,8 @@ class _AtenCounter(TorchDispatchMode):
         if name == "_local_scalar_dense":
             self.trace.syncs += 1
         elif name not in ALLOCATIONS | VIEWS_WITHOUT_ALIAS_INFO and not _is_view(func):
-            self.trace.launches.append(Launch("aten", name, _written(func, args, kwargs, out)))
+            self.trace.launches.append(Launch("aten", name, _written(func, args, kwargs, out),
+                                              _gemm_flops(name, args)))
         return out
 
 
@@ -148,6 +164,14 @@ def trace_launches(execute: bool = False):
         return original_store(builder, ptrs, value, mask, *rest)
 
     InterpreterBuilder.create_masked_store = store
+    original_dot = InterpreterBuilder.create_dot
+
+    def dot(builder, a, b, *rest):
+        if current:
+            current[-1].gemm_flops += 2 * a.data.size * b.data.shape[-1]
+        return original_dot(builder, a, b, *rest)
+
+    InterpreterBuilder.create_dot = dot
     original_tolist = torch.Tensor.tolist
 
     def tolist(tensor):  # reads device memory without an aten op
@@ -161,6 +185,7 @@ def trace_launches(execute: bool = False):
     finally:
         torch.Tensor.tolist = original_tolist
         InterpreterBuilder.create_masked_store = original_store
+        InterpreterBuilder.create_dot = original_dot
         for kernel in patched:
             del kernel.run
         if saved_env is None:
@@ -191,6 +216,25 @@ def count_forward(model, images, **kwargs) -> LaunchTrace:
     """The launches of one inference forward ``model(images, **kwargs)`` (Triton kernels faked)."""
     with torch.no_grad(), trace_launches() as trace:
         model(images, **kwargs)
+    return trace
+
+
+def step_backward(layer, rows, layout, step: int, kv: str = "active", backend: str = "triton") -> LaunchTrace:
+    """The launches of one static-path recursion step's backward, run (Triton in the interpreter).
+
+    As ``RecursiveBlock._steps_static`` trains: ``layer.forward_static`` on ``rows`` (B*N, C) (a
+    fresh leaf), merged with ``torch.where(position < M_l, updated, rows)``; the forward is not
+    traced, the backward of the merged rows for a random gradient is. The layer's parameter
+    gradients are reset first.
+    """
+    layer.zero_grad(set_to_none=True)
+    rows = rows.detach().requires_grad_()
+    updated = layer.forward_static(rows, layout, step, kv, backend)
+    position = torch.arange(rows.shape[0], device=rows.device)[:, None]
+    merged = torch.where(position < layout.step_rows[step - 1], updated, rows)
+    grad = torch.randn_like(merged)
+    with trace_launches(execute=True) as trace:
+        merged.backward(grad)
     return trace
 
 

@@ -9,6 +9,12 @@ interpreter as it runs. A step is everything ``Block.forward_static`` launches f
 LayerNorm with the residual, fc1 and fc2 written in place), so bytes_l = c * M_l exactly; with
 ``kv="all"`` the keys and values of every token (and their LayerNorm) add a fixed B*N part.
 Before this path read M_l on the device, each step wrote about the same bytes whatever M_l.
+
+The backward of a static-path training step (``launches.step_backward``) follows the live rows
+too: bytes_l = fixed + c * M_l, the fixed part being the weight gradients, the zero rows past M_l of
+each input gradient and autograd's merges over all rows; the token-wise GEMMs issue FLOPs for the
+live row tiles only. The eager backward (and the triton one before it had its own kernels, which
+reran the eager ops) writes and computes the same whatever M_l (``benchmarks/backward_cost.py``).
 """
 import pytest
 import torch
@@ -20,7 +26,7 @@ from recvit.layers import Block
 if rk.unavailable_reason("triton") is not None:
     pytest.skip(f"triton backend unavailable: {rk.unavailable_reason('triton')}", allow_module_level=True)
 
-from launches import trace_launches  # noqa: E402
+from launches import step_backward, trace_launches  # noqa: E402
 
 BATCH, NUM_STEPS, DIM = 2, 4, 64
 
@@ -101,3 +107,39 @@ def test_kernels_store_only_live_rows(live):
                                 seqused_k=layout.image_lengths[step - 1], backend="triton")
     stored = [launch.bytes_written for launch in trace.launches if launch.kind == "triton"]
     assert stored == [int(m) * 2 * 16 * 4 for m in layout.step_rows]
+
+
+def step_backward_costs(depths, backend):
+    """[(bytes written, token-wise GEMM FLOPs, launches) of step l's backward for l = 1..L]."""
+    model = recvit.create_model("edge_recvit_tiny", img_size=32, patch_size=8, num_classes=10,
+                                embed_dim=DIM, num_heads=2, num_steps=NUM_STEPS)
+    layout = rk.depth_sort(depths, NUM_STEPS)
+    rows = torch.randn(depths.numel(), DIM)
+    costs = []
+    for step in range(1, NUM_STEPS + 1):
+        trace = step_backward(model.recursion.layer_for_step(step), rows, layout, step, "active", backend)
+        flops = sum(launch.gemm_flops for launch in trace.launches
+                    if launch.name in ("mm", "addmm") or launch.name.startswith("_prefix_linear"))
+        costs.append((trace.bytes_written(), flops, trace.count()))
+    return costs
+
+
+def test_static_step_backward_follows_live_rows():
+    """Triton: bytes_l = fixed + c * M_l over four distinct M_l, GEMM FLOPs proportional to the live
+    rows rounded up to the interpreter's 32-row tiles, fewer bytes than the eager backward at every
+    step; eager: the same bytes and FLOPs at every step, whatever M_l."""
+    depths = DEPTHS["mixed"]()
+    rows = live_rows(depths)
+    assert len(set(rows)) == NUM_STEPS
+    triton, eager = step_backward_costs(depths, "triton"), step_backward_costs(depths, "eager")
+    written = [bytes_ for bytes_, _, _ in triton]
+    per_row = (written[0] - written[-1]) / (rows[0] - rows[-1])
+    fixed = written[0] - per_row * rows[0]
+    assert per_row > 0 and fixed > 0
+    for step, (bytes_, live) in enumerate(zip(written, rows), start=1):
+        assert bytes_ == fixed + per_row * live, (step, written, rows)
+    tiles = [-(-live // 32) for live in rows]
+    flops = [f for _, f, _ in triton]
+    assert all(f * tiles[0] == flops[0] * t for f, t in zip(flops, tiles)), (flops, tiles)
+    assert len({cost for cost in eager}) == 1, eager
+    assert all(bytes_ < eager[0][0] for bytes_ in written), (written, eager[0])

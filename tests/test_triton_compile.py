@@ -160,3 +160,68 @@ def test_attention_training_kernels_compile_without_spills():
             assert res["shared_bytes"] <= backward["shared_limit"][arch], f"{where}: {res}"
             ieee = row["dtype"] == "fp32" and row["constexprs"]["PRECISION"] == "ieee"
             assert (res["mma"] == "none") == ieee, f"{where}: {res}"
+
+
+# The token-wise layers' training launches at Edge-RecViT-Base's shapes (batch 1 and 256, a live
+# count on the device): the prefix linear's forward storing GELU's input, its backward (element-wise
+# gradient rows, dX through the forward kernel, dW), the MLP epilogue's backward and the LayerNorm
+# backward (width 768 with and without the fused residual and num_rows, and MAX_WIDTH 8192).
+_TOKENWISE_BACKWARD_SCRIPT = textwrap.dedent("""
+    import json, torch
+    from benchmarks.triton_variants import DTYPES, Trace, _allow_tf32, fake_triton, report
+    from recvit_kernels.triton.layer_norm import MAX_WIDTH
+    from recvit_kernels.triton.layer_norm_backward import layer_norm_backward
+    from recvit_kernels.triton.mlp_epilogue_backward import epilogue_backward
+    from recvit_kernels.triton.prefix_linear import _launch
+    from recvit_kernels.triton.prefix_linear_backward import prefix_linear_backward
+
+    # (in, out, GELU, residual) of QKV, proj, fc1, fc2
+    layers = ((768, 2304, False, False), (768, 768, False, False), (768, 3072, True, False),
+              (3072, 768, False, True))
+    trace = Trace()
+    for name, (dtype, tf32) in DTYPES.items():
+        for batch in (1, 256):
+            rows = batch * 197
+            setting = dict(dtype=name, batch=batch, path="backward", kv="-")
+            with _allow_tf32(tf32), fake_triton(90, trace, setting):
+                empty = lambda *shape: torch.empty(*shape, dtype=dtype)
+                num_rows = torch.tensor([rows - 3])
+                for k_dim, n_out, gelu, residual in layers:
+                    x, grad, weight = empty(rows, k_dim), empty(rows, n_out), empty(n_out, k_dim)
+                    pre = empty(rows, n_out) if gelu else None
+                    _launch(x, weight, empty(n_out), num_rows, "gelu" if gelu else None,
+                            grad if residual else None, empty(rows, n_out), pre)
+                    prefix_linear_backward(grad, x, weight, num_rows, pre, True, needs_residual=residual)
+                epilogue_backward(empty(rows, 3072), empty(rows, 3072), empty(3072), True)
+                for width, residual, live in ((768, True, num_rows), (768, False, None),
+                                              (MAX_WIDTH, True, num_rows)):
+                    x = empty(rows, width)
+                    layer_norm_backward(x, x if residual else None, x, empty(width), True, 1e-6, live)
+    print(json.dumps(report(trace.variants())))
+""")
+
+
+def test_tokenwise_training_kernels_compile_without_spills():
+    """The token-wise backward kernels (and the forward storing GELU's input) in bf16/fp16/fp32/
+    fp32-tf32 at Base's shapes, for sm_80 and sm_90: no spill, shared memory within the limit,
+    tensor cores for the GEMMs unless IEEE fp32."""
+    env = _compiler_env()
+    if not _has_nvidia_backend(env):
+        pytest.skip("this triton has no nvidia backend")
+    result = subprocess.run([sys.executable, "-c", _TOKENWISE_BACKWARD_SCRIPT], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    backward = json.loads(result.stdout.splitlines()[-1])
+    assert {row["kernel"] for row in backward["variants"]} == {
+        "_prefix_linear_kernel", "_prefix_linear_grad_rows_kernel", "_prefix_linear_dweight_kernel",
+        "_epilogue_backward_kernel", "_layer_norm_backward_kernel"}
+    assert any(row["constexprs"]["STORE_PRE"] for row in backward["variants"]
+               if row["kernel"] == "_prefix_linear_kernel")
+    for row in backward["variants"]:
+        for arch, res in row["compiled"].items():
+            where = f"{row['kernel']} {row['constexprs']} {row['options']} on {arch}"
+            assert res["spill_bytes"] == 0 and res["local_bytes"] == 0, f"{where} spills: {res}"
+            assert res["shared_bytes"] <= backward["shared_limit"][arch], f"{where}: {res}"
+            if row["kernel"] in ("_prefix_linear_kernel", "_prefix_linear_dweight_kernel"):
+                ieee = row["dtype"] == "fp32" and row["constexprs"]["PRECISION"] == "ieee"
+                assert (res["mma"] == "none") == ieee, f"{where}: {res}"

@@ -1,9 +1,9 @@
-"""Shared pieces of the triton backend: where a tensor can run, the recomputing backward, and how the
-attention kernels (forward and backward) read their segments."""
+"""Shared pieces of the triton backend: where a tensor can run, and how the attention kernels
+(forward and backward) read their segments."""
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
@@ -54,24 +54,6 @@ def new_output(shape, like: torch.Tensor, zero: bool) -> torch.Tensor:
     zero (``zero``, when autograd records the op) because the eager backward reads every row and
     the garbage of an unwritten row, times a zero gradient, could still be NaN."""
     return (torch.zeros if zero else torch.empty)(shape, dtype=like.dtype, device=like.device)
-
-
-def recompute_grads(eager: Callable, inputs: Sequence, needs_grad: Sequence[bool], grad_outputs):
-    """Gradients of ``eager(*inputs)`` for the inputs flagged in ``needs_grad`` (None for the rest).
-
-    The backward of the LayerNorm, MLP-epilogue and prefix_linear forwards (attention has its own
-    Triton backward): it reruns the eager PyTorch op under autograd and
-    differentiates that, so gradients equal the eager reference's at the cost of one more forward.
-    """
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(flag) if isinstance(x, torch.Tensor) and flag else x
-                  for x, flag in zip(inputs, needs_grad)]
-        outputs = eager(*leaves)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        wanted = [x for x, flag in zip(leaves, needs_grad) if flag]
-        grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, allow_unused=True)
-                     if wanted else ())
-    return tuple(next(grads) if flag else None for flag in needs_grad)
 
 
 LOG2E = 1.4426950408889634

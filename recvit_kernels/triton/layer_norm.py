@@ -4,17 +4,19 @@ Same contract as :func:`recvit_kernels.layer_norm`: ``x`` (..., C) normalised ov
 ``weight`` (C,) and optional ``bias`` (C,); statistics in fp32. One program normalises BLOCK_ROWS
 rows. The sum ``x + residual`` is rounded to x's dtype before it is normalised, as in the eager op.
 With ``num_rows`` each program reads the live count from the device and a row block past it
-returns at once (nothing read or written there). The backward recomputes with the eager op.
+returns at once (nothing read or written there). The backward is the Triton kernel of
+``layer_norm_backward.py``, over the live rows too.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .._backend import register
-from ..layer_norm import _layer_norm_eager
-from ._common import device_reason, new_output, recompute_grads, records_grad
+from ._common import device_reason, new_output, records_grad
+from .layer_norm_backward import layer_norm_backward
 
 MAX_WIDTH = 8192
 
@@ -78,18 +80,22 @@ def _launch(x, weight, bias, eps, residual, num_rows, zero):
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, residual, num_rows, zero):
-        ctx.save_for_backward(x, weight, bias, residual)
-        ctx.eps = eps
         out, summed = _launch(x, weight, bias, eps, residual, num_rows, zero)
+        ctx.save_for_backward(x if residual is None else summed, weight, bias, num_rows)
+        ctx.eps = eps
         return out if residual is None else (out, summed)
 
     @staticmethod
-    def backward(ctx, *grad_outputs):
-        x, weight, bias, residual = ctx.saved_tensors
+    @once_differentiable
+    def backward(ctx, grad_y, grad_summed=None):
+        normalised, weight, bias, num_rows = ctx.saved_tensors
+        dx, dweight, dbias = layer_norm_backward(
+            _rows(grad_y), None if grad_summed is None else _rows(grad_summed), _rows(normalised), weight,
+            bias is not None, ctx.eps, num_rows)
         needs = ctx.needs_input_grad
-        grads = recompute_grads(lambda x, w, b, r: _layer_norm_eager(x, w, b, ctx.eps, r),
-                                (x, weight, bias, residual), (*needs[:3], needs[4]), grad_outputs)
-        return grads[0], grads[1], grads[2], None, grads[3], None, None
+        dx = dx.view(normalised.shape)
+        return (dx if needs[0] else None, dweight.to(weight.dtype) if needs[1] else None,
+                dbias.to(bias.dtype) if needs[2] else None, None, dx if needs[4] else None, None, None)
 
 
 def _supports(x, weight, bias, eps, residual):
@@ -106,6 +112,6 @@ def _supports(x, weight, bias, eps, residual):
 
 @register("layer_norm", "triton", supports=_supports)
 def layer_norm_triton(x, weight, bias, eps, residual, num_rows=None):
-    """Triton forward (eager-recomputing backward) of :func:`recvit_kernels.layer_norm`."""
+    """Triton forward and backward of :func:`recvit_kernels.layer_norm`."""
     return _LayerNorm.apply(x, weight, bias, eps, residual, num_rows,
                             records_grad(x, weight, bias, residual))

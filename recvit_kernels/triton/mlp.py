@@ -4,8 +4,8 @@ one Triton kernel each.
 Same contract as :func:`recvit_kernels.mlp`: ``residual + fc2(gelu(fc1(x)))`` over the rows of x.
 ``F.linear`` without bias runs each GEMM; ``_epilogue_kernel`` then adds the bias and applies the
 exact (erf) GELU, or adds the bias and the residual, in fp32, rounding once. This choice over fused
-Triton GEMMs is not yet measured on a GPU. The epilogues' backward recomputes them with eager
-PyTorch (element-wise, cheap); the GEMMs differentiate through torch as usual.
+Triton GEMMs is not yet measured on a GPU. The epilogues' backward is ``mlp_epilogue_backward.py``
+(one element-wise Triton kernel for GELU's); the GEMMs differentiate through torch as usual.
 """
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .._backend import register
-from ._common import device_reason, recompute_grads
+from ._common import device_reason
+from .mlp_epilogue_backward import epilogue_backward
 
 
 # rows (the live count on the packed path) is data: specialising on it only recompiles.
@@ -37,13 +39,6 @@ def _epilogue_kernel(Y, B, R, O, rows, cols, sy, sr, so,
     tl.store(O + offs_r[:, None] * so + offs_c[None, :], y.to(O.dtype.element_ty), mask=mask)
 
 
-def _eager_epilogue(y, bias, residual, gelu):
-    out = y if bias is None else y + bias
-    if gelu:
-        out = F.gelu(out)
-    return out if residual is None else out + residual
-
-
 def _launch(y, bias, residual, gelu, out=None):
     out = torch.empty_like(y) if out is None else out
     r = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
@@ -62,16 +57,17 @@ class _Epilogue(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, bias, residual, gelu):
-        ctx.save_for_backward(y, bias, residual)
+        ctx.save_for_backward(y if gelu else None, bias)
         ctx.gelu = gelu
         return _launch(y, bias, residual, gelu)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        y, bias, residual = ctx.saved_tensors
-        grads = recompute_grads(lambda y, b, r: _eager_epilogue(y, b, r, ctx.gelu), (y, bias, residual),
-                                ctx.needs_input_grad[:3], (grad_out,))
-        return (*grads, None)
+        y, bias = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dy, dbias = epilogue_backward(grad_out, y, bias, ctx.gelu, needs[1])
+        return dy if needs[0] else None, dbias, grad_out if needs[2] else None, None
 
 
 def _supports(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):

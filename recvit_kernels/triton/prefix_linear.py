@@ -2,33 +2,36 @@
 
 Same contract as :func:`recvit_kernels.prefix_linear`. The grid is static, cdiv(R, BLOCK_M) x
 cdiv(N_out, BLOCK_N) programs in grouped order (Triton's matmul tutorial); each loads M from
-``num_rows``. A program whose row block starts at or past M returns at once; the others
+``num_rows``. A program whose row block starts at or past M returns at once (``ZERO_DEAD``, for the
+backward's dX: after storing zeros there); the others
 accumulate ``x @ weight.T`` in fp32 with ``tl.dot`` (fp32 inputs in TF32 or IEEE precision as
 ``torch.backends.cuda.matmul.allow_tf32`` says, as for the eager op's cuBLAS GEMM:
 ``_common.dot_precision``), add the bias, apply the exact (erf) GELU, add the residual, round once
 and store the rows < M only. With ``out`` the live rows go into it in place (``out`` may be the
-residual: each element's residual is read by the program that then overwrites it). The backward
-recomputes with the eager op.
+residual: each element's residual is read by the program that then overwrites it). Under autograd
+with GELU it also stores GELU's input at the live rows (``STORE_PRE``); the backward is the Triton
+kernels of ``prefix_linear_backward.py``, over the live rows too.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .._backend import register
-from ..prefix_linear import _prefix_linear_eager
-from ._common import (device_reason, dot_precision, interpreting, new_output, recompute_grads,
-                      records_grad)
+from . import prefix_linear_backward as backward_kernels  # a module import: they import each other
+from ._common import device_reason, dot_precision, interpreting, new_output, records_grad
 
 
 # NUM_ROWS (a slice of the per-step counts: its 16-byte alignment alternates step to step) and
 # rows (the live count on the packed path) are data: specialising on them only recompiles.
 @triton.jit(do_not_specialize=["NUM_ROWS", "rows"])
-def _prefix_linear_kernel(X, W, B, R, O, NUM_ROWS, rows, n_out, k_dim, sxm, sxk, swn, swk, srm, srn,
-                          som, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                          PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _prefix_linear_kernel(X, W, B, R, O, P, NUM_ROWS, rows, n_out, k_dim, sxm, sxk, swn, swk, srm, srn,
+                          som, spm, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                          STORE_PRE: tl.constexpr, ZERO_DEAD: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     blocks_m, blocks_n = tl.cdiv(rows, BLOCK_M), tl.cdiv(n_out, BLOCK_N)
     group = pid // (GROUP_M * blocks_n)
@@ -38,11 +41,16 @@ def _prefix_linear_kernel(X, W, B, R, O, NUM_ROWS, rows, n_out, k_dim, sxm, sxk,
     pid_n = (pid % (GROUP_M * blocks_n)) // group_size
 
     live = tl.minimum(tl.load(NUM_ROWS).to(tl.int64), rows)
-    if pid_m * BLOCK_M >= live:
-        return
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_valid = offs_n < n_out
+    # the rows the final store writes: the live ones, or (ZERO_DEAD) every row, zero past M
+    stored = (offs_m < rows if ZERO_DEAD else offs_m < live)[:, None] & n_valid[None, :]
+    if pid_m * BLOCK_M >= live:
+        if ZERO_DEAD:
+            tl.store(O + offs_m[:, None] * som + offs_n[None, :],
+                     tl.zeros((BLOCK_M, BLOCK_N), O.dtype.element_ty), mask=stored)
+        return
     m_live = offs_m < live
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
@@ -57,13 +65,17 @@ def _prefix_linear_kernel(X, W, B, R, O, NUM_ROWS, rows, n_out, k_dim, sxm, sxk,
         w_ptrs += BLOCK_K * swk
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if STORE_PRE:  # GELU's input, for the backward
+        tl.store(P + offs_m[:, None] * spm + offs_n[None, :], acc.to(P.dtype.element_ty),
+                 mask=m_live[:, None] & n_valid[None, :])
     if GELU:
         acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
     if HAS_RESIDUAL:
         acc += tl.load(R + offs_m[:, None] * srm + offs_n[None, :] * srn,
                        mask=m_live[:, None] & n_valid[None, :], other=0.0).to(tl.float32)
-    tl.store(O + offs_m[:, None] * som + offs_n[None, :], acc.to(O.dtype.element_ty),
-             mask=m_live[:, None] & n_valid[None, :])
+    if ZERO_DEAD:
+        acc = tl.where(m_live[:, None], acc, 0.0)
+    tl.store(O + offs_m[:, None] * som + offs_n[None, :], acc.to(O.dtype.element_ty), mask=stored)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), largest first; each compiles without a
@@ -99,7 +111,9 @@ def _config(rows, n_out, dtype):
     return tiles[-1]
 
 
-def _launch(x, weight, bias, num_rows, activation, residual, out):
+def _launch(x, weight, bias, num_rows, activation, residual, out, pre=None, zero_dead=False):
+    """``out`` (and GELU's input ``x @ weight.T + bias`` into ``pre``, if given) at the live rows;
+    with ``zero_dead`` zeros at the other rows of ``out`` (the backward's dX)."""
     rows, k_dim = x.shape
     n_out = weight.shape[0]
     if out.numel() == 0:
@@ -107,11 +121,13 @@ def _launch(x, weight, bias, num_rows, activation, residual, out):
     block_m, block_n, block_k, num_warps, num_stages = _config(rows, n_out, x.dtype)
     grid = (triton.cdiv(rows, block_m) * triton.cdiv(n_out, block_n),)
     r = residual if residual is not None else out
+    p = pre if pre is not None else out
     _prefix_linear_kernel[grid](
-        x, weight, bias if bias is not None else weight, r, out, num_rows, rows, n_out, k_dim,
+        x, weight, bias if bias is not None else weight, r, out, p, num_rows, rows, n_out, k_dim,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), r.stride(0), r.stride(1),
-        out.stride(0), HAS_BIAS=bias is not None, GELU=activation == "gelu",
-        HAS_RESIDUAL=residual is not None, PRECISION=dot_precision(x.dtype),
+        out.stride(0), p.stride(0), HAS_BIAS=bias is not None, GELU=activation == "gelu",
+        HAS_RESIDUAL=residual is not None, STORE_PRE=pre is not None, ZERO_DEAD=zero_dead,
+        PRECISION=dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
         num_stages=num_stages)
     return out
@@ -119,23 +135,23 @@ def _launch(x, weight, bias, num_rows, activation, residual, out):
 
 class _PrefixLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, num_rows, activation, residual, out):
-        ctx.save_for_backward(x, weight, bias, num_rows, residual)
-        ctx.activation = activation
-        return _launch(x, weight, bias, num_rows, activation, residual, out)
+    def forward(ctx, x, weight, bias, num_rows, activation, residual, out, grad):
+        # GELU's input at the live rows, for the backward (what the eager GELU keeps, too)
+        pre = torch.empty_like(out) if grad and activation == "gelu" else None
+        ctx.save_for_backward(x, weight, num_rows, pre)
+        ctx.has_bias = bias is not None
+        return _launch(x, weight, bias, num_rows, activation, residual, out, pre)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        x, weight, bias, num_rows, residual = ctx.saved_tensors
+        x, weight, num_rows, pre = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        # rows past M are not computed; the eager definition's zeros there pass no gradient, and
-        # masking x keeps whatever an unwritten row of it holds out of the weight gradient
-        live = torch.arange(x.shape[0], device=x.device)[:, None] < num_rows
-        x = torch.where(live, x, x.new_zeros(()))
-        grads = recompute_grads(
-            lambda x, w, b, r: _prefix_linear_eager(x, w, b, num_rows, ctx.activation, r),
-            (x, weight, bias, residual), (*needs[:3], needs[5]), (grad_out,))
-        return grads[0], grads[1], grads[2], None, None, grads[3], None
+        dx, dweight, dbias, dresidual = backward_kernels.prefix_linear_backward(
+            grad_out, x, weight, num_rows, pre, ctx.has_bias, needs_x=needs[0],
+            needs_weight=needs[1] or needs[2], needs_residual=needs[5])
+        return (dx, dweight if needs[1] else None, dbias if needs[2] else None, None, None, dresidual,
+                None, None)
 
 
 def _supports(x, weight, bias, num_rows, activation, residual):
@@ -151,5 +167,7 @@ def prefix_linear_triton(x, weight, bias, num_rows, activation, residual, out=No
     """Triton version of :func:`recvit_kernels.prefix_linear`."""
     if out is not None:  # in place: inference only (the front-end refuses it under autograd)
         return _launch(x, weight, bias, num_rows, activation, residual, out)
-    out = new_output((x.shape[0], weight.shape[0]), x, records_grad(x, weight, bias, residual))
-    return _PrefixLinear.apply(x, weight, bias, num_rows, activation, residual, out)
+    grad = records_grad(x, weight, bias, residual)
+    out = new_output((x.shape[0], weight.shape[0]), x, grad)
+    return _PrefixLinear.apply(x, weight, bias, num_rows, activation, residual, out, grad)
+

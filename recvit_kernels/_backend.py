@@ -15,6 +15,8 @@ import logging
 import os
 from typing import Callable, Optional
 
+import torch
+
 BACKENDS = ("eager", "packed", "triton", "cuda")
 AUTO_ORDER = ("cuda", "triton", "packed")
 logger = logging.getLogger("recvit_kernels")
@@ -124,6 +126,9 @@ def _why_not(op: str, backend: str, args, kwargs) -> Optional[str]:
 _optional_loaded = False
 
 
+# torch.compile cannot trace importlib; it runs this at trace time instead (idempotent: its result,
+# None, is the same on every call).
+@torch.compiler.assume_constant_result
 def _load_optional_backends() -> None:
     """Import the triton and cuda backends, if present, so that they register themselves."""
     global _optional_loaded

@@ -5,8 +5,15 @@ Same contract as :func:`recvit_kernels.layer_norm`: ``x`` (..., C) normalised ov
 rows. The sum ``x + residual`` is rounded to x's dtype before it is normalised, as in the eager op.
 With ``num_rows`` each program reads the live count from the device and a row block past it
 returns at once (nothing read or written there). The backward recomputes with the eager op.
+
+The launch is the custom op ``torch.ops.recvit.layer_norm_triton`` (``torch.library.custom_op``)
+with a fake implementation and its backward registered (``register_autograd``), so
+``torch.compile`` and ``torch.export`` see one opaque op; the recomputing backward is plain
+PyTorch, traced into the compiled backward graph.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -75,21 +82,36 @@ def _launch(x, weight, bias, eps, residual, num_rows, zero):
     return out.view(x.shape), summed.view(x.shape)
 
 
-class _LayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, residual, num_rows, zero):
-        ctx.save_for_backward(x, weight, bias, residual)
-        ctx.eps = eps
-        out, summed = _launch(x, weight, bias, eps, residual, num_rows, zero)
-        return out if residual is None else (out, summed)
+@torch.library.custom_op("recvit::layer_norm_triton", mutates_args=())
+def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+                   residual: Optional[torch.Tensor], num_rows: Optional[torch.Tensor],
+                   zero: bool) -> list[torch.Tensor]:
+    """``[layer_norm(x)]``, or ``[layer_norm(x + residual), x + residual]`` (the kernel launch)."""
+    out, summed = _launch(x, weight, bias, eps, residual, num_rows, zero)
+    return [out] if residual is None else [out, summed]
 
-    @staticmethod
-    def backward(ctx, *grad_outputs):
-        x, weight, bias, residual = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grads = recompute_grads(lambda x, w, b, r: _layer_norm_eager(x, w, b, ctx.eps, r),
-                                (x, weight, bias, residual), (*needs[:3], needs[4]), grad_outputs)
-        return grads[0], grads[1], grads[2], None, grads[3], None, None
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps, residual, num_rows, zero):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format)
+            for _ in range(1 if residual is None else 2)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, residual, num_rows, zero = inputs
+    ctx.save_for_backward(x, weight, bias, residual)
+    ctx.eps = eps
+
+
+def _backward(ctx, grad_outputs):
+    x, weight, bias, residual = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grads = recompute_grads(lambda x, w, b, r: _layer_norm_eager(x, w, b, ctx.eps, r),
+                            (x, weight, bias, residual), (*needs[:3], needs[4]), grad_outputs)
+    return grads[0], grads[1], grads[2], None, grads[3], None, None
+
+
+_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _supports(x, weight, bias, eps, residual):
@@ -107,5 +129,6 @@ def _supports(x, weight, bias, eps, residual):
 @register("layer_norm", "triton", supports=_supports)
 def layer_norm_triton(x, weight, bias, eps, residual, num_rows=None):
     """Triton forward (eager-recomputing backward) of :func:`recvit_kernels.layer_norm`."""
-    return _LayerNorm.apply(x, weight, bias, eps, residual, num_rows,
-                            records_grad(x, weight, bias, residual))
+    outputs = _layer_norm_op(x, weight, bias, eps, residual, num_rows,
+                             records_grad(x, weight, bias, residual))
+    return outputs[0] if residual is None else tuple(outputs)

@@ -9,8 +9,16 @@ accumulate ``x @ weight.T`` in fp32 with ``tl.dot`` (fp32 inputs in TF32 or IEEE
 and store the rows < M only. With ``out`` the live rows go into it in place (``out`` may be the
 residual: each element's residual is read by the program that then overwrites it). The backward
 recomputes with the eager op.
+
+Two custom ops (``torch.library.custom_op``, so ``torch.compile`` and ``torch.export`` see them
+opaque): ``torch.ops.recvit.prefix_linear_triton`` returns a new result and has its backward
+registered (``register_autograd``; the recomputing backward is plain PyTorch, traced into the
+compiled backward graph); ``torch.ops.recvit.prefix_linear_triton_`` writes into ``out``
+(``mutates_args``), for inference.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -117,25 +125,48 @@ def _launch(x, weight, bias, num_rows, activation, residual, out):
     return out
 
 
-class _PrefixLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, num_rows, activation, residual, out):
-        ctx.save_for_backward(x, weight, bias, num_rows, residual)
-        ctx.activation = activation
-        return _launch(x, weight, bias, num_rows, activation, residual, out)
+@torch.library.custom_op("recvit::prefix_linear_triton", mutates_args=())
+def _prefix_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      num_rows: torch.Tensor, activation: Optional[str],
+                      residual: Optional[torch.Tensor], zero: bool) -> torch.Tensor:
+    """A new (R, N_out) result, its rows past M unwritten (zero with ``zero``)."""
+    out = new_output((x.shape[0], weight.shape[0]), x, zero)
+    return _launch(x, weight, bias, num_rows, activation, residual, out)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, bias, num_rows, residual = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        # rows past M are not computed; the eager definition's zeros there pass no gradient, and
-        # masking x keeps whatever an unwritten row of it holds out of the weight gradient
-        live = torch.arange(x.shape[0], device=x.device)[:, None] < num_rows
-        x = torch.where(live, x, x.new_zeros(()))
-        grads = recompute_grads(
-            lambda x, w, b, r: _prefix_linear_eager(x, w, b, num_rows, ctx.activation, r),
-            (x, weight, bias, residual), (*needs[:3], needs[5]), (grad_out,))
-        return grads[0], grads[1], grads[2], None, None, grads[3], None
+
+@_prefix_linear_op.register_fake
+def _(x, weight, bias, num_rows, activation, residual, zero):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, num_rows, activation, residual, zero = inputs
+    ctx.save_for_backward(x, weight, bias, num_rows, residual)
+    ctx.activation = activation
+
+
+def _backward(ctx, grad_out):
+    x, weight, bias, num_rows, residual = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    # rows past M are not computed; the eager definition's zeros there pass no gradient, and
+    # masking x keeps whatever an unwritten row of it holds out of the weight gradient
+    live = torch.arange(x.shape[0], device=x.device)[:, None] < num_rows
+    x = torch.where(live, x, x.new_zeros(()))
+    grads = recompute_grads(
+        lambda x, w, b, r: _prefix_linear_eager(x, w, b, num_rows, ctx.activation, r),
+        (x, weight, bias, residual), (*needs[:3], needs[5]), (grad_out,))
+    return grads[0], grads[1], grads[2], None, None, grads[3], None
+
+
+_prefix_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("recvit::prefix_linear_triton_", mutates_args=("out",))
+def _prefix_linear_inplace_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              num_rows: torch.Tensor, activation: Optional[str],
+                              residual: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """The live rows written into ``out`` in place (inference only: no autograd)."""
+    _launch(x, weight, bias, num_rows, activation, residual, out)
 
 
 def _supports(x, weight, bias, num_rows, activation, residual):
@@ -150,6 +181,7 @@ def _supports(x, weight, bias, num_rows, activation, residual):
 def prefix_linear_triton(x, weight, bias, num_rows, activation, residual, out=None):
     """Triton version of :func:`recvit_kernels.prefix_linear`."""
     if out is not None:  # in place: inference only (the front-end refuses it under autograd)
-        return _launch(x, weight, bias, num_rows, activation, residual, out)
-    out = new_output((x.shape[0], weight.shape[0]), x, records_grad(x, weight, bias, residual))
-    return _PrefixLinear.apply(x, weight, bias, num_rows, activation, residual, out)
+        _prefix_linear_inplace_op(x, weight, bias, num_rows, activation, residual, out)
+        return out
+    return _prefix_linear_op(x, weight, bias, num_rows, activation, residual,
+                             records_grad(x, weight, bias, residual))

@@ -9,9 +9,9 @@ from torch._subclasses.fake_tensor import is_fake
 
 def tracing(tensor: torch.Tensor) -> bool:
     """Whether ``tensor``'s values are unknown here: ``torch.compile`` or ``torch.export`` is tracing,
-    or ``tensor`` is a fake tensor (meta-style shape propagation). Reading values back to the host
+    or ``tensor`` is a fake or meta tensor (shape propagation). Reading values back to the host
     then breaks the graph (or fails), so value checks are skipped and the sync-free paths taken."""
-    return torch.compiler.is_compiling() or is_fake(tensor)
+    return torch.compiler.is_compiling() or tensor.is_meta or is_fake(tensor)
 
 
 def values_checkable(tensor: torch.Tensor) -> bool:

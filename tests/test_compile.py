@@ -52,6 +52,8 @@ def test_compiled_packed_model_equals_eager_in_one_graph(kv):
             [b.reason for b in explanation.break_reasons]
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         assert_outputs_close(compiled(x, return_aux=True), model(x, return_aux=True))
+        other = images(3)  # a second batch size recompiles with a dynamic batch dimension
+        assert_outputs_close(compiled(other, return_aux=True), model(other, return_aux=True))
 
 
 def _loss_and_grads(model, forward, x):
@@ -129,6 +131,23 @@ def test_compiled_mor_vit_equals_eager_in_one_graph(routing):
             [b.reason for b in explanation.break_reasons]
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         assert_outputs_close(compiled(x, return_aux=True), model(x, return_aux=True))
+
+
+@pytest.mark.parametrize("backend", ["packed", pytest.param("triton", marks=needs_triton)])
+def test_fake_tensors_propagate_shapes(backend):
+    """Under a FakeTensorMode nothing is computed or read back: the forward gives the shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = tiny(backend=backend).eval()
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        out = model(torch.empty(2, 3, 32, 32), return_aux=True)
+    assert (out.logits.shape, out.features.shape) == ((2, 10), (2, 17, 192))
+
+
+def test_meta_model_propagates_shapes():
+    with torch.device("meta"):
+        logits = tiny(backend="packed").eval()(torch.empty(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and logits.is_meta
 
 
 def test_value_checks_still_run_in_eager():

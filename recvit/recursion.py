@@ -32,9 +32,9 @@ class RecursiveBlock(nn.Module):
     the inactive rows on every backend; the token-wise layers cost as much as the dense model on
     ``packed``.
 
-    ``torch.compile`` and ``torch.export`` (and fake or meta tensors) always take that sync-free path: the
-    packed path's host read of the per-step row counts cannot be traced. They skip the depth range
-    check too (it reads the depths back); eager calls are unchanged.
+    ``torch.compile`` and ``torch.export`` (and fake or meta tensors) always take that sync-free
+    path: the packed path's host read of the per-step row counts cannot be traced. They skip the
+    depth range check too (it reads the depths back); eager calls are unchanged.
     """
 
     static_shapes = False

@@ -56,6 +56,9 @@ def register_availability(backend: str, check: Callable[[], Optional[str]]) -> N
     _AVAILABILITY[backend] = check
 
 
+# Whether a backend can run is fixed for the process: torch.compile runs this at trace time (the
+# cuda check may build the extension) and keeps the answer as a constant.
+@torch.compiler.assume_constant_result
 def unavailable_reason(backend: str) -> Optional[str]:
     """None if ``backend`` can run here, else a sentence saying why not."""
     _load_optional_backends()

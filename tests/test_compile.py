@@ -246,3 +246,43 @@ def test_opcheck_varlen_attention_backward(form, needs_kv_grad):
     out, lse = torch.ops.recvit.varlen_attention_triton(q, k, v, *tables, True)
     args = (torch.randn_like(q), q, k, v, out, lse, *tables, needs_kv_grad)
     torch.library.opcheck(torch.ops.recvit.varlen_attention_backward_triton.default, args)
+
+
+def test_cuda_custom_op_fakes_match_the_eager_ops():
+    """The cuda kernels cannot run here: their custom ops' fake implementations (what torch.compile
+    and torch.export trace) are checked against the shapes, dtypes and strides of the eager ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import recvit_kernels.cuda  # noqa: F401  (registers the ops, with or without the extension)
+
+    x, residual, hidden = torch.randn(10, 32), torch.randn(10, 32), torch.randn(10, 64)
+    weight, bias, fc1, fc1_bias = torch.randn(32), torch.randn(32), torch.randn(64, 32), torch.randn(64)
+    fc2 = torch.randn(32, 64)
+    rows, depths = torch.tensor([7]), torch.randint(1, 5, (2, 9))
+    q = torch.randn(18, 2, 16)
+    starts = torch.tensor([0, 9, 18], dtype=torch.int32)
+    table, used = torch.randperm(18), torch.tensor([4, 9], dtype=torch.int32)
+    layout = rk.depth_sort(depths, 4, backend="packed")
+    ops = torch.ops.recvit
+    cases = [
+        (ops.layer_norm_cuda, (x, weight, bias, 1e-6, None, rows),
+         [rk.layer_norm(x, weight, bias, num_rows=rows, backend="packed")]),
+        (ops.layer_norm_cuda, (x, weight, bias, 1e-6, residual, None),
+         list(rk.layer_norm(x, weight, bias, residual=residual, backend="packed"))),
+        (ops.prefix_linear_cuda, (hidden, fc2, bias, rows, True, residual),
+         rk.prefix_linear(hidden, fc2, bias, rows, "gelu", residual, backend="packed")),
+        (ops.mlp_cuda, (x, fc1, fc1_bias, fc2, bias, residual),
+         rk.mlp(x, fc1, fc1_bias, fc2, bias, residual, backend="packed")),
+        (ops.varlen_attention_cuda, (q, q, q, starts, starts, 9, 9, 0.25, table, table, used, None),
+         rk.varlen_attention(q, q, q, starts, starts, 9, 9, 0.25, q_rows=table, kv_rows=table,
+                             seqused_q=used, backend="packed")),
+        (ops.depth_sort_cuda, (depths, 4),
+         [layout.perm, layout.inverse_perm, layout.step_rows, layout.image_lengths, layout.cu_seqlens,
+          layout.image_order]),
+    ]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for op, args, expected in cases:
+            faked = op(*args)
+            faked, expected = (faked, expected) if isinstance(faked, list) else ([faked], [expected])
+            assert [(t.shape, t.dtype, t.stride()) for t in faked] == \
+                [(t.shape, t.dtype, t.stride()) for t in expected], op

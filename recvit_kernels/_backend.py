@@ -7,7 +7,9 @@ backend, in :data:`AUTO_ORDER`, that is available and supports the call's inputs
 logged once with its reason.
 
 The backend is chosen per call (``backend=``), per model, or by the ``RECVIT_BACKEND`` environment
-variable, in that order of precedence.
+variable, in that order of precedence. ``torch.compile`` traces :func:`dispatch` without a graph
+break: loading the optional backends and asking whether one is available run at trace time (their
+answers are fixed for the process), the rest is plain Python on the arguments' metadata.
 """
 from __future__ import annotations
 

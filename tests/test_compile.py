@@ -194,10 +194,13 @@ def test_opcheck_prefix_linear(activation, residual):
 
 
 @needs_triton
-def test_opcheck_prefix_linear_in_place():
-    """The model's fc2: the live rows written into the row buffer, its other rows kept."""
-    args = (_randn(40, 64), _randn(32, 64), _randn(32), torch.tensor([29]), None, _randn(40, 32),
-            _randn(40, 32))
+@pytest.mark.parametrize("into_residual", [False, True])
+def test_opcheck_prefix_linear_in_place(into_residual):
+    """The model's fc2: the live rows written into the row buffer, its other rows kept (or into
+    the residual itself, which the contract allows)."""
+    residual = _randn(40, 32)
+    args = (_randn(40, 64), _randn(32, 64), _randn(32), torch.tensor([29]), None, residual,
+            residual if into_residual else _randn(40, 32))
     torch.library.opcheck(torch.ops.recvit.prefix_linear_triton_.default, args)
 
 

@@ -7,13 +7,17 @@ backend, in :data:`AUTO_ORDER`, that is available and supports the call's inputs
 logged once with its reason.
 
 The backend is chosen per call (``backend=``), per model, or by the ``RECVIT_BACKEND`` environment
-variable, in that order of precedence.
+variable, in that order of precedence. ``torch.compile`` traces :func:`dispatch` without a graph
+break: loading the optional backends and asking whether one is available run at trace time (their
+answers are fixed for the process), the rest is plain Python on the arguments' metadata.
 """
 from __future__ import annotations
 
 import logging
 import os
 from typing import Callable, Optional
+
+import torch
 
 BACKENDS = ("eager", "packed", "triton", "cuda")
 AUTO_ORDER = ("cuda", "triton", "packed")
@@ -54,6 +58,9 @@ def register_availability(backend: str, check: Callable[[], Optional[str]]) -> N
     _AVAILABILITY[backend] = check
 
 
+# Whether a backend can run is fixed for the process: torch.compile runs this at trace time (the
+# cuda check may build the extension) and keeps the answer as a constant.
+@torch.compiler.assume_constant_result
 def unavailable_reason(backend: str) -> Optional[str]:
     """None if ``backend`` can run here, else a sentence saying why not."""
     _load_optional_backends()
@@ -124,6 +131,9 @@ def _why_not(op: str, backend: str, args, kwargs) -> Optional[str]:
 _optional_loaded = False
 
 
+# torch.compile cannot trace importlib; it runs this at trace time instead (idempotent: its result,
+# None, is the same on every call).
+@torch.compiler.assume_constant_result
 def _load_optional_backends() -> None:
     """Import the triton and cuda backends, if present, so that they register themselves."""
     global _optional_loaded

@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ._checks import tracing
+
 BACKENDS = ("eager", "packed", "triton", "cuda")
 AUTO_ORDER = ("cuda", "triton", "packed")
 logger = logging.getLogger("recvit_kernels")
@@ -148,3 +150,19 @@ def _load_optional_backends() -> None:
         except ModuleNotFoundError as error:
             if error.name != module:
                 register_availability(module.rsplit(".", 1)[1], lambda e=error: f"import failed: {e}")
+
+
+def call_op(op, *args, **kwargs):
+    """``op(*args, **kwargs)``, a kernel backend's custom op (``torch.library.custom_op``), or the same
+    call without the op's dispatch where nothing needs the op.
+
+    ``torch.compile`` and ``torch.export`` (and fake or meta tensors) must see the op, and autograd
+    records its registered backward through it; otherwise (eager inference, or a backward op called
+    in the eager backward) the Python function the op wraps runs directly: the same launches for
+    about 1 µs of host time instead of about 12 µs.
+    """
+    tensors = [arg for arg in (*args, *kwargs.values()) if isinstance(arg, torch.Tensor)]
+    if any(tracing(tensor) for tensor in tensors) or (
+            torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)):
+        return op(*args, **kwargs)
+    return op._init_fn(*args, **kwargs)  # the wrapped function (torch has no public name for it)

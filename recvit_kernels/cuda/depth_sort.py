@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import register
+from .._backend import call_op, register
 from .._checks import values_checkable
 from ..depth_sort import DepthLayout, check_depths
 from . import device_reason, extension
@@ -57,6 +57,6 @@ def depth_sort_cuda(depths: torch.Tensor, num_steps: int) -> DepthLayout:
         depths = depths.to(torch.int64)  # uint8/int16 maps; floats reach the binding's error
     batch, tokens = depths.shape
     perm, inverse_perm, step_rows, image_lengths, cu_seqlens, image_order = \
-        _depth_sort_op(depths, num_steps)
+        call_op(_depth_sort_op, depths, num_steps)
     return DepthLayout(batch, tokens, num_steps, perm, inverse_perm, step_rows, image_lengths,
                        cu_seqlens, image_order)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import register
+from .._backend import call_op, register
 from . import device_reason, extension, grad_reason
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -59,5 +59,5 @@ def _(x, weight, bias, eps, residual, num_rows):
 
 @register("layer_norm", "cuda", supports=_supports)
 def layer_norm_cuda(x, weight, bias, eps, residual, num_rows=None):
-    outputs = _layer_norm_op(x, weight, bias, eps, residual, num_rows)
+    outputs = call_op(_layer_norm_op, x, weight, bias, eps, residual, num_rows)
     return outputs[0] if residual is None else tuple(outputs)

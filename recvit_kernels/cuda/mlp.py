@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import register
+from .._backend import call_op, register
 from . import device_reason, extension, grad_reason
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -60,6 +60,6 @@ def _mlp_inplace_op(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optiona
 @register("mlp", "cuda", supports=_supports)
 def mlp_cuda(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out=None) -> torch.Tensor:
     if out is None:
-        return _mlp_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
-    _mlp_inplace_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out)
+        return call_op(_mlp_op, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
+    call_op(_mlp_inplace_op, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out)
     return out

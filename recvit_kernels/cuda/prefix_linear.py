@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import register
+from .._backend import call_op, register
 from . import device_reason, extension, grad_reason
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -64,6 +64,6 @@ def _prefix_linear_inplace_op(x: torch.Tensor, weight: torch.Tensor, bias: Optio
 @register("prefix_linear", "cuda", supports=_supports)
 def prefix_linear_cuda(x, weight, bias, num_rows, activation, residual, out=None) -> torch.Tensor:
     if out is None:
-        return _prefix_linear_op(x, weight, bias, num_rows, activation == "gelu", residual)
-    _prefix_linear_inplace_op(x, weight, bias, num_rows, activation == "gelu", residual, out)
+        return call_op(_prefix_linear_op, x, weight, bias, num_rows, activation == "gelu", residual)
+    call_op(_prefix_linear_inplace_op, x, weight, bias, num_rows, activation == "gelu", residual, out)
     return out

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import register
+from .._backend import call_op, register
 from . import device_reason, extension, grad_reason
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -59,5 +59,5 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 def varlen_attention_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           softmax_scale, *, q_rows=None, kv_rows=None, seqused_q=None,
                           seqused_k=None) -> torch.Tensor:
-    return _varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                softmax_scale, q_rows, kv_rows, seqused_q, seqused_k)
+    return call_op(_varlen_attention_op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                   softmax_scale, q_rows, kv_rows, seqused_q, seqused_k)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import register
+from .._backend import call_op, register
 from ._common import device_reason, new_output, records_grad
 from .layer_norm_backward import layer_norm_backward
 
@@ -108,8 +108,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_outputs):
     normalised, weight, bias, num_rows = ctx.saved_tensors
     grad_y, grad_summed = (*grad_outputs, None)[:2]
-    dx, sums = layer_norm_backward(_rows(grad_y), None if grad_summed is None else _rows(grad_summed),
-                                   _rows(normalised), weight, ctx.eps, num_rows)
+    dx, sums = call_op(layer_norm_backward, _rows(grad_y),
+                       None if grad_summed is None else _rows(grad_summed), _rows(normalised), weight,
+                       ctx.eps, num_rows)
     needs = ctx.needs_input_grad
     dx = dx.view(normalised.shape)
     return (dx if needs[0] else None, sums[0].to(weight.dtype) if needs[1] else None,
@@ -134,6 +135,6 @@ def _supports(x, weight, bias, eps, residual):
 @register("layer_norm", "triton", supports=_supports)
 def layer_norm_triton(x, weight, bias, eps, residual, num_rows=None):
     """Triton forward and backward of :func:`recvit_kernels.layer_norm`."""
-    outputs = _layer_norm_op(x, weight, bias, eps, residual, num_rows,
-                             records_grad(x, weight, bias, residual))
+    outputs = call_op(_layer_norm_op, x, weight, bias, eps, residual, num_rows,
+                      records_grad(x, weight, bias, residual))
     return outputs[0] if residual is None else tuple(outputs)

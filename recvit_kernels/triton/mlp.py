@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .._backend import register
+from .._backend import call_op, register
 from ._common import device_reason
 from .mlp_epilogue_backward import epilogue_backward
 
@@ -82,7 +82,7 @@ def _backward(ctx, grad_out):
     needs = ctx.needs_input_grad
     sums = bias is not None and needs[1]
     if ctx.gelu:
-        dy, dbias = (*epilogue_backward(grad_out, y, bias, sums), None)[:2]
+        dy, dbias = (*call_op(epilogue_backward, grad_out, y, bias, sums), None)[:2]
     else:
         dy, dbias = grad_out, grad_out.sum(0) if sums else None
     return dy if needs[0] else None, dbias, grad_out if needs[2] else None, None
@@ -113,11 +113,11 @@ def _supports(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
 def mlp_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out=None):
     """Triton-epilogue version of :func:`recvit_kernels.mlp`; with ``out`` (inference only, the
     front-end checks it) the fc2 epilogue writes there."""
-    hidden = _epilogue_op(F.linear(x, fc1_weight), fc1_bias, None, True)
+    hidden = call_op(_epilogue_op, F.linear(x, fc1_weight), fc1_bias, None, True)
     product = F.linear(hidden, fc2_weight)
     if out is not None:
-        _epilogue_inplace_op(product, fc2_bias, residual, False, out)
+        call_op(_epilogue_inplace_op, product, fc2_bias, residual, False, out)
         return out
     if fc2_bias is None and residual is None:
         return product
-    return _epilogue_op(product, fc2_bias, residual, False)
+    return call_op(_epilogue_op, product, fc2_bias, residual, False)

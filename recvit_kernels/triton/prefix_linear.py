@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import register
+from .._backend import call_op, register
 from . import prefix_linear_backward as backward_kernels  # a module import: they import each other
 from ._common import device_reason, dot_precision, interpreting, new_output, records_grad
 
@@ -170,9 +170,9 @@ def _backward(ctx, grad_outputs):
     needs = ctx.needs_input_grad
     needs_weight = needs[1] or needs[2]
     # the op returns the gradients asked for, in this order
-    grads = iter(backward_kernels.prefix_linear_backward(
-        grad_outputs[0], x, weight, num_rows, pre, ctx.has_bias, needs_x=needs[0],
-        needs_weight=needs_weight, needs_residual=needs[5]))
+    grads = iter(call_op(
+        backward_kernels.prefix_linear_backward, grad_outputs[0], x, weight, num_rows, pre, ctx.has_bias,
+        needs_x=needs[0], needs_weight=needs_weight, needs_residual=needs[5]))
     dx = next(grads) if needs[0] else None
     dweight = next(grads) if needs_weight else None
     dbias = next(grads) if needs_weight and ctx.has_bias else None
@@ -203,7 +203,7 @@ def _supports(x, weight, bias, num_rows, activation, residual):
 def prefix_linear_triton(x, weight, bias, num_rows, activation, residual, out=None):
     """Triton version of :func:`recvit_kernels.prefix_linear`."""
     if out is not None:  # in place: inference only (the front-end refuses it under autograd)
-        _prefix_linear_inplace_op(x, weight, bias, num_rows, activation, residual, out)
+        call_op(_prefix_linear_inplace_op, x, weight, bias, num_rows, activation, residual, out)
         return out
-    return _prefix_linear_op(x, weight, bias, num_rows, activation, residual,
-                             records_grad(x, weight, bias, residual))[0]
+    return call_op(_prefix_linear_op, x, weight, bias, num_rows, activation, residual,
+                   records_grad(x, weight, bias, residual))[0]

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import register
+from .._backend import call_op, register
 from ._common import (ATTENTION_TABLES, LOG2E, device_reason, dot_precision, new_output, records_grad,
                       segment_bounds, segment_rows)
 from .varlen_attention_backward import varlen_attention_backward
@@ -165,9 +165,8 @@ def _backward(ctx, grad_outputs):
         raise RuntimeError("varlen_attention_triton: backward needs the forward run with store_lse=True")
     q, k, v, out, lse, cu_q, cu_k, q_rows, kv_rows, used_q, used_k = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grads = varlen_attention_backward(grad_outputs[0], q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
-                                      scale, q_rows, kv_rows, used_q, used_k,
-                                      needs_kv_grad=any(needs[1:3]))
+    grads = call_op(varlen_attention_backward, grad_outputs[0], q, k, v, out, lse, cu_q, cu_k, max_q,
+                    max_k, scale, q_rows, kv_rows, used_q, used_k, needs_kv_grad=any(needs[1:3]))
     dq, dk, dv = (*grads, None, None) if len(grads) == 1 else grads
     return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
             *[None] * 10)
@@ -190,6 +189,5 @@ def _supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 def varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             softmax_scale, *, q_rows=None, kv_rows=None, seqused_q=None, seqused_k=None):
     """Triton forward and backward of :func:`recvit_kernels.varlen_attention`."""
-    return _varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                softmax_scale, q_rows, kv_rows, seqused_q, seqused_k,
-                                records_grad(q, k, v))[0]
+    return call_op(_varlen_attention_op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                   softmax_scale, q_rows, kv_rows, seqused_q, seqused_k, records_grad(q, k, v))[0]

@@ -122,6 +122,35 @@ def test_export_sees_the_custom_ops(grad):
             torch.testing.assert_close(program.module()(batch), model(batch))
 
 
+class _CustomOpCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ``recvit::`` custom ops called under it (each runs for real)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "recvit":
+            self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@needs_triton
+def test_eager_calls_skip_the_custom_ops_unless_autograd_records():
+    """``call_op``: eager inference and the eager backward call the functions the custom ops wrap
+    (no op dispatch); a forward that autograd records goes through the forward ops."""
+    model, x = tiny(backend="triton"), images()
+    with _CustomOpCalls() as calls, torch.no_grad():
+        model.eval()(x)
+    assert calls.ops == set()
+    with _CustomOpCalls() as calls:
+        logits = model.train()(x)
+    assert {"layer_norm_triton", "linear_epilogue_triton", "varlen_attention_triton"} <= calls.ops, calls.ops
+    with _CustomOpCalls() as calls:
+        logits.sum().backward()
+    assert not {op for op in calls.ops if op.endswith("backward_triton")}, calls.ops
+
+
 @pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
 def test_compiled_mor_vit_equals_eager_in_one_graph(routing):
     model = tiny("mor_vit_tiny", routing=routing, backend="packed").eval()

@@ -163,6 +163,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, num_rows, activation, residual, grad = inputs
     ctx.save_for_backward(x, weight, num_rows, output[1] if len(output) == 2 else None)
     ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)  # GELU's input has no gradient: no zeros for it
 
 
 def _backward(ctx, grad_outputs):

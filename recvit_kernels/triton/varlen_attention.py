@@ -157,6 +157,7 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q_rows, kv_rows,
                               seqused_q, seqused_k)
     ctx.static = (max_seqlen_q, max_seqlen_k, softmax_scale, store_lse)
+    ctx.set_materialize_grads(False)  # the log-sum-exp has no gradient: no zeros for it
 
 
 def _backward(ctx, grad_outputs):

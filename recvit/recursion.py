@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import recvit_kernels as rk
-from recvit_kernels._checks import values_checkable
+from recvit_kernels._checks import tracing, values_checkable
 
 from .layers import Block, check_kv
 
@@ -31,6 +31,10 @@ class RecursiveBlock(nn.Module):
     inference the last GEMM writes the live prefix into the row buffer in place. Attention skips
     the inactive rows on every backend; the token-wise layers cost as much as the dense model on
     ``packed``.
+
+    ``torch.compile`` and ``torch.export`` (and fake or meta tensors) always take that sync-free
+    path: the packed path's host read of the per-step row counts cannot be traced. They skip the
+    depth range check too (it reads the depths back); eager calls are unchanged.
     """
 
     static_shapes = False
@@ -100,7 +104,7 @@ class RecursiveBlock(nn.Module):
     def _forward_packed(self, x, depths, kv, backend):
         layout = rk.depth_sort(depths, self.num_steps, backend=backend)
         rows = rk.pack(x, layout)
-        if self.static_shapes:
+        if self.static_shapes or tracing(rows):
             return rk.unpack(self._steps_static(rows, layout, kv, backend), layout)
         # The one host sync of this path: the per-step row counts size the prefix GEMMs, the
         # longest image per step bounds the attention tiles.

@@ -4,14 +4,25 @@ from __future__ import annotations
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
+
+
+def tracing(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s values are unknown here: ``torch.compile`` or ``torch.export`` is tracing,
+    or ``tensor`` is a fake or meta tensor (shape propagation). Reading values back to the host
+    then breaks the graph (or fails), so value checks are skipped and the sync-free paths taken."""
+    return torch.compiler.is_compiling() or tensor.is_meta or is_fake(tensor)
 
 
 def values_checkable(tensor: torch.Tensor) -> bool:
     """Whether value checks (which read device memory back to the host) may run on ``tensor``.
 
     On the CPU unless ``RECVIT_CHECK_VALUES=0``; on a GPU only with ``RECVIT_CHECK_VALUES=1``,
-    because reading values back stalls the device and breaks CUDA-graph capture.
+    because reading values back stalls the device and breaks CUDA-graph capture. Never while
+    tracing (:func:`tracing`): the shape, dtype and device checks still run there.
     """
+    if tracing(tensor):
+        return False
     setting = os.environ.get("RECVIT_CHECK_VALUES")
     return setting == "1" or (tensor.device.type == "cpu" and setting != "0")
 

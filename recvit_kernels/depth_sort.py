@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from ._backend import dispatch, register
+from ._checks import tracing
 
 
 @dataclass
@@ -73,7 +74,9 @@ class DepthLayout:
 def check_depths(depths: torch.Tensor, num_steps: int, name: str = "depths") -> None:
     """Raise ``ValueError`` naming ``name`` unless ``depths`` is a (B, N) integer tensor in 1..L.
 
-    The range check reads the values back to the host: call it outside captured regions.
+    The range check reads the values back to the host: call it outside captured regions. While
+    ``torch.compile`` / ``torch.export`` trace (or on fake or meta tensors) it is skipped, the shape
+    and dtype checks kept.
     """
     if not isinstance(depths, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(depths).__name__}")
@@ -81,7 +84,9 @@ def check_depths(depths: torch.Tensor, num_steps: int, name: str = "depths") -> 
         raise ValueError(f"{name}: expected shape (batch, tokens), got {tuple(depths.shape)}")
     if depths.dtype.is_floating_point or depths.dtype == torch.bool or depths.is_complex():
         raise ValueError(f"{name}: expected an integer dtype, got {depths.dtype}")
-    if depths.numel() and (int(depths.min()) < 1 or int(depths.max()) > num_steps):
+    if not depths.numel() or tracing(depths):
+        return
+    if int(depths.min()) < 1 or int(depths.max()) > num_steps:
         raise ValueError(f"{name}: values must lie in 1..{num_steps}, got "
                          f"{int(depths.min())}..{int(depths.max())}")
 

@@ -10,7 +10,9 @@ What counts as a launch (``LaunchTrace``):
   - ``_local_scalar_dense`` (``.item()``/``.tolist()``): no kernel, but a host sync; counted
     apart in ``syncs``.
   An op that launches several kernels on a GPU (a sort, SDPA's flash kernel with its setup) is
-  counted once: the counts are a lower bound for both sides alike.
+  counted once: the counts are a lower bound for both sides alike. A ``recvit::`` custom op (the
+  kernel backends' launches, opaque to ``torch.compile``) is not an op of its own: what it runs
+  inside is counted.
 - a Triton kernel launch (``kernel[grid](...)``) is one launch; the fake launcher records it
   instead of running it (``execute=False``) or runs it in the interpreter (``execute=True``).
 
@@ -101,6 +103,9 @@ class _AtenCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace == "recvit":  # a kernel backend's custom op: count what it runs inside
+            with self:
+                return func.redispatch(_backend_keys(args), *args, **kwargs)
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         if self.trace.running:  # the interpreter's own copies of a Triton launch's arguments
@@ -111,6 +116,13 @@ class _AtenCounter(TorchDispatchMode):
             self.trace.launches.append(Launch("aten", name, _written(func, args, kwargs, out),
                                               _gemm_flops(name, args)))
         return out
+
+
+def _backend_keys(args) -> torch._C.DispatchKeySet:
+    """The dispatch key of the tensors' device, to run a custom op's implementation below the mode."""
+    device = next(arg.device for arg in args if isinstance(arg, torch.Tensor))
+    return torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA if device.type == "cuda"
+                                   else torch._C.DispatchKey.CPU)
 
 
 def _triton_kernels():

@@ -206,19 +206,20 @@ def test_layer_norm_glue_passes_weights_and_count_as_they_are(monkeypatch):
     from recvit_kernels.cuda import layer_norm as glue
 
     calls = []
+    x, weight, bias = torch.randn(6, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16), None
+    out, summed = torch.empty_like(x), torch.empty_like(x)  # new tensors, as the kernel returns
 
     class Extension:
         @staticmethod
         def layer_norm(*args):
             calls.append(args)
-            return args[0], args[0]
+            return out, summed
 
     monkeypatch.setattr(glue, "extension", lambda: Extension)
-    x, weight, bias = torch.randn(6, 8, dtype=torch.bfloat16), torch.randn(8, dtype=torch.bfloat16), None
     count = torch.tensor([4], dtype=torch.int32)
-    assert glue.layer_norm_cuda(x, weight, bias, 1e-5, None, num_rows=count) is x
+    assert glue.layer_norm_cuda(x, weight, bias, 1e-5, None, num_rows=count) is out
     full, shift = weight.float(), torch.randn(8)
-    assert glue.layer_norm_cuda(x, full, shift, 1e-5, x) == (x, x)
+    assert glue.layer_norm_cuda(x, full, shift, 1e-5, x) == (out, summed)
     (x1, w1, b1, eps1, r1, n1), (_, w2, b2, _, r2, n2) = calls
     assert x1 is x and w1 is weight and b1 is None and eps1 == 1e-5 and r1 is None and n1 is count
     assert w2 is full and b2 is shift and r2 is x and n2 is None

@@ -201,7 +201,8 @@ def test_double_backward_is_refused():
     q, k, v, cu = (t.requires_grad_() if t.is_floating_point() else t for t in _plain_inputs())
     out = rk.varlen_attention(q, k, v, cu, cu, 11, 11, backend="triton")
     (grad_q,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
+    # the backward kernels' custom op has no autograd formula of its own
+    with pytest.raises(RuntimeError, match="varlen_attention_backward_triton.*no autograd formula"):
         grad_q.sum().backward()
 
 

@@ -192,11 +192,11 @@ _TOKENWISE_BACKWARD_SCRIPT = textwrap.dedent("""
                     _launch(x, weight, empty(n_out), num_rows, "gelu" if gelu else None,
                             grad if residual else None, empty(rows, n_out), pre)
                     prefix_linear_backward(grad, x, weight, num_rows, pre, True, needs_residual=residual)
-                epilogue_backward(empty(rows, 3072), empty(rows, 3072), empty(3072), True)
+                epilogue_backward(empty(rows, 3072), empty(rows, 3072), empty(3072))
                 for width, residual, live in ((768, True, num_rows), (768, False, None),
                                               (MAX_WIDTH, True, num_rows)):
                     x = empty(rows, width)
-                    layer_norm_backward(x, x if residual else None, x, empty(width), True, 1e-6, live)
+                    layer_norm_backward(x, x if residual else None, x, empty(width), 1e-6, live)
     print(json.dumps(report(trace.variants())))
 """)
 

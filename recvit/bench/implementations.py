@@ -147,7 +147,8 @@ def implementations(force_compile: bool = False) -> list[Implementation]:
                        _compile_impl("dense", force_compile), flops=dense, headline_only=True),
         Implementation("reference+compile", "the gated reference through torch.compile",
                        _compile_impl("eager", force_compile), headline_only=True),
-        Implementation("packed+compile", "ours (packed) through torch.compile",
+        Implementation("packed+compile", "ours (packed) through torch.compile, in one graph: the "
+                       "sync-free path, whose token-wise layers compute every row on packed",
                        _compile_impl("packed", force_compile), headline_only=True),
     ]
     return impls

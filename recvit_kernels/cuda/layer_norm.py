@@ -6,7 +6,8 @@ widths up to the kernel's register budget (``MAX_WIDTH``). Weight and bias are r
 dtype, which must be x's or float32 (both the same): no cast, no copy, so a captured CUDA graph
 reads the live parameters. With ``num_rows`` each warp reads the live count from the device and a
 row past it returns at once (nothing read or written there). Other calls are declined with the
-reason, so ``auto`` moves on.
+reason, so ``auto`` moves on. The call is the custom op ``torch.ops.recvit.layer_norm_cuda``
+(forward only; opaque to ``torch.compile`` and ``torch.export``, with a fake implementation).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import register
+from .._backend import call_op, register
 from . import device_reason, extension, grad_reason
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -41,7 +42,22 @@ def _supports(x, weight, bias, eps, residual) -> Optional[str]:
     return grad_reason(x, weight, bias, residual)
 
 
+@torch.library.custom_op("recvit::layer_norm_cuda", mutates_args=())
+def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+                   residual: Optional[torch.Tensor],
+                   num_rows: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """``[layer_norm(x)]``, or ``[layer_norm(x + residual), x + residual]``."""
+    out, summed = extension().layer_norm(x, weight, bias, eps, residual, num_rows)
+    return [out] if residual is None else [out, summed]
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps, residual, num_rows):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format)
+            for _ in range(1 if residual is None else 2)]
+
+
 @register("layer_norm", "cuda", supports=_supports)
 def layer_norm_cuda(x, weight, bias, eps, residual, num_rows=None):
-    out, summed = extension().layer_norm(x, weight, bias, eps, residual, num_rows)
-    return out if residual is None else (out, summed)
+    outputs = call_op(_layer_norm_op, x, weight, bias, eps, residual, num_rows)
+    return outputs[0] if residual is None else tuple(outputs)

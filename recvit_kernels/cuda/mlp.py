@@ -5,7 +5,9 @@ Same contract as :func:`recvit_kernels.mlp`: ``residual + fc2(gelu(fc1(x)))``, x
 ``out`` the result is written into it (it may be the residual: the epilogue reads each element
 before writing it). float32, float16 and bfloat16, every tensor in x's dtype; other calls are
 declined with the reason. For the row count on the device (the sync-free path) see
-:mod:`recvit_kernels.cuda.prefix_linear`.
+:mod:`recvit_kernels.cuda.prefix_linear`. The calls are the custom ops ``torch.ops.recvit.mlp_cuda``
+and, with ``out``, ``mlp_cuda_`` (``mutates_args``): forward only, opaque to ``torch.compile`` and
+``torch.export``, with fake implementations.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import register
+from .._backend import call_op, register
 from . import device_reason, extension, grad_reason
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,6 +36,30 @@ def _supports(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual) -> Option
     return grad_reason(x, *(tensor for _, tensor in tensors))
 
 
+@torch.library.custom_op("recvit::mlp_cuda", mutates_args=())
+def _mlp_op(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+            fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
+            residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """A new (rows, C_out) result."""
+    return extension().mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, None)
+
+
+@_mlp_op.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
+    return x.new_empty((x.shape[0], fc2_weight.shape[0]))
+
+
+@torch.library.custom_op("recvit::mlp_cuda_", mutates_args=("out",))
+def _mlp_inplace_op(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+                    fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor],
+                    residual: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """The result written into ``out`` in place."""
+    extension().mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out)
+
+
 @register("mlp", "cuda", supports=_supports)
 def mlp_cuda(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out=None) -> torch.Tensor:
-    return extension().mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out)
+    if out is None:
+        return call_op(_mlp_op, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
+    call_op(_mlp_inplace_op, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out)
+    return out

@@ -3,8 +3,12 @@ epilogues and the prefix linear (a GEMM over the live rows).
 
 Available when ``triton`` imports and either a CUDA GPU is present or ``TRITON_INTERPRET=1`` (the
 interpreter runs the same kernels on CPU tensors, slowly; bf16 is not supported there). Each op
-registers itself, with a ``supports`` check, in its own module. The depth sort has no Triton
-kernel: the backend uses the PyTorch one, which is free of host syncs.
+registers itself, with a ``supports`` check, in its own module, and launches its kernels through
+PyTorch custom ops (``torch.ops.recvit.*_triton``, with fake implementations and, for the
+out-of-place forms, registered gradients), so ``torch.compile`` and ``torch.export`` trace the
+models without a graph break; eager calls that autograd does not record skip the op's dispatch
+(``_backend.call_op``). The depth sort has no Triton kernel: the backend uses the PyTorch
+one, which is free of host syncs.
 """
 from __future__ import annotations
 

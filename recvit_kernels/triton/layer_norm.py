@@ -6,15 +6,21 @@ rows. The sum ``x + residual`` is rounded to x's dtype before it is normalised, 
 With ``num_rows`` each program reads the live count from the device and a row block past it
 returns at once (nothing read or written there). The backward is the Triton kernel of
 ``layer_norm_backward.py``, over the live rows too.
+
+The launch is the custom op ``torch.ops.recvit.layer_norm_triton`` (``torch.library.custom_op``)
+with a fake implementation and its backward registered (``register_autograd``), so
+``torch.compile`` and ``torch.export`` see one opaque op; the backward calls the backward kernel's
+op ``torch.ops.recvit.layer_norm_backward_triton``.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from .._backend import register
+from .._backend import call_op, register
 from ._common import device_reason, new_output, records_grad
 from .layer_norm_backward import layer_norm_backward
 
@@ -77,25 +83,41 @@ def _launch(x, weight, bias, eps, residual, num_rows, zero):
     return out.view(x.shape), summed.view(x.shape)
 
 
-class _LayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, residual, num_rows, zero):
-        out, summed = _launch(x, weight, bias, eps, residual, num_rows, zero)
-        ctx.save_for_backward(x if residual is None else summed, weight, bias, num_rows)
-        ctx.eps = eps
-        return out if residual is None else (out, summed)
+@torch.library.custom_op("recvit::layer_norm_triton", mutates_args=())
+def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
+                   residual: Optional[torch.Tensor], num_rows: Optional[torch.Tensor],
+                   zero: bool) -> list[torch.Tensor]:
+    """``[layer_norm(x)]``, or ``[layer_norm(x + residual), x + residual]`` (the kernel launch)."""
+    out, summed = _launch(x, weight, bias, eps, residual, num_rows, zero)
+    return [out] if residual is None else [out, summed]
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y, grad_summed=None):
-        normalised, weight, bias, num_rows = ctx.saved_tensors
-        dx, dweight, dbias = layer_norm_backward(
-            _rows(grad_y), None if grad_summed is None else _rows(grad_summed), _rows(normalised), weight,
-            bias is not None, ctx.eps, num_rows)
-        needs = ctx.needs_input_grad
-        dx = dx.view(normalised.shape)
-        return (dx if needs[0] else None, dweight.to(weight.dtype) if needs[1] else None,
-                dbias.to(bias.dtype) if needs[2] else None, None, dx if needs[4] else None, None, None)
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps, residual, num_rows, zero):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format)
+            for _ in range(1 if residual is None else 2)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, residual, num_rows, zero = inputs
+    # what was normalised: x, or the sum x + residual (the second output)
+    ctx.save_for_backward(x if residual is None else output[1], weight, bias, num_rows)
+    ctx.eps = eps
+
+
+def _backward(ctx, grad_outputs):
+    normalised, weight, bias, num_rows = ctx.saved_tensors
+    grad_y, grad_summed = (*grad_outputs, None)[:2]
+    dx, sums = call_op(layer_norm_backward, _rows(grad_y),
+                       None if grad_summed is None else _rows(grad_summed), _rows(normalised), weight,
+                       ctx.eps, num_rows)
+    needs = ctx.needs_input_grad
+    dx = dx.view(normalised.shape)
+    return (dx if needs[0] else None, sums[0].to(weight.dtype) if needs[1] else None,
+            sums[1].to(bias.dtype) if needs[2] else None, None, dx if needs[4] else None, None, None)
+
+
+_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _supports(x, weight, bias, eps, residual):
@@ -113,5 +135,6 @@ def _supports(x, weight, bias, eps, residual):
 @register("layer_norm", "triton", supports=_supports)
 def layer_norm_triton(x, weight, bias, eps, residual, num_rows=None):
     """Triton forward and backward of :func:`recvit_kernels.layer_norm`."""
-    return _LayerNorm.apply(x, weight, bias, eps, residual, num_rows,
-                            records_grad(x, weight, bias, residual))
+    outputs = call_op(_layer_norm_op, x, weight, bias, eps, residual, num_rows,
+                      records_grad(x, weight, bias, residual))
+    return outputs[0] if residual is None else tuple(outputs)

@@ -1,12 +1,12 @@
 """Triton backward of the LayerNorm forward over the live rows (Triton's layer-norm tutorial scheme).
 
 Given what the forward normalised, ``x`` (rows, C) (with the fused residual: the sum ``x + residual``
-it returned as its second output), ``weight`` (C,), ``has_bias``, ``eps``, the gradient ``grad_y``
-(rows, C) of the normalised output, with the fused residual the gradient ``grad_summed`` (rows, C)
-of the sum, and ``num_rows`` (a 1-element integer tensor on x's device, or None: every row),
-:func:`layer_norm_backward` returns ``(dx, dweight, dbias)``: dx (rows, C) in x's dtype (with the
-fused residual it is the gradient of both x and the residual), dweight (C,) and dbias (C,) (None
-without bias) in fp32, for the caller to cast.
+it returned as its second output), ``weight`` (C,), ``eps``, the gradient ``grad_y`` (rows, C) of
+the normalised output, with the fused residual the gradient ``grad_summed`` (rows, C) of the sum, and
+``num_rows`` (a 1-element integer tensor on x's device, or None: every row),
+:func:`layer_norm_backward` returns ``[dx, sums]``: dx (rows, C) in x's dtype (with the fused
+residual it is the gradient of both x and the residual), ``sums`` (2, C) fp32 the weight's and the
+bias's gradients, for the caller to cast (and to drop the bias's without a bias).
 
 One persistent kernel: a fixed number of programs (a few per SM) loops over the live row blocks,
 reading M = ``num_rows[0]`` on the device. Each writes dx for its rows and accumulates its share of
@@ -16,8 +16,14 @@ rows >= M get a zero dx (their output rows are unspecified, constants to autogra
 work they cost. The statistics (mean, rstd) are recomputed in fp32 exactly as the forward computed
 them: the backward loads the row anyway, so two row reductions replace storing 8 bytes a row in the
 forward and reading them back.
+
+``layer_norm_backward`` is the custom op ``torch.ops.recvit.layer_norm_backward_triton`` (opaque to
+``torch.compile`` / ``torch.export``, fake implementation registered), without an autograd formula
+of its own: the forward's registered backward calls it.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -82,8 +88,11 @@ def _programs(x, row_blocks):
     return min(row_blocks, PROGRAMS_PER_SM * sms)
 
 
-def layer_norm_backward(grad_y, grad_summed, x, weight, has_bias, eps, num_rows=None):
-    """(dx (rows, C) like x, dweight (C,) fp32, dbias (C,) fp32 or None) of the LayerNorm of the
+@torch.library.custom_op("recvit::layer_norm_backward_triton", mutates_args=())
+def layer_norm_backward(grad_y: torch.Tensor, grad_summed: Optional[torch.Tensor], x: torch.Tensor,
+                        weight: torch.Tensor, eps: float,
+                        num_rows: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    """``[dx (rows, C) like x, (dweight, dbias) as one (2, C) fp32 tensor]`` of the LayerNorm of the
     rows of ``x`` (the sum, with a fused residual; ``grad_summed`` is then its gradient, else None)
     at rows < ``num_rows[0]`` (every row if None); dx is zero at the other rows."""
     rows, width = x.shape
@@ -97,5 +106,10 @@ def layer_norm_backward(grad_y, grad_summed, x, weight, has_bias, eps, num_rows=
         x.stride(0), grad_y.stride(0), ds.stride(0), dx.stride(0),
         HAS_GRAD_SUMMED=grad_summed is not None, HAS_NUM_ROWS=num_rows is not None,
         BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
-    dweight, dbias = partial.sum(1)
-    return dx, dweight, dbias if has_bias else None
+    return [dx, partial.sum(1)]
+
+
+@layer_norm_backward.register_fake
+def _(grad_y, grad_summed, x, weight, eps, num_rows=None):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((2, x.shape[1]), dtype=torch.float32)]

@@ -6,16 +6,23 @@ Same contract as :func:`recvit_kernels.mlp`: ``residual + fc2(gelu(fc1(x)))`` ov
 exact (erf) GELU, or adds the bias and the residual, in fp32, rounding once. This choice over fused
 Triton GEMMs is not yet measured on a GPU. The epilogues' backward is ``mlp_epilogue_backward.py``
 (one element-wise Triton kernel for GELU's); the GEMMs differentiate through torch as usual.
+
+The epilogue is a custom op (``torch.library.custom_op``, opaque to ``torch.compile`` and
+``torch.export``): ``torch.ops.recvit.linear_epilogue_triton`` with its backward registered
+(``register_autograd``; GELU's through the op ``torch.ops.recvit.linear_epilogue_backward_triton``,
+the bias's and residual's are ``grad_out`` and its column sums), and
+``torch.ops.recvit.linear_epilogue_triton_`` writing into ``out`` (``mutates_args``), for inference.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from .._backend import register
+from .._backend import call_op, register
 from ._common import device_reason
 from .mlp_epilogue_backward import epilogue_backward
 
@@ -52,22 +59,43 @@ def _launch(y, bias, residual, gelu, out=None):
     return out
 
 
-class _Epilogue(torch.autograd.Function):
+@torch.library.custom_op("recvit::linear_epilogue_triton", mutates_args=())
+def _epilogue_op(y: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                 gelu: bool) -> torch.Tensor:
     """``[gelu](y + bias) [+ residual]`` on a (rows, cols) GEMM output, fused in one kernel."""
+    return _launch(y, bias, residual, gelu)
 
-    @staticmethod
-    def forward(ctx, y, bias, residual, gelu):
-        ctx.save_for_backward(y if gelu else None, bias)
-        ctx.gelu = gelu
-        return _launch(y, bias, residual, gelu)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        y, bias = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        dy, dbias = epilogue_backward(grad_out, y, bias, ctx.gelu, needs[1])
-        return dy if needs[0] else None, dbias, grad_out if needs[2] else None, None
+@_epilogue_op.register_fake
+def _(y, bias, residual, gelu):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    y, bias, residual, gelu = inputs
+    ctx.save_for_backward(y if gelu else None, bias)
+    ctx.gelu = gelu
+
+
+def _backward(ctx, grad_out):
+    y, bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    sums = bias is not None and needs[1]
+    if ctx.gelu:
+        dy, dbias = (*call_op(epilogue_backward, grad_out, y, bias, sums), None)[:2]
+    else:
+        dy, dbias = grad_out, grad_out.sum(0) if sums else None
+    return dy if needs[0] else None, dbias, grad_out if needs[2] else None, None
+
+
+_epilogue_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("recvit::linear_epilogue_triton_", mutates_args=("out",))
+def _epilogue_inplace_op(y: torch.Tensor, bias: Optional[torch.Tensor],
+                         residual: Optional[torch.Tensor], gelu: bool, out: torch.Tensor) -> None:
+    """The epilogue written into ``out`` in place (inference only: no autograd)."""
+    _launch(y, bias, residual, gelu, out)
 
 
 def _supports(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
@@ -85,10 +113,11 @@ def _supports(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual):
 def mlp_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out=None):
     """Triton-epilogue version of :func:`recvit_kernels.mlp`; with ``out`` (inference only, the
     front-end checks it) the fc2 epilogue writes there."""
-    hidden = _Epilogue.apply(F.linear(x, fc1_weight), fc1_bias, None, True)
+    hidden = call_op(_epilogue_op, F.linear(x, fc1_weight), fc1_bias, None, True)
     product = F.linear(hidden, fc2_weight)
     if out is not None:
-        return _launch(product, fc2_bias, residual, False, out)
+        call_op(_epilogue_inplace_op, product, fc2_bias, residual, False, out)
+        return out
     if fc2_bias is None and residual is None:
         return product
-    return _Epilogue.apply(product, fc2_bias, residual, False)
+    return call_op(_epilogue_op, product, fc2_bias, residual, False)

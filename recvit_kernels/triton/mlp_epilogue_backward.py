@@ -1,16 +1,21 @@
-"""Triton backward of the MLP's fused epilogue ``[gelu](y + bias) [+ residual]`` (``mlp.py``).
+"""Triton backward of the MLP's fused epilogue ``gelu(y + bias)`` (``mlp.py``).
 
-Given the GEMM output ``y`` (rows, cols) the forward read, ``bias`` (cols,) or None, ``gelu`` and the
-output gradient ``grad_out`` (rows, cols), :func:`epilogue_backward` returns ``(dy, dbias)``: dy
-(rows, cols) like y, ``grad_out * gelu'(y + bias)`` with exact (erf) GELU, else ``grad_out`` itself;
-dbias (cols,) in bias's dtype, the column sums of dy (None without bias or unless ``needs_bias``).
-The residual's gradient is ``grad_out`` (the caller's).
+Given the GEMM output ``y`` (rows, cols) the forward read, ``bias`` (cols,) or None and the output
+gradient ``grad_out`` (rows, cols), :func:`epilogue_backward` returns ``[dy]``, or ``[dy, dbias]``
+with ``needs_bias``: dy (rows, cols) like y, ``grad_out * gelu'(y + bias)`` with exact (erf) GELU;
+dbias (cols,) in bias's dtype, the column sums of dy. The epilogue without GELU needs no kernel:
+its gradients are ``grad_out`` and its column sums (the caller's).
 
-With GELU one element-wise kernel writes dy and each program's fp32 column sums of its tile
-(``_epilogue_backward_kernel``); one ``sum`` over the row blocks finishes dbias. Without GELU dbias
-is ``grad_out.sum(0)``.
+One element-wise kernel writes dy and each program's fp32 column sums of its tile
+(``_epilogue_backward_kernel``); one ``sum`` over the row blocks finishes dbias.
+
+``epilogue_backward`` is the custom op ``torch.ops.recvit.linear_epilogue_backward_triton`` (opaque
+to ``torch.compile`` / ``torch.export``, fake implementation registered), without an autograd
+formula of its own: the forward's registered backward calls it.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -40,11 +45,12 @@ def _epilogue_backward_kernel(G, Y, B, DY, PARTIAL, rows, cols, sg, sy, sdy,
         tl.store(PARTIAL + tl.program_id(0) * cols + offs_c, tl.sum(dy.to(tl.float32), 0), mask=c_valid)
 
 
-def epilogue_backward(grad_out, y, bias, gelu, needs_bias=True):
-    """(dy (rows, cols) like y, dbias (cols,) or None) of ``[gelu](y + bias)`` for ``grad_out``."""
+@torch.library.custom_op("recvit::linear_epilogue_backward_triton", mutates_args=())
+def epilogue_backward(grad_out: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor],
+                      needs_bias: bool = True) -> list[torch.Tensor]:
+    """``[dy (rows, cols) like y]`` of ``gelu(y + bias)`` for ``grad_out``, and dbias (cols,) too
+    with ``needs_bias`` (and a bias)."""
     sums = bias is not None and needs_bias
-    if not gelu:
-        return grad_out, grad_out.sum(0) if sums else None
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     rows, cols = y.shape
     block_cols = min(128, triton.next_power_of_2(cols))
@@ -56,6 +62,10 @@ def epilogue_backward(grad_out, y, bias, gelu, needs_bias=True):
             grad_out, y, bias if bias is not None else y, dy, partial, rows, cols, grad_out.stride(0),
             y.stride(0), dy.stride(0), HAS_BIAS=bias is not None, SUMS=sums, BLOCK_ROWS=BLOCK_ROWS,
             BLOCK_COLS=block_cols)
-    if not sums:
-        return dy, None
-    return dy, partial.sum(0).to(bias.dtype)
+    return [dy, partial.sum(0).to(bias.dtype)] if sums else [dy]
+
+
+@epilogue_backward.register_fake
+def _(grad_out, y, bias, needs_bias=True):
+    dy = torch.empty_like(y, memory_format=torch.contiguous_format)
+    return [dy, bias.new_empty(bias.shape)] if bias is not None and needs_bias else [dy]

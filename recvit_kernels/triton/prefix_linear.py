@@ -11,15 +11,22 @@ and store the rows < M only. With ``out`` the live rows go into it in place (``o
 residual: each element's residual is read by the program that then overwrites it). Under autograd
 with GELU it also stores GELU's input at the live rows (``STORE_PRE``); the backward is the Triton
 kernels of ``prefix_linear_backward.py``, over the live rows too.
+
+Two custom ops (``torch.library.custom_op``, so ``torch.compile`` and ``torch.export`` see them
+opaque): ``torch.ops.recvit.prefix_linear_triton`` returns a new result (and, with ``grad`` and
+GELU, GELU's input as a second output) and has its backward registered (``register_autograd``),
+which calls the backward kernels' op ``torch.ops.recvit.prefix_linear_backward_triton``;
+``torch.ops.recvit.prefix_linear_triton_`` writes into ``out`` (``mutates_args``), for inference.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from .._backend import register
+from .._backend import call_op, register
 from . import prefix_linear_backward as backward_kernels  # a module import: they import each other
 from ._common import device_reason, dot_precision, interpreting, new_output, records_grad
 
@@ -133,25 +140,56 @@ def _launch(x, weight, bias, num_rows, activation, residual, out, pre=None, zero
     return out
 
 
-class _PrefixLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, num_rows, activation, residual, out, grad):
-        # GELU's input at the live rows, for the backward (what the eager GELU keeps, too)
-        pre = torch.empty_like(out) if grad and activation == "gelu" else None
-        ctx.save_for_backward(x, weight, num_rows, pre)
-        ctx.has_bias = bias is not None
-        return _launch(x, weight, bias, num_rows, activation, residual, out, pre)
+@torch.library.custom_op("recvit::prefix_linear_triton", mutates_args=())
+def _prefix_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      num_rows: torch.Tensor, activation: Optional[str],
+                      residual: Optional[torch.Tensor], grad: bool) -> list[torch.Tensor]:
+    """``[out]``, a new (R, N_out) result, its rows past M unwritten; with ``grad`` (autograd
+    records the call) zero there, and with GELU ``[out, pre]``: GELU's input (R, N_out) at the live
+    rows too (its other rows unwritten), for the backward (what the eager GELU keeps, too)."""
+    out = new_output((x.shape[0], weight.shape[0]), x, grad)
+    if not (grad and activation == "gelu"):
+        return [_launch(x, weight, bias, num_rows, activation, residual, out)]
+    pre = torch.empty_like(out)
+    return [_launch(x, weight, bias, num_rows, activation, residual, out, pre), pre]
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, weight, num_rows, pre = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        dx, dweight, dbias, dresidual = backward_kernels.prefix_linear_backward(
-            grad_out, x, weight, num_rows, pre, ctx.has_bias, needs_x=needs[0],
-            needs_weight=needs[1] or needs[2], needs_residual=needs[5])
-        return (dx, dweight if needs[1] else None, dbias if needs[2] else None, None, None, dresidual,
-                None, None)
+
+@_prefix_linear_op.register_fake
+def _(x, weight, bias, num_rows, activation, residual, grad):
+    return [x.new_empty((x.shape[0], weight.shape[0])) for _ in range(2 if grad and activation == "gelu" else 1)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, num_rows, activation, residual, grad = inputs
+    ctx.save_for_backward(x, weight, num_rows, output[1] if len(output) == 2 else None)
+    ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)  # GELU's input has no gradient: no zeros for it
+
+
+def _backward(ctx, grad_outputs):
+    x, weight, num_rows, pre = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    needs_weight = needs[1] or needs[2]
+    # the op returns the gradients asked for, in this order
+    grads = iter(call_op(
+        backward_kernels.prefix_linear_backward, grad_outputs[0], x, weight, num_rows, pre, ctx.has_bias,
+        needs_x=needs[0], needs_weight=needs_weight, needs_residual=needs[5]))
+    dx = next(grads) if needs[0] else None
+    dweight = next(grads) if needs_weight else None
+    dbias = next(grads) if needs_weight and ctx.has_bias else None
+    dresidual = next(grads) if needs[5] else None
+    return (dx, dweight if needs[1] else None, dbias if needs[2] else None, None, None, dresidual, None)
+
+
+_prefix_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("recvit::prefix_linear_triton_", mutates_args=("out",))
+def _prefix_linear_inplace_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              num_rows: torch.Tensor, activation: Optional[str],
+                              residual: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """The live rows written into ``out`` in place (inference only: no autograd)."""
+    _launch(x, weight, bias, num_rows, activation, residual, out)
 
 
 def _supports(x, weight, bias, num_rows, activation, residual):
@@ -166,8 +204,7 @@ def _supports(x, weight, bias, num_rows, activation, residual):
 def prefix_linear_triton(x, weight, bias, num_rows, activation, residual, out=None):
     """Triton version of :func:`recvit_kernels.prefix_linear`."""
     if out is not None:  # in place: inference only (the front-end refuses it under autograd)
-        return _launch(x, weight, bias, num_rows, activation, residual, out)
-    grad = records_grad(x, weight, bias, residual)
-    out = new_output((x.shape[0], weight.shape[0]), x, grad)
-    return _PrefixLinear.apply(x, weight, bias, num_rows, activation, residual, out, grad)
-
+        call_op(_prefix_linear_inplace_op, x, weight, bias, num_rows, activation, residual, out)
+        return out
+    return call_op(_prefix_linear_op, x, weight, bias, num_rows, activation, residual,
+                   records_grad(x, weight, bias, residual))[0]

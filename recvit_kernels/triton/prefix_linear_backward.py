@@ -2,8 +2,8 @@
 writes, the rows r < M = ``num_rows[0]`` only (M read on the device, launch shapes static).
 
 For the forward ``out = act(x @ weight.T + bias) [+ residual]`` at rows < M (``x`` (R, K), ``weight``
-(N, K)), given ``grad_out`` (R, N), :func:`prefix_linear_backward` returns
-``(dx, dweight, dbias, dresidual)``:
+(N, K)), given ``grad_out`` (R, N), :func:`prefix_linear_backward` returns the list of those of
+``dx, dweight, dbias, dresidual`` asked for, in that order:
 
 - ``dpre = grad_out * gelu'(pre)`` with exact (erf) GELU, ``pre`` (R, N) the GELU input the forward
   stored at the live rows; without GELU ``dpre = grad_out``;
@@ -17,9 +17,15 @@ For the forward ``out = act(x @ weight.T + bias) [+ residual]`` at rows < M (``x
 
 ``dpre`` (with GELU) and ``dresidual`` come from one element-wise pass, ``_prefix_linear_grad_rows_kernel``
 (the rows past M get their zero ``dresidual`` there, nothing else). fp32 inputs follow
-``_common.dot_precision`` as the forward does. Each result is None when not asked for.
+``_common.dot_precision`` as the forward does.
+
+``prefix_linear_backward`` is the custom op ``torch.ops.recvit.prefix_linear_backward_triton``
+(opaque to ``torch.compile`` / ``torch.export``, fake implementation registered), without an autograd
+formula of its own: the forward's registered backward calls it.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -99,11 +105,14 @@ def _dweight_config(n_out, k_dim, dtype):
     return tiles[-1]
 
 
-def prefix_linear_backward(grad_out, x, weight, num_rows, pre, has_bias, needs_x=True,
-                           needs_weight=True, needs_residual=True):
-    """(dx (R, K), dweight (N, K), dbias (N,) or None, dresidual (R, N)) of the prefix linear at the
-    rows < ``num_rows[0]`` (zero at the others), GELU's with ``pre`` (R, N) given; each None unless
-    asked for (``needs_weight``: dweight and, with ``has_bias``, dbias)."""
+@torch.library.custom_op("recvit::prefix_linear_backward_triton", mutates_args=())
+def prefix_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                           num_rows: torch.Tensor, pre: Optional[torch.Tensor], has_bias: bool,
+                           needs_x: bool = True, needs_weight: bool = True,
+                           needs_residual: bool = True) -> list[torch.Tensor]:
+    """``[dx (R, K), dweight (N, K), dbias (N,), dresidual (R, N)]`` of the prefix linear at the rows
+    < ``num_rows[0]`` (zero at the others), GELU's with ``pre`` (R, N) given; only those asked for
+    (``needs_weight``: dweight and, with ``has_bias``, dbias)."""
     rows, k_dim = x.shape
     n_out = weight.shape[0]
     dx = dweight = dbias = dresidual = None
@@ -136,4 +145,14 @@ def prefix_linear_backward(grad_out, x, weight, num_rows, pre, has_bias, needs_x
                 dpre.stride(0), dpre.stride(1), x.stride(0), x.stride(1), dweight.stride(0),
                 HAS_BIAS=has_bias, PRECISION=dot_precision(x.dtype), BLOCK_N=block_n, BLOCK_K=block_k,
                 BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages)
-    return dx, dweight, dbias, dresidual
+    return [grad for grad in (dx, dweight, dbias, dresidual) if grad is not None]
+
+
+@prefix_linear_backward.register_fake
+def _(grad_out, x, weight, num_rows, pre, has_bias, needs_x=True, needs_weight=True, needs_residual=True):
+    grads = [x.new_empty(x.shape)] if needs_x else []
+    if needs_weight:
+        grads += [weight.new_empty(weight.shape)] + ([weight.new_empty(weight.shape[0])] if has_bias else [])
+    if needs_residual:
+        grads.append(grad_out.new_empty((x.shape[0], weight.shape[0])))
+    return grads

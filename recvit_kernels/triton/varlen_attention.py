@@ -11,15 +11,25 @@ Rows no segment covers stay zero, or, with ``seqused_q``, are never touched (no 
 cost follows the used rows). When autograd records the call the kernel also stores each used
 query's log-sum-exp (``STORE_LSE``, (total_q, H) fp32, base 2), from which the Triton backward
 (``varlen_attention_backward``) recomputes the probabilities; inference stores nothing more.
+
+Custom ops (``torch.library.custom_op``), so that ``torch.compile`` and ``torch.export`` see opaque
+ops and trace no Triton: ``torch.ops.recvit.varlen_attention_triton`` (the forward; ``store_lse``
+adds the log-sum-exp output) with its backward registered (``register_autograd``), which calls the
+backward kernels' op ``torch.ops.recvit.varlen_attention_backward_triton``. That op has no
+autograd of its own: the gradients are not differentiated again (an error, not zeros). We took
+``register_autograd`` over flash-attention's pattern (forward and backward custom ops under a thin
+``autograd.Function``) because the op then carries its own gradient: ``torch.library.opcheck``
+checks the registration, and ``torch.export`` and AOTAutograd see one op, not a Python function.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from .._backend import register
+from .._backend import call_op, register
 from ._common import (ATTENTION_TABLES, LOG2E, device_reason, dot_precision, new_output, records_grad,
                       segment_bounds, segment_rows)
 from .varlen_attention_backward import varlen_attention_backward
@@ -120,29 +130,50 @@ def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     return out, lse
 
 
-class _VarlenAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                q_rows, kv_rows, seqused_q, seqused_k, grad):
-        out, lse = _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                           q_rows, kv_rows, seqused_q, seqused_k, grad)
-        if grad:
-            ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q_rows, kv_rows,
-                                  seqused_q, seqused_k)
-            ctx.static = (max_seqlen_q, max_seqlen_k, softmax_scale)
-        return out
+@torch.library.custom_op("recvit::varlen_attention_triton", mutates_args=())
+def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                         softmax_scale: float, q_rows: Optional[torch.Tensor],
+                         kv_rows: Optional[torch.Tensor], seqused_q: Optional[torch.Tensor],
+                         seqused_k: Optional[torch.Tensor], store_lse: bool) -> list[torch.Tensor]:
+    """``[out]``, or ``[out, lse]`` with ``store_lse`` (what the backward needs)."""
+    out, lse = _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                       q_rows, kv_rows, seqused_q, seqused_k, store_lse)
+    return [out, lse] if store_lse else [out]
 
-    @staticmethod
-    @once_differentiable  # the kernels' gradients are not differentiated again: say so, not zeros
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_q, cu_k, q_rows, kv_rows, used_q, used_k = ctx.saved_tensors
-        max_q, max_k, scale = ctx.static
-        dq, dk, dv = varlen_attention_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
-                                               scale, q_rows, kv_rows, used_q, used_k,
-                                               needs_kv_grad=any(ctx.needs_input_grad[1:3]))
-        needs = ctx.needs_input_grad
-        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-                *[None] * 10)
+
+@_varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, q_rows, kv_rows,
+      seqused_q, seqused_k, store_lse):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return [out, q.new_empty(q.shape[:2], dtype=torch.float32)] if store_lse else [out]
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, q_rows, kv_rows,
+     seqused_q, seqused_k, store_lse) = inputs
+    if store_lse:
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q_rows, kv_rows,
+                              seqused_q, seqused_k)
+    ctx.static = (max_seqlen_q, max_seqlen_k, softmax_scale, store_lse)
+    ctx.set_materialize_grads(False)  # the log-sum-exp has no gradient: no zeros for it
+
+
+def _backward(ctx, grad_outputs):
+    max_q, max_k, scale, store_lse = ctx.static
+    if not store_lse:
+        raise RuntimeError("varlen_attention_triton: backward needs the forward run with store_lse=True")
+    q, k, v, out, lse, cu_q, cu_k, q_rows, kv_rows, used_q, used_k = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grads = call_op(varlen_attention_backward, grad_outputs[0], q, k, v, out, lse, cu_q, cu_k, max_q,
+                    max_k, scale, q_rows, kv_rows, used_q, used_k, needs_kv_grad=any(needs[1:3]))
+    dq, dk, dv = (*grads, None, None) if len(grads) == 1 else grads
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+            *[None] * 10)
+
+
+_varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -159,6 +190,5 @@ def _supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 def varlen_attention_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             softmax_scale, *, q_rows=None, kv_rows=None, seqused_q=None, seqused_k=None):
     """Triton forward and backward of :func:`recvit_kernels.varlen_attention`."""
-    return _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  softmax_scale, q_rows, kv_rows, seqused_q, seqused_k,
-                                  records_grad(q, k, v))
+    return call_op(_varlen_attention_op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                   softmax_scale, q_rows, kv_rows, seqused_q, seqused_k, records_grad(q, k, v))[0]

@@ -17,8 +17,14 @@ each), no separate delta launch (the dQ kernel already reads dO and O), and is d
 Accumulation is fp32; the key-side kernel assumes a used key row appears in one segment only (as
 every layout here builds it: ``kv_rows`` is a permutation, segments are disjoint), since two programs
 storing one row would race.
+
+``varlen_attention_backward`` is the custom op ``torch.ops.recvit.varlen_attention_backward_triton``
+(opaque to ``torch.compile`` / ``torch.export``, fake implementation registered), without an
+autograd formula of its own: the forward's registered backward calls it.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -157,10 +163,16 @@ def _config(dtype, head_dim):
     return _TILES[precision][head_dim]
 
 
-def varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                              max_seqlen_k, softmax_scale, q_rows=None, kv_rows=None, seqused_q=None,
-                              seqused_k=None, needs_kv_grad=True):
-    """(dq, dk, dv) of the varlen attention forward; (dq, None, None) unless ``needs_kv_grad``."""
+@torch.library.custom_op("recvit::varlen_attention_backward_triton", mutates_args=())
+def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                              cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                              softmax_scale: float, q_rows: Optional[torch.Tensor] = None,
+                              kv_rows: Optional[torch.Tensor] = None,
+                              seqused_q: Optional[torch.Tensor] = None,
+                              seqused_k: Optional[torch.Tensor] = None,
+                              needs_kv_grad: bool = True) -> list[torch.Tensor]:
+    """``[dq, dk, dv]`` of the varlen attention forward; ``[dq]`` unless ``needs_kv_grad``."""
     batch, heads, head_dim = cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
     (dq_m, dq_n, dq_warps), (kv_m, kv_n, kv_warps) = _config(q.dtype, head_dim)
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -178,11 +190,18 @@ def varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seql
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *scales,
         **flags, BLOCK_M=dq_m, BLOCK_N=dq_n, num_warps=dq_warps)
     if not needs_kv_grad:
-        return dq, None, None
+        return [dq]
     dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
     _varlen_attention_dkdv_kernel[(triton.cdiv(max_seqlen_k, kv_n), batch, heads)](
         q, k, v, grad_out, lse, delta, dk, dv, *tables,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *scales,
         **flags, BLOCK_M=kv_m, BLOCK_N=kv_n, num_warps=kv_warps)
-    return dq, dk, dv
+    return [dq, dk, dv]
+
+
+@varlen_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      softmax_scale, q_rows=None, kv_rows=None, seqused_q=None, seqused_k=None, needs_kv_grad=True):
+    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
+    return grads if needs_kv_grad else grads[:1]

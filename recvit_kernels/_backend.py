@@ -161,12 +161,13 @@ def call_op(op, *args, **kwargs):
     an op that writes in place; measured on a CPU). The check costs about 1 µs: plain tensors are
     told by their type.
     """
+    direct = getattr(op, "_init_fn", None)  # the wrapped function (torch has no public name for it)
     tensors = [arg for arg in (*args, *kwargs.values()) if isinstance(arg, torch.Tensor)]
-    if (torch.compiler.is_compiling()
+    if (direct is None or torch.compiler.is_compiling()
             or any(type(tensor) not in _PLAIN_TENSORS or tensor.is_meta for tensor in tensors)
             or (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors))):
         return op(*args, **kwargs)
-    return op._init_fn(*args, **kwargs)  # the wrapped function (torch has no public name for it)
+    return direct(*args, **kwargs)
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)

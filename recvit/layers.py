@@ -135,35 +135,46 @@ class Block(nn.Module):
         """
         linear = F.linear if live is None else functools.partial(rk.prefix_linear, num_rows=live,
                                                                  backend=backend)
+        # The parameters in the rows' dtype: themselves, unless RecursiveBlock runs the steps in
+        # autocast's dtype (then a differentiable cast, as autocast makes for F.linear).
+        norm1_weight, norm1_bias = _params(self.norm1, rows.dtype)
+        qkv_weight, qkv_bias = _params(self.attn.qkv, rows.dtype)
+        proj_weight, proj_bias = _params(self.attn.proj, rows.dtype)
+        norm2_weight, norm2_bias = _params(self.norm2, rows.dtype)
+        fc1_weight, fc1_bias = _params(self.mlp.fc1, rows.dtype)
+        fc2_weight, fc2_bias = _params(self.mlp.fc2, rows.dtype)
         attn, heads, head_dim = self.attn, self.attn.num_heads, self.attn.head_dim
         dim = rows.shape[1]
         prefix = rows[:num_rows]
-        norm1 = (self.norm1.weight, self.norm1.bias, self.norm1.eps)
         starts, used = layout.all_rows_cu_seqlens(), layout.image_lengths[step - 1]
         tokens = layout.tokens
         max_active = tokens if max_active is None else max_active
         if kv == "active":
-            normed = rk.layer_norm(prefix, *norm1, num_rows=live, backend=backend)
-            q, k, v = linear(normed, attn.qkv.weight, attn.qkv.bias).view(
-                num_rows, 3, heads, head_dim).unbind(1)
+            normed = rk.layer_norm(prefix, norm1_weight, norm1_bias, self.norm1.eps, num_rows=live,
+                                   backend=backend)
+            q, k, v = linear(normed, qkv_weight, qkv_bias).view(num_rows, 3, heads, head_dim).unbind(1)
             used_keys, max_keys = used, max_active
         else:  # the keys of every token, exited ones from their frozen states
-            normed_all = rk.layer_norm(rows, *norm1, backend=backend)
-            bias = attn.qkv.bias
-            q = linear(normed_all[:num_rows], attn.qkv.weight[:dim],
-                       None if bias is None else bias[:dim]).view(num_rows, heads, head_dim)
-            k, v = F.linear(normed_all, attn.qkv.weight[dim:], None if bias is None else bias[dim:]).view(
+            normed_all = rk.layer_norm(rows, norm1_weight, norm1_bias, self.norm1.eps, backend=backend)
+            q = linear(normed_all[:num_rows], qkv_weight[:dim],
+                       None if qkv_bias is None else qkv_bias[:dim]).view(num_rows, heads, head_dim)
+            k, v = F.linear(normed_all, qkv_weight[dim:], None if qkv_bias is None else qkv_bias[dim:]).view(
                 rows.shape[0], 2, heads, head_dim).unbind(1)
             used_keys, max_keys = None, tokens
         attended = rk.varlen_attention(q, k, v, starts, starts, max_active, max_keys, attn.scale,
                                        q_rows=layout.image_order, kv_rows=layout.image_order,
                                        seqused_q=used, seqused_k=used_keys, backend=backend)
-        projected = linear(attended.reshape(num_rows, dim), attn.proj.weight, attn.proj.bias)
-        normed2, residual = rk.layer_norm(projected, self.norm2.weight, self.norm2.bias, self.norm2.eps,
+        projected = linear(attended.reshape(num_rows, dim), proj_weight, proj_bias)
+        normed2, residual = rk.layer_norm(projected, norm2_weight, norm2_bias, self.norm2.eps,
                                           residual=prefix, num_rows=live, backend=backend)
-        mlp = self.mlp
         if live is None:
-            return rk.mlp(normed2, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias,
-                          residual=residual, out=out, backend=backend)
-        hidden = linear(normed2, mlp.fc1.weight, mlp.fc1.bias, activation="gelu")
-        return linear(hidden, mlp.fc2.weight, mlp.fc2.bias, residual=residual, out=out)
+            return rk.mlp(normed2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=residual, out=out,
+                          backend=backend)
+        hidden = linear(normed2, fc1_weight, fc1_bias, activation="gelu")
+        return linear(hidden, fc2_weight, fc2_bias, residual=residual, out=out)
+
+
+def _params(module: nn.Module, dtype: torch.dtype):
+    """(weight, bias or None) of a Linear or LayerNorm in ``dtype`` (the tensors themselves if they
+    already are)."""
+    return module.weight.to(dtype), None if module.bias is None else module.bias.to(dtype)

@@ -89,7 +89,22 @@ class RecursiveBlock(nn.Module):
         backend = rk.resolve_backend(backend or self.backend)
         if backend == "eager":
             return self._forward_masked(x, depths, kv)
+        kernels = backend in ("triton", "cuda") or (backend == "auto" and x.device.type == "cuda")
+        if kernels and torch.is_autocast_enabled(x.device.type):
+            return self._forward_autocast(x, depths, kv, backend)
         return self._forward_packed(x, depths, kv, backend)
+
+    def _forward_autocast(self, x, depths, kv, backend):
+        """The steps under autocast on a kernel backend: in autocast's dtype throughout.
+
+        Autocast would hand the ops mixed dtypes (LayerNorm and the residual stream in fp32, the GEMMs
+        in bf16), and a kernel takes one dtype per call. So the rows are cast once, each op gets its
+        parameters cast to them (differentiably: the parameters keep their dtype), LayerNorm keeps
+        its fp32 statistics inside the kernel, and the result returns in x's dtype.
+        """
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._forward_packed(x.to(dtype), depths, kv, backend).to(x.dtype)
 
     def _forward_masked(self, x, depths, kv):
         for step in range(1, self.num_steps + 1):

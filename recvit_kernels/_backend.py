@@ -60,7 +60,16 @@ def register_availability(backend: str, check: Callable[[], Optional[str]]) -> N
 
 # Whether a backend can run is fixed for the process: torch.compile runs this at trace time (the
 # cuda check may build the extension) and keeps the answer as a constant.
-@torch.compiler.assume_constant_result
+def constant_while_tracing(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)``: torch.compile calls ``fn`` once while tracing
+    and keeps its result. Set as the marker dynamo reads, without importing ``torch._dynamo`` at
+    import time (over a second, and it imports triton before ``recvit check`` can set
+    ``TRITON_INTERPRET``)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_while_tracing
 def unavailable_reason(backend: str) -> Optional[str]:
     """None if ``backend`` can run here, else a sentence saying why not."""
     _load_optional_backends()
@@ -133,7 +142,7 @@ _optional_loaded = False
 
 # torch.compile cannot trace importlib; it runs this at trace time instead (idempotent: its result,
 # None, is the same on every call).
-@torch.compiler.assume_constant_result
+@constant_while_tracing
 def _load_optional_backends() -> None:
     """Import the triton and cuda backends, if present, so that they register themselves."""
     global _optional_loaded

@@ -353,3 +353,17 @@ def test_cuda_custom_op_fakes_match_the_eager_ops():
             faked, expected = (faked, expected) if isinstance(faked, list) else ([faked], [expected])
             assert [(t.shape, t.dtype, t.stride()) for t in faked] == \
                 [(t.shape, t.dtype, t.stride()) for t in expected], op
+
+
+def test_importing_recvit_loads_neither_dynamo_nor_triton():
+    """The trace-time markers cost nothing at import: importing torch._dynamo takes over a second
+    and imports triton, after which ``recvit check`` could no longer turn the interpreter on."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys, recvit, recvit_kernels; print(sorted({'torch._dynamo', 'triton'} & set(sys.modules)))"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                            check=True)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

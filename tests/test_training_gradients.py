@@ -51,3 +51,46 @@ def test_training_gradients_equal_eager(backend, static_shapes, profile, kv):
             assert_flash_rule(ours[name], theirs[name], grad, floor)
         except AssertionError as error:
             raise AssertionError(f"{name}: {error}") from None
+
+
+def autocast_gradients(model, images, depths, targets, backend, dtype):
+    """(logits, {name: gradient}) of one step of the recipe's loss, under autocast to ``dtype`` if any."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(images.device.type, dtype or torch.float32, enabled=dtype is not None):
+        out = model(images, depths=depths, return_aux=True, backend=backend)
+        loss = recvit.EdgeRecViTLoss(label_smoothing=0.1)(out, targets).total
+    loss.backward()
+    return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()
+                                 if p.grad is not None}
+
+
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", torch.float16),  # the interpreter runs fp16, not bf16
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+])
+@pytest.mark.parametrize("static_shapes", [False, True], ids=["packed", "static"])
+def test_autocast_training_step_on_triton(device, dtype, static_shapes):
+    """Under autocast the triton backend runs the steps in the autocast dtype (its kernels take one
+    dtype a call, where autocast would mix fp32 LayerNorm with 16-bit GEMMs). Logits and every
+    gradient against the fp64 eager reference: at most twice eager-under-autocast's error, plus a
+    floor of 1e-3 of the largest entry (about a 16-bit rounding: here the residual stream is 16-bit,
+    autocast's stays fp32)."""
+    if rk.unavailable_reason("triton") is not None:
+        pytest.skip(rk.unavailable_reason("triton"))
+    model = recvit.create_model("edge_recvit_tiny", **SMALL).to(device).train()
+    reference_model = copy.deepcopy(model).double()
+    model.recursion.static_shapes = static_shapes
+    images, targets = torch.randn(2, 3, 32, 32, device=device), torch.tensor([3, 7], device=device)
+    depths = random_depths(2, model.num_tokens, model.num_steps).to(device)
+
+    ours = autocast_gradients(model, images, depths, targets, "triton", dtype)
+    theirs = autocast_gradients(model, images, depths, targets, "eager", dtype)
+    reference = autocast_gradients(reference_model, images.double(), depths, targets, "eager", None)
+    assert ours[1].keys() == reference[1].keys()
+    pairs = [("logits", ours[0], theirs[0], reference[0])]
+    pairs += [(name, ours[1][name], theirs[1][name], grad) for name, grad in reference[1].items()]
+    for name, mine, eager, exact in pairs:
+        try:
+            assert_flash_rule(mine.float(), eager.float(), exact, 1e-3 * float(exact.abs().max()))
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from None

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import call_op, register
+from .._backend import call_op, constant_while_tracing, register
 from .._checks import values_checkable
 from ..depth_sort import DepthLayout, check_depths
 from . import device_reason, extension
@@ -29,7 +29,7 @@ def _supports(depths: torch.Tensor, num_steps: int) -> Optional[str]:
 
 
 # A fact of the build: torch.compile asks the extension at trace time and keeps the answer.
-@torch.compiler.assume_constant_result
+@constant_while_tracing
 def _max_depth_steps() -> int:
     return extension().max_depth_steps
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .._backend import call_op, register
+from .._backend import call_op, constant_while_tracing, register
 from . import device_reason, extension, grad_reason
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -33,7 +33,7 @@ def _supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 
 
 # A fact of the build: torch.compile asks the extension at trace time and keeps the answer.
-@torch.compiler.assume_constant_result
+@constant_while_tracing
 def _supports_head_dim(head_dim: int) -> bool:
     return extension().attention_supports_head_dim(head_dim)
 

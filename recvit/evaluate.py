@@ -182,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             model = build_model(settings["model"] or "edge_recvit_base", len(classes), settings["img_size"],
                                 settings["patch_size"], settings["kv"], args.backend, settings["ranker"])
         except (TypeError, ValueError) as error:
-            parser.error(f"argument --model/--img-size/--patch-size: {error}")
+            parser.error(f"argument --model/--img-size/--patch-size/--ranker: {error}")
         try:
             dataset = image_folder(split, model.patch_embed.img_size, train=False)
         except (FileNotFoundError, ValueError) as error:

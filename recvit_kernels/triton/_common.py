@@ -51,8 +51,9 @@ def records_grad(*inputs) -> bool:
 
 def new_output(shape, like: torch.Tensor, zero: bool) -> torch.Tensor:
     """An output buffer for a kernel that leaves some rows unwritten: uninitialised for inference,
-    zero (``zero``, when autograd records the op) because the eager backward reads every row and
-    the garbage of an unwritten row, times a zero gradient, could still be NaN."""
+    zero (``zero``, when autograd records the op). The triton backwards read the live rows only, but
+    an op that fell back to the eager backend differentiates every row, and the garbage of an
+    unwritten row times a zero gradient can still be NaN (a memset per op: training only)."""
     return (torch.zeros if zero else torch.empty)(shape, dtype=like.dtype, device=like.device)
 
 

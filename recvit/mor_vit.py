@@ -57,7 +57,7 @@ from .edge_recvit import EdgeRecViT, RecViTOutput, _init_weights
 from .factory import register_model
 from .layers import PatchEmbed, check_kv
 from .losses import du_loss, stb_loss
-from .recursion import RecursiveBlock, _write_prefix
+from .recursion import RecursiveBlock, _write_prefix, kernel_autocast_dtype
 
 ROUTINGS = ("expert_choice", "token_choice")
 
@@ -140,7 +140,13 @@ class MoRViT(nn.Module):
                 raise ValueError("depths: expert-choice routing picks the depths itself; an override "
                                  "is only accepted with routing='token_choice'")
             run = self._expert_masked if backend == "eager" else self._expert_packed
-            states, depths, logits, scored = run(tokens, kv, backend)
+            dtype = kernel_autocast_dtype(tokens, backend)
+            if dtype is None:
+                states, depths, logits, scored = run(tokens, kv, backend)
+            else:  # as RecursiveBlock does: the steps in autocast's dtype, autocast off
+                with torch.autocast(tokens.device.type, enabled=False):
+                    states, depths, logits, scored = run(tokens.to(dtype), kv, backend)
+                states = states.to(tokens.dtype)
         features = self.norm(states)
         class_logits = self.head(features[:, 0])
         if not return_aux:
@@ -153,7 +159,8 @@ class MoRViT(nn.Module):
     def _router_logits(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """Step ``step``'s router logits ``z = w . x + b``: (..., C) -> (...)."""
         router = self.router
-        return F.linear(x, router.weight[step - 1:step], router.bias[step - 1:step])[..., 0]
+        weight, bias = router.weight[step - 1:step], router.bias[step - 1:step]
+        return F.linear(x, weight.to(x.dtype), bias.to(x.dtype))[..., 0]
 
     def _token_choice(self, tokens, depths, kv, backend):
         logits = self.router(tokens)  # (B, N, L)

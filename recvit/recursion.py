@@ -89,22 +89,11 @@ class RecursiveBlock(nn.Module):
         backend = rk.resolve_backend(backend or self.backend)
         if backend == "eager":
             return self._forward_masked(x, depths, kv)
-        kernels = backend in ("triton", "cuda") or (backend == "auto" and x.device.type == "cuda")
-        if kernels and torch.is_autocast_enabled(x.device.type):
-            return self._forward_autocast(x, depths, kv, backend)
+        dtype = kernel_autocast_dtype(x, backend)
+        if dtype is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward_packed(x.to(dtype), depths, kv, backend).to(x.dtype)
         return self._forward_packed(x, depths, kv, backend)
-
-    def _forward_autocast(self, x, depths, kv, backend):
-        """The steps under autocast on a kernel backend: in autocast's dtype throughout.
-
-        Autocast would hand the ops mixed dtypes (LayerNorm and the residual stream in fp32, the GEMMs
-        in bf16), and a kernel takes one dtype per call. So the rows are cast once, each op gets its
-        parameters cast to them (differentiably: the parameters keep their dtype), LayerNorm keeps
-        its fp32 statistics inside the kernel, and the result returns in x's dtype.
-        """
-        dtype = torch.get_autocast_dtype(x.device.type)
-        with torch.autocast(x.device.type, enabled=False):
-            return self._forward_packed(x.to(dtype), depths, kv, backend).to(x.dtype)
 
     def _forward_masked(self, x, depths, kv):
         for step in range(1, self.num_steps + 1):
@@ -178,6 +167,21 @@ class RecursiveBlock(nn.Module):
             else:
                 layer.forward_static(rows, layout, step, kv, backend, out=rows)
         return rows
+
+
+def kernel_autocast_dtype(x: torch.Tensor, backend: str) -> Optional[torch.dtype]:
+    """Autocast's dtype when ``backend`` runs kernels under autocast on x's device, else None.
+
+    Autocast would hand the ops mixed dtypes (LayerNorm and the residual stream in fp32, the GEMMs
+    in bf16), and a kernel takes one dtype per call. So the recursion then runs in autocast's dtype
+    with autocast off: the rows cast once, each op's parameters cast to them (differentiably: the
+    parameters keep their dtype; ``Block._forward_rows``), LayerNorm with its fp32 statistics inside
+    the kernel, and the result cast back to x's dtype.
+    """
+    kernels = backend in ("triton", "cuda") or (backend == "auto" and x.device.type == "cuda")
+    if kernels and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
 
 
 def _write_prefix(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:

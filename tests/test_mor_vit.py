@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import recvit
+import recvit_kernels as rk
 from recvit.mor_vit import MoRViTLoss, MoRViTOutput, balancing_loss, kept_count, router_z_loss
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=32, num_heads=2, num_steps=4)
@@ -307,3 +308,25 @@ def test_token_choice_sync_free_path_equals_eager(kv, monkeypatch):
         monkeypatch.setattr(model.recursion, "static_shapes", True)
         static = model(images, kv=kv, backend="packed")
     torch.testing.assert_close(static, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
+def test_triton_under_autocast_matches_eager(routing):
+    """Under autocast the triton backend runs the recursion in autocast's dtype (fp16 here, the
+    interpreter has no bf16): the same depths as eager under autocast, logits and the routers'
+    gradient within 16-bit rounding (its residual stream is 16-bit, autocast's stays fp32)."""
+    if rk.unavailable_reason("triton") is not None:
+        pytest.skip(rk.unavailable_reason("triton"))
+    model = small_model(routing=routing).train()
+    images = torch.randn(2, 3, 32, 32)
+    results = {}
+    for backend in ("triton", "eager"):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.float16):
+            out = model(images, return_aux=True, backend=backend)
+        out.logits.float().sum().backward()
+        results[backend] = out.logits.float().detach(), out.depths, model.router.weight.grad.clone()
+    (logits, depths, grad), (eager_logits, eager_depths, eager_grad) = results["triton"], results["eager"]
+    assert torch.equal(depths, eager_depths)
+    torch.testing.assert_close(logits, eager_logits, atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(grad, eager_grad, atol=2e-2 * float(eager_grad.abs().max()), rtol=0)

@@ -176,5 +176,8 @@ class Block(nn.Module):
 
 def _params(module: nn.Module, dtype: torch.dtype):
     """(weight, bias or None) of a Linear or LayerNorm in ``dtype`` (the tensors themselves if they
-    already are)."""
-    return module.weight.to(dtype), None if module.bias is None else module.bias.to(dtype)
+    already are: checked here, a ``.to`` call costs ~1 µs of host time, 12 a step)."""
+    weight, bias = module.weight, module.bias
+    if weight.dtype == dtype and (bias is None or bias.dtype == dtype):
+        return weight, bias
+    return weight.to(dtype), None if bias is None else bias.to(dtype)

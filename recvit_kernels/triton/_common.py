@@ -82,3 +82,9 @@ def segment_rows(ROWS, start, offs, valid, HAS_ROWS: tl.constexpr):
     if HAS_ROWS:
         return tl.load(ROWS + start + offs, mask=valid, other=0).to(tl.int64)
     return (start + offs).to(tl.int64)
+
+
+@triton.jit
+def head_tile(P, rows, head, stride_row, stride_head, stride_dim, offs_d):
+    """Pointers (len(rows), HEAD_DIM) to head ``head``'s vectors in the tensor rows ``rows``."""
+    return P + rows[:, None] * stride_row + head * stride_head + offs_d[None, :] * stride_dim

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from .._backend import call_op, register
-from ._common import (ATTENTION_TABLES, LOG2E, device_reason, dot_precision, new_output, records_grad,
-                      segment_bounds, segment_rows)
+from ._common import (ATTENTION_TABLES, LOG2E, device_reason, dot_precision, head_tile, new_output,
+                      records_grad, segment_bounds, segment_rows)
 from .varlen_attention_backward import varlen_attention_backward
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -58,7 +58,7 @@ def _varlen_attention_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Q_ROWS, KV_ROWS, USED_
     m_valid = offs_m < q_len
     q_row = segment_rows(Q_ROWS, q_start, offs_m, m_valid, HAS_Q_ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + q_row[:, None] * sq_r + head * sq_h + offs_d[None, :] * sq_d,
+    q = tl.load(head_tile(Q, q_row, head, sq_r, sq_h, sq_d, offs_d),
                 mask=m_valid[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -68,7 +68,7 @@ def _varlen_attention_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Q_ROWS, KV_ROWS, USED_
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_valid = offs_n < k_len
         kv_row = segment_rows(KV_ROWS, k_start, offs_n, n_valid, HAS_KV_ROWS)
-        k = tl.load(K + kv_row[:, None] * sk_r + head * sk_h + offs_d[None, :] * sk_d,
+        k = tl.load(head_tile(K, kv_row, head, sk_r, sk_h, sk_d, offs_d),
                     mask=n_valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(n_valid[None, :], s, float("-inf"))
@@ -76,12 +76,12 @@ def _varlen_attention_kernel(Q, K, V, O, LSE, CU_Q, CU_K, Q_ROWS, KV_ROWS, USED_
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_row[:, None] * sv_r + head * sv_h + offs_d[None, :] * sv_d,
+        v = tl.load(head_tile(V, kv_row, head, sv_r, sv_h, sv_d, offs_d),
                     mask=n_valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a segment without keys gives zeros
-    tl.store(O + q_row[:, None] * so_r + head * so_h + offs_d[None, :] * so_d,
+    tl.store(head_tile(O, q_row, head, so_r, so_h, so_d, offs_d),
              acc.to(O.dtype.element_ty), mask=m_valid[:, None])
     if STORE_LSE:  # -inf for a query without keys (the backward never reads it then)
         lse = m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))

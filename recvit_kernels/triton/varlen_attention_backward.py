@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ATTENTION_TABLES, LOG2E, dot_precision, segment_bounds, segment_rows
+from ._common import ATTENTION_TABLES, LOG2E, dot_precision, head_tile, segment_bounds, segment_rows
 
 
 # Data-dependent tables and bounds: not specialised (see the forward kernel).
@@ -56,11 +56,11 @@ def _varlen_attention_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, CU_Q, CU_K, Q_RO
     m_valid = offs_m < q_len
     q_row = segment_rows(Q_ROWS, q_start, offs_m, m_valid, HAS_Q_ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + q_row[:, None] * sq_r + head * sq_h + offs_d[None, :] * sq_d,
+    q = tl.load(head_tile(Q, q_row, head, sq_r, sq_h, sq_d, offs_d),
                 mask=m_valid[:, None], other=0.0)
-    do = tl.load(DO + q_row[:, None] * sdo_r + head * sdo_h + offs_d[None, :] * sdo_d,
+    do = tl.load(head_tile(DO, q_row, head, sdo_r, sdo_h, sdo_d, offs_d),
                  mask=m_valid[:, None], other=0.0)
-    o = tl.load(O + q_row[:, None] * so_r + head * so_h + offs_d[None, :] * so_d,
+    o = tl.load(head_tile(O, q_row, head, so_r, so_h, so_d, offs_d),
                 mask=m_valid[:, None], other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + q_row * heads + head, delta, mask=m_valid)
@@ -71,9 +71,9 @@ def _varlen_attention_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, CU_Q, CU_K, Q_RO
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_valid = offs_n < k_len
         kv_row = segment_rows(KV_ROWS, k_start, offs_n, n_valid, HAS_KV_ROWS)
-        k = tl.load(K + kv_row[:, None] * sk_r + head * sk_h + offs_d[None, :] * sk_d,
+        k = tl.load(head_tile(K, kv_row, head, sk_r, sk_h, sk_d, offs_d),
                     mask=n_valid[:, None], other=0.0)
-        v = tl.load(V + kv_row[:, None] * sv_r + head * sv_h + offs_d[None, :] * sv_d,
+        v = tl.load(head_tile(V, kv_row, head, sv_r, sv_h, sv_d, offs_d),
                     mask=n_valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         # a masked key (k = v = 0) would give p = exp2(-lse), which overflows for lse < -128
@@ -81,7 +81,7 @@ def _varlen_attention_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, CU_Q, CU_K, Q_RO
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + q_row[:, None] * sdq_r + head * sdq_h + offs_d[None, :] * sdq_d,
+    tl.store(head_tile(DQ, q_row, head, sdq_r, sdq_h, sdq_d, offs_d),
              (dq * scale).to(DQ.dtype.element_ty), mask=m_valid[:, None])
 
 
@@ -107,9 +107,9 @@ def _varlen_attention_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, Q
     n_valid = offs_n < k_len
     kv_row = segment_rows(KV_ROWS, k_start, offs_n, n_valid, HAS_KV_ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
-    k = tl.load(K + kv_row[:, None] * sk_r + head * sk_h + offs_d[None, :] * sk_d,
+    k = tl.load(head_tile(K, kv_row, head, sk_r, sk_h, sk_d, offs_d),
                 mask=n_valid[:, None], other=0.0)
-    v = tl.load(V + kv_row[:, None] * sv_r + head * sv_h + offs_d[None, :] * sv_d,
+    v = tl.load(head_tile(V, kv_row, head, sv_r, sv_h, sv_d, offs_d),
                 mask=n_valid[:, None], other=0.0)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -118,9 +118,9 @@ def _varlen_attention_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, Q
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_valid = offs_m < q_len
         q_row = segment_rows(Q_ROWS, q_start, offs_m, m_valid, HAS_Q_ROWS)
-        q = tl.load(Q + q_row[:, None] * sq_r + head * sq_h + offs_d[None, :] * sq_d,
+        q = tl.load(head_tile(Q, q_row, head, sq_r, sq_h, sq_d, offs_d),
                     mask=m_valid[:, None], other=0.0)
-        do = tl.load(DO + q_row[:, None] * sdo_r + head * sdo_h + offs_d[None, :] * sdo_d,
+        do = tl.load(head_tile(DO, q_row, head, sdo_r, sdo_h, sdo_d, offs_d),
                      mask=m_valid[:, None], other=0.0)
         lse = tl.load(LSE + q_row * heads + head, mask=m_valid, other=0.0)
         delta = tl.load(DELTA + q_row * heads + head, mask=m_valid, other=0.0)
@@ -132,9 +132,9 @@ def _varlen_attention_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, Q
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-    tl.store(DK + kv_row[:, None] * sdk_r + head * sdk_h + offs_d[None, :] * sdk_d,
+    tl.store(head_tile(DK, kv_row, head, sdk_r, sdk_h, sdk_d, offs_d),
              (dk * scale).to(DK.dtype.element_ty), mask=n_valid[:, None])
-    tl.store(DV + kv_row[:, None] * sdv_r + head * sdv_h + offs_d[None, :] * sdv_d,
+    tl.store(head_tile(DV, kv_row, head, sdv_r, sdv_h, sdv_d, offs_d),
              dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
 
 

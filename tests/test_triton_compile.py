@@ -58,12 +58,32 @@ def test_every_setting_was_traced(entry):
     assert {row["kernel"] for row in entry["variants"]} >= set(DOT_KERNELS)
 
 
-def test_every_launched_variant_compiles_without_spills(entry):
-    for row in entry["variants"]:
+def _assert_compiles_cleanly(report, dot_kernels=()):
+    """Every variant of a ``benchmarks.triton_variants`` report, on every arch: no spill, shared memory
+    within the limit; the kernels named in ``dot_kernels`` on tensor cores unless IEEE fp32."""
+    for row in report["variants"]:
         for arch, res in row["compiled"].items():
             where = f"{row['kernel']} {row['constexprs']} {row['options']} on {arch}"
             assert res["spill_bytes"] == 0 and res["local_bytes"] == 0, f"{where} spills: {res}"
-            assert res["shared_bytes"] <= entry["shared_limit"][arch], f"{where}: {res}"
+            assert res["shared_bytes"] <= report["shared_limit"][arch], f"{where}: {res}"
+            if row["kernel"] in dot_kernels:
+                ieee = row["dtype"] == "fp32" and row["constexprs"]["PRECISION"] == "ieee"
+                assert (res["mma"] == "none") == ieee, f"{where}: {res}"
+
+
+def _compile_script(script, timeout):
+    """The report a script prints as its last line, run where Triton compiles for the GPU targets."""
+    env = _compiler_env()
+    if not _has_nvidia_backend(env):
+        pytest.skip("this triton has no nvidia backend")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_every_launched_variant_compiles_without_spills(entry):
+    _assert_compiles_cleanly(entry)
 
 
 def test_dots_use_tensor_cores_unless_ieee_fp32(entry):
@@ -140,26 +160,14 @@ def test_attention_training_kernels_compile_without_spills():
     """The forward storing the log-sum-exp, the dQ and the dK/dV kernels, in bf16/fp16/fp32/fp32-tf32
     and both kv modes, for sm_80 and sm_90: no spill, shared memory within the limit, tensor cores
     unless IEEE fp32."""
-    env = _compiler_env()
-    if not _has_nvidia_backend(env):
-        pytest.skip("this triton has no nvidia backend")
-    result = subprocess.run([sys.executable, "-c", _BACKWARD_SCRIPT], capture_output=True, text=True,
-                            env=env, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    backward = json.loads(result.stdout.splitlines()[-1])
+    backward = _compile_script(_BACKWARD_SCRIPT, timeout=600)
     kernels = {(row["kernel"], row["dtype"], row["constexprs"]["HAS_USED_K"]) for row in backward["variants"]}
     assert {kernel for kernel, _, _ in kernels} == {"_varlen_attention_kernel", "_varlen_attention_dq_kernel",
                                                     "_varlen_attention_dkdv_kernel"}
     assert len(kernels) == 3 * 3 * 2  # kernel x dtype (bf16, fp16, fp32) x kv mode
     assert all(row["constexprs"]["STORE_LSE"] for row in backward["variants"]
                if row["kernel"] == "_varlen_attention_kernel")
-    for row in backward["variants"]:
-        for arch, res in row["compiled"].items():
-            where = f"{row['kernel']} {row['constexprs']} {row['options']} on {arch}"
-            assert res["spill_bytes"] == 0 and res["local_bytes"] == 0, f"{where} spills: {res}"
-            assert res["shared_bytes"] <= backward["shared_limit"][arch], f"{where}: {res}"
-            ieee = row["dtype"] == "fp32" and row["constexprs"]["PRECISION"] == "ieee"
-            assert (res["mma"] == "none") == ieee, f"{where}: {res}"
+    _assert_compiles_cleanly(backward, dot_kernels={kernel for kernel, _, _ in kernels})
 
 
 # The token-wise layers' training launches at Edge-RecViT-Base's shapes (batch 1 and 256, a live
@@ -205,23 +213,11 @@ def test_tokenwise_training_kernels_compile_without_spills():
     """The token-wise backward kernels (and the forward storing GELU's input) in bf16/fp16/fp32/
     fp32-tf32 at Base's shapes, for sm_80 and sm_90: no spill, shared memory within the limit,
     tensor cores for the GEMMs unless IEEE fp32."""
-    env = _compiler_env()
-    if not _has_nvidia_backend(env):
-        pytest.skip("this triton has no nvidia backend")
-    result = subprocess.run([sys.executable, "-c", _TOKENWISE_BACKWARD_SCRIPT], capture_output=True,
-                            text=True, env=env, cwd=ROOT, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    backward = json.loads(result.stdout.splitlines()[-1])
+    backward = _compile_script(_TOKENWISE_BACKWARD_SCRIPT, timeout=900)
     assert {row["kernel"] for row in backward["variants"]} == {
         "_prefix_linear_kernel", "_prefix_linear_grad_rows_kernel", "_prefix_linear_dweight_kernel",
         "_epilogue_backward_kernel", "_layer_norm_backward_kernel"}
     assert any(row["constexprs"]["STORE_PRE"] for row in backward["variants"]
                if row["kernel"] == "_prefix_linear_kernel")
-    for row in backward["variants"]:
-        for arch, res in row["compiled"].items():
-            where = f"{row['kernel']} {row['constexprs']} {row['options']} on {arch}"
-            assert res["spill_bytes"] == 0 and res["local_bytes"] == 0, f"{where} spills: {res}"
-            assert res["shared_bytes"] <= backward["shared_limit"][arch], f"{where}: {res}"
-            if row["kernel"] in ("_prefix_linear_kernel", "_prefix_linear_dweight_kernel"):
-                ieee = row["dtype"] == "fp32" and row["constexprs"]["PRECISION"] == "ieee"
-                assert (res["mma"] == "none") == ieee, f"{where}: {res}"
+    _assert_compiles_cleanly(backward,
+                             dot_kernels=("_prefix_linear_kernel", "_prefix_linear_dweight_kernel"))

@@ -290,7 +290,7 @@ def attention_forms(layout, step: int, kv: str) -> dict:
 
     ``"compact"``: the step's rows as one compact table (``attention_rows`` at the static bound B*N),
     flash-attention's plain varlen form. ``"seqused"``: the model's form
-    (``recvit.layers.Block._forward_rows``), one ``image_order`` table for every step with the
+    (``recvit.models.layers.Block._forward_rows``), one ``image_order`` table for every step with the
     static starts b*N and the used lengths ``image_lengths[step - 1]``; its uncovered rows are
     unspecified. Reads M_step back to the host (for ``covered``).
     """
@@ -395,7 +395,7 @@ def _check_row_ops(checker, candidates, scale, batch, layout, dtype):
 
 
 def check_models(checker: _Checker, group: Group) -> None:
-    from .factory import create_model
+    from .models.registry import create_model
 
     torch = checker.torch
     wanted = [c for c in ("model", "model sync-free", "graph replay") if checker.wanted(c)]
@@ -437,7 +437,7 @@ def check_models(checker: _Checker, group: Group) -> None:
 def _check_model(checker, check, model, images, depths, kv, backend, theirs, reference, floor):
     torch = checker.torch
     if check == "graph replay":
-        from .graph import compile_graph
+        from .models.graph import compile_graph
 
         graphed = compile_graph(model, images, depths, backend=backend)
         # The replay must follow new inputs: the checked call sees images the capture never saw.

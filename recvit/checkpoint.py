@@ -331,7 +331,7 @@ def from_pretrained(path: Union[str, os.PathLike], kv: str = "all", backend: Opt
     The result is the public code's evaluation path (``training=False``: argmax depths, no
     sampling, no Gumbel noise), returned in eval mode.
     """
-    from .edge_recvit import EdgeRecViT
+    from .models.edge_recvit import EdgeRecViT
 
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -443,7 +443,7 @@ def _unsupported_global(error: Exception) -> str:
 
 
 def _check_public_ranker(model: nn.Module) -> None:
-    from .edge_recvit import ThreeLayerRanker
+    from .models.edge_recvit import ThreeLayerRanker
 
     if not isinstance(getattr(model, "ranker", None), ThreeLayerRanker):
         raise ValueError(f"state_dict: a checkpoint of the public Edge-RecViT code, whose router has three "
@@ -469,7 +469,7 @@ def _public_source_names(target: str, state_dict) -> list:
 
 def _fit_hint(state_dict, source: str, names: dict, model: nn.Module) -> str:
     """'its shapes fit <model>, ...' from the checkpoint's width, tokens, classes and depth count."""
-    from .factory import create_model, list_models
+    from .models.registry import create_model, list_models
 
     def shape(target, dim):
         sources = names.get(target) or [None]

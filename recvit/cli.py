@@ -124,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _model(sub: argparse.ArgumentParser, name: str, **overrides):
-    from .factory import create_model, list_models
+    from .models.registry import create_model, list_models
 
     if name not in list_models():
         sub.error(f"argument --model: unknown model {name!r}; expected one of {', '.join(list_models())}")
@@ -247,7 +247,7 @@ def _require_beta(sub, name: str) -> None:
     """--beta only for a model with a beta (MoR-ViT's expert choice), checked on a meta-device build."""
     import torch
 
-    from .factory import create_model, list_models
+    from .models.registry import create_model, list_models
 
     if name not in list_models():
         return  # _model reports the unknown name

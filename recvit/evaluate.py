@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import distributed
 from .bench.timer import timed_call
-from .edge_recvit import RANKERS
+from .models.edge_recvit import RANKERS
 from .flops import count_flops
 
 
@@ -101,7 +101,7 @@ def build_model(name: str, num_classes: int, img_size: Optional[int] = None, pat
                 kv: Optional[str] = None, backend: Optional[str] = None, ranker: Optional[str] = None) -> nn.Module:
     """An Edge-RecViT from the registry (``ValueError`` naming the setting that does not fit); a setting
     left None is the model's."""
-    from .factory import create_model, list_models
+    from .models.registry import create_model, list_models
 
     if name not in list_models() or not name.startswith("edge_recvit"):
         models = [model for model in list_models() if model.startswith("edge_recvit")]

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 import recvit_kernels as rk
 
-from .layers import check_kv
+from .models.layers import check_kv
 
 PARAMS_CONVENTION = ("every parameter except the classifier head: patch embedding, [CLS], positions, "
                      "ranker (MoR-ViT: router), the head/shared/tail layers and the final norm")

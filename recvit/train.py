@@ -38,9 +38,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from . import distributed
-from .edge_recvit import RANKERS
+from .models.edge_recvit import RANKERS
 from .evaluate import autocast, build_model, evaluate, shard_loader
-from .losses import EdgeRecViTLoss
+from .models.losses import EdgeRecViTLoss
 
 FROZEN_IN_STAGE_1 = "recursion."  # head, shared and tail layers
 CHECKPOINT = "last.pt"

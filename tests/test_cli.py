@@ -184,9 +184,9 @@ def test_closed_pipe_ends_quietly():
 
 
 def test_depthmap_validates_the_output_format_before_building_the_model(capsys, tmp_path, monkeypatch):
-    import recvit.factory
+    import recvit.models.registry
 
-    monkeypatch.setattr(recvit.factory, "create_model", lambda *a, **k: pytest.fail("the model was built"))
+    monkeypatch.setattr(recvit.models.registry, "create_model", lambda *a, **k: pytest.fail("the model was built"))
     image = tmp_path / "in.png"
     image.write_bytes(b"")
     assert "unknown figure format '.xyz'" in _fails(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.xyz"))

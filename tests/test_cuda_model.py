@@ -9,7 +9,7 @@ import torch
 
 import recvit
 import recvit_kernels as rk
-from recvit.graph import compile_graph
+from recvit.models.graph import compile_graph
 from recvit_kernels import _backend
 from test_ops import PROFILES, random_depths
 from tolerance import assert_flash_rule

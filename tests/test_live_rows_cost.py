@@ -21,7 +21,7 @@ import torch
 
 import recvit
 import recvit_kernels as rk
-from recvit.layers import Block
+from recvit.models.layers import Block
 
 if rk.unavailable_reason("triton") is not None:
     pytest.skip(f"triton backend unavailable: {rk.unavailable_reason('triton')}", allow_module_level=True)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import recvit
-from recvit.layers import Block
+from recvit.models.layers import Block
 from test_ops import PROFILES, random_depths
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=32, num_heads=2)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recvit.bench.timer import saved_activation_bytes
-from recvit.recursion import RecursiveBlock
+from recvit.models.recursion import RecursiveBlock
 
 BATCH, TOKENS, STEPS = 2, 17, 4
 PROFILES = {

@@ -206,7 +206,7 @@ def test_eval_rebuilds_the_trained_ranker(tmp_path, capsys, one_thread):
     make_shapes_dataset(str(data), images_per_class=4, val_per_class=2, size=32, seed=5)
     result = train.run(train.parse_args(["--data", str(data), "--output", str(tmp_path / "run"), "--epochs", "1",
                                          "--batch-size", "8", "--no-plot", "--ranker", "public_3layer", *TINY]))
-    assert isinstance(result.model.ranker, recvit.edge_recvit.ThreeLayerRanker)
+    assert isinstance(result.model.ranker, recvit.models.edge_recvit.ThreeLayerRanker)
     report = tmp_path / "eval.json"
     assert cli_main(["eval", "--data", str(data), "--checkpoint", str(tmp_path / "run" / "last.pt"),
                      "--workers", "0", "--no-progress", "--json", str(report)]) == 0

@@ -4,7 +4,7 @@ import torch
 
 import recvit
 import recvit_kernels as rk
-from recvit.graph import GraphedForward, compile_graph
+from recvit.models.graph import GraphedForward, compile_graph
 from test_ops import PROFILES, random_depths
 from tolerance import assert_flash_rule
 

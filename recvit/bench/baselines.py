@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..edge_recvit import EdgeRecViT, _init_weights
-from ..layers import Block, PatchEmbed
+from ..models.edge_recvit import EdgeRecViT, _init_weights
+from ..models.layers import Block, PatchEmbed
 
 
 class Unavailable(Exception):
@@ -26,7 +26,7 @@ class Unavailable(Exception):
 
 class DeiTDense(nn.Module):
     """A plain pre-norm ViT (DeiT) of the same scale: patch embed + [CLS] + positions, ``depth``
-    :class:`~recvit.layers.Block` layers with SDPA, final norm, classifier on [CLS]."""
+    :class:`~recvit.models.layers.Block` layers with SDPA, final norm, classifier on [CLS]."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, num_classes: int = 1000,
                  embed_dim: int = 768, num_heads: int = 12, depth: int = 12, mlp_ratio: float = 4.0):
@@ -69,7 +69,7 @@ def capture_graph(fn: Callable[[torch.Tensor], torch.Tensor], example_images: to
     so batch-1 latency compares graphs on both sides. Returns ``graphed(images, depths=None)``."""
     if example_images.device.type != "cuda":
         raise Unavailable("CUDA graphs need a CUDA GPU")
-    from ..graph import GraphedForward, capture
+    from ..models.graph import GraphedForward, capture
 
     static = example_images.clone()
     graph, logits = capture(lambda: fn(static), static.device, warmup)

@@ -61,7 +61,7 @@ def _graph_impl(backend: str):
         _backend_impl(backend)(model, deit, images, depths)
         if images.device.type != "cuda":
             raise Unavailable("CUDA graphs need a CUDA GPU")
-        from ..graph import compile_graph
+        from ..models.graph import compile_graph
 
         return compile_graph(model, images, depths=depths, backend=backend)
     return build
@@ -141,7 +141,7 @@ def implementations(force_compile: bool = False) -> list[Implementation]:
         impls.append(Implementation(backend, f"ours: depth-sorted prefix layout, backend='{backend}'",
                                     _backend_impl(backend)))
         impls.append(Implementation(f"{backend}+graph", f"ours: backend='{backend}', whole forward "
-                                    "captured in one CUDA graph (recvit.graph)", _graph_impl(backend)))
+                                    "captured in one CUDA graph (recvit.models.graph)", _graph_impl(backend)))
     impls += [
         Implementation("deit-dense+compile", "DeiT dense through torch.compile",
                        _compile_impl("dense", force_compile), flops=dense, headline_only=True),

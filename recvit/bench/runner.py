@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..factory import create_model
+from ..models.registry import create_model
 from ..flops import count_flops
 from .baselines import DeiTDense, Unavailable, dense_flops, first_line
 from .implementations import Implementation, implementations, paper_profile_flops, tome_r

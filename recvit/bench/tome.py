@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import Block
+from ..models.layers import Block
 from .baselines import DeiTDense
 
 

@@ -38,7 +38,7 @@ selection). ``packed``, ``triton``, ``cuda`` and ``auto`` keep the active tokens
 For expert choice each step re-sorts only the active prefix: the kept rows move to the front
 (image-major, each image's rows in token order), the rejected ones stay right behind them and never
 move again, so the final buffer is in depth-major order. Every step is
-:meth:`recvit.layers.Block.forward_packed` on that prefix through the ``recvit_kernels`` ops; since
+:meth:`recvit.models.layers.Block.forward_packed` on that prefix through the ``recvit_kernels`` ops; since
 the per-image counts are fixed by N and beta, this path has no host synchronisation.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 import recvit_kernels as rk
 
 from .edge_recvit import EdgeRecViT, RecViTOutput, _init_weights
-from .factory import register_model
+from .registry import register_model
 from .layers import PatchEmbed, check_kv
 from .losses import du_loss, stb_loss
 from .recursion import RecursiveBlock, _write_prefix, kernel_autocast_dtype

@@ -111,11 +111,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return bench.main(argv[1:]) or 0
     if argv[:1] == ["train"]:
-        from . import train
+        from .training import train
 
         return train.main(argv[1:])
     if argv[:1] == ["eval"]:
-        from . import evaluate
+        from .training import evaluate
 
         return evaluate.main(argv[1:])
     parser = _build_parser()

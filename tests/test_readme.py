@@ -5,7 +5,7 @@ directory (a later command may use what an earlier one wrote): ``recvit ...`` co
 ``recvit.cli.main`` (the console script and ``python -m recvit`` call the same function, see
 test_cli.py); ``python -c`` commands in a subprocess; the set-up and test commands must be the ones
 ``.ci/run`` runs; the CUDA build and the benchmark harness (minutes on a CPU; here only their entry
-points are checked) run in the GPU test; ``torchrun ... -m recvit.train`` lines (templates that need
+points are checked) run in the GPU test; ``torchrun ... -m recvit train`` lines (templates that need
 the user's data set and GPUs) must be accepted by the training parser.
 The blocks run in a temporary directory that holds the files the README names as the user's:
 ``photo.png`` (a non-square picture) and ``public_run/`` (a public Edge-RecViT checkpoint directory).
@@ -125,12 +125,12 @@ def test_bash_block_runs(block, user_files, capsys):
 @pytest.mark.parametrize("command", [c for c in commands() if kind(c) == "torchrun"])
 def test_torchrun_templates_parse(command):
     """The multi-GPU recipes need the user's data set: their arguments must be the trainer's."""
-    from recvit.train import _parser
+    from recvit.training.train import _parser
 
     argv = shlex.split(command)
     module = argv.index("-m")
-    assert argv[module + 1] == "recvit.train", command
-    _parser().parse_args(argv[module + 2:])
+    assert argv[module + 1:module + 3] == ["recvit", "train"], command
+    _parser().parse_args(argv[module + 3:])
 
 
 @pytest.mark.parametrize("command", [c for c in commands() if kind(c) == "ci"])

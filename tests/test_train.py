@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import recvit
-from recvit import train
+from recvit.training import train
 from recvit.cli import main as cli_main
-from recvit.data import ImageFolder, SeededSamples, build_transform, make_shapes_dataset
+from recvit.training.data import ImageFolder, SeededSamples, build_transform, make_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "edge_recvit_tiny", "--img-size", "32", "--patch-size", "8", "--workers", "0",
@@ -45,7 +45,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
         import os, sys
         import torch.distributed as dist
         from safetensors.torch import save_file
-        from recvit import train
+        from recvit.training import train
 
         result = train.run(train.parse_args(sys.argv[1:]))
         state = {key: value.detach().contiguous() for key, value in result.model.state_dict().items()}
@@ -283,7 +283,7 @@ def test_torchvision_and_pillow_loaders_agree(tmp_path):
     pytest.importorskip("torchvision")
     from PIL import Image
 
-    from recvit.data import image_folder
+    from recvit.training.data import image_folder
 
     make_shapes_dataset(str(tmp_path), images_per_class=3, val_per_class=2, size=40)
     for index, size in enumerate([(50, 37), (37, 61), (200, 90)]):  # odd shapes: every rounding path

@@ -1,7 +1,7 @@
-"""``recvit eval`` (also ``python -m recvit.evaluate``): top-1 / top-5 accuracy, mean depth, the
-depth histogram, GFLOPs per image from the depths the ranker actually chose (:func:`recvit.count_flops`)
-and images per second, on an ImageFolder split. Runs under torchrun too (each process takes every
-world_size-th image; the sums are reduced).
+"""``recvit eval`` (also ``python -m recvit eval``, under torchrun too): top-1 / top-5 accuracy,
+mean depth, the depth histogram, GFLOPs per image from the depths the ranker actually chose
+(:func:`recvit.count_flops`) and images per second, on an ImageFolder split. Under torchrun each
+process takes every world_size-th image; the sums are reduced.
 
 Depth statistics count the patch tokens only ([CLS] always runs all L steps); GFLOPs count every token,
 as :func:`recvit.count_flops` does. Images per second time the model's forward passes alone (data
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from . import distributed
-from .bench.timer import timed_call
-from .models.edge_recvit import RANKERS
-from .flops import count_flops
+from ..bench.timer import timed_call
+from ..models.edge_recvit import RANKERS
+from ..flops import count_flops
 
 
 def autocast(device: torch.device, amp: bool):
@@ -101,7 +101,7 @@ def build_model(name: str, num_classes: int, img_size: Optional[int] = None, pat
                 kv: Optional[str] = None, backend: Optional[str] = None, ranker: Optional[str] = None) -> nn.Module:
     """An Edge-RecViT from the registry (``ValueError`` naming the setting that does not fit); a setting
     left None is the model's."""
-    from .models.registry import create_model, list_models
+    from ..models.registry import create_model, list_models
 
     if name not in list_models() or not name.startswith("edge_recvit"):
         models = [model for model in list_models() if model.startswith("edge_recvit")]
@@ -154,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
     from .data import find_classes, image_folder
 
     if args.batch_size < 1 or args.workers < 0:

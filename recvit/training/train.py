@@ -1,5 +1,6 @@
-"""``recvit train`` (also ``python -m recvit.train``): fine-tune (or train from scratch) an
-Edge-RecViT on an ImageFolder, on one process or under torchrun (DDP: NCCL on GPUs, Gloo on CPUs).
+"""``recvit train`` (also ``python -m recvit train``, under torchrun too): fine-tune (or train
+from scratch) an Edge-RecViT on an ImageFolder, on one process or under torchrun (DDP: NCCL on GPUs,
+Gloo on CPUs).
 
 The recipe follows the paper and its supplement: start from a DeiT/ViT checkpoint (timm or Hugging
 Face; source blocks ``--layers HEAD SHARED TAIL`` become the recursive block), a recvit checkpoint,
@@ -38,9 +39,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from . import distributed
-from .models.edge_recvit import RANKERS
+from ..models.edge_recvit import RANKERS
 from .evaluate import autocast, build_model, evaluate, shard_loader
-from .models.losses import EdgeRecViTLoss
+from ..models.losses import EdgeRecViTLoss
 
 FROZEN_IN_STAGE_1 = "recursion."  # head, shared and tail layers
 CHECKPOINT = "last.pt"
@@ -260,7 +261,7 @@ def load_init(model: nn.Module, path: str, layers: Sequence[int] = (0, 6, 11)) -
     """Load ``path`` (DeiT/ViT in timm's or Hugging Face's format, or a recvit checkpoint; see
     :func:`recvit.load_checkpoint`) into ``model``; a classifier of another size (a new label set)
     keeps its initialisation. Returns a line saying what kept its initialisation."""
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     try:
         loaded, note = load_checkpoint(model, path, layers=tuple(layers)), ""
@@ -402,7 +403,7 @@ def _train(args, context) -> TrainResult:
             _log(context, f"stopped after step {global_step} (--stop-after)")
             return TrainResult(model, history, global_step)
     if context.is_main:
-        from .checkpoint import save_checkpoint
+        from ..checkpoint import save_checkpoint
 
         save_checkpoint(model, os.path.join(args.output, "model.safetensors"))
     return TrainResult(model, history)

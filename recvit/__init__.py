@@ -4,15 +4,16 @@ running attention and MLP over only the shrinking set of active tokens.
 from .checkpoint import (ConvertedCheckpoint, convert_state_dict, from_pretrained, load_checkpoint,
                          no_source_prefixes, save_checkpoint)
 from .depthmap import depth_heatmap, plot_depthmap
-from .models.edge_recvit import EdgeAwareRanker, EdgeRecViT, RecViTOutput, ThreeLayerRanker
-from .models.registry import create_model, list_models, register_model
 from .flops import (FlopsBreakdown, count_flops, count_params, expert_choice_flops, full_depth_flops,
                     profile_flops)
+from .models.edge_recvit import EdgeAwareRanker, EdgeRecViT, RecViTOutput, ThreeLayerRanker
 from .models.graph import GraphedForward, compile_graph
 from .models.layers import Block
-from .models.losses import EdgeRecViTLoss, cce_loss, du_loss, stb_loss
-from .models.mor_vit import GatedRecursiveBlock, MoRViT, MoRViTLoss, MoRViTOutput, balancing_loss, router_z_loss
+from .models.losses import (EdgeRecViTLoss, MoRViTLoss, balancing_loss, cce_loss, du_loss, router_z_loss,
+                            stb_loss)
+from .models.mor_vit import GatedRecursiveBlock, MoRViT, MoRViTOutput
 from .models.recursion import RecursiveBlock
+from .models.registry import create_model, list_models, register_model
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import recvit
 import recvit_kernels as rk
-from recvit.models.mor_vit import MoRViTLoss, MoRViTOutput, balancing_loss, kept_count, router_z_loss
+from recvit.models.losses import MoRViTLoss, balancing_loss, router_z_loss
+from recvit.models.mor_vit import MoRViTOutput, kept_count
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=32, num_heads=2, num_steps=4)
 ROUTINGS = ["expert_choice", "token_choice"]

@@ -56,7 +56,6 @@ import recvit_kernels as rk
 from .edge_recvit import EdgeRecViT, RecViTOutput, _init_weights
 from .registry import register_model
 from .layers import PatchEmbed, check_kv
-from .losses import du_loss, stb_loss
 from .recursion import RecursiveBlock, _write_prefix, kernel_autocast_dtype
 
 ROUTINGS = ("expert_choice", "token_choice")
@@ -329,71 +328,6 @@ def _step_layout(batch: int, tokens: int, counts: list[int], token_of_row: torch
     cu_seqlens = F.pad(lengths.cumsum(1, dtype=torch.int32), (1, 0))
     return rk.DepthLayout(batch, tokens, 1, perm, inverse_perm, lengths.sum(1).long(), lengths,
                           cu_seqlens, image_order)
-
-
-@dataclass
-class MoRViTLosses:
-    total: torch.Tensor
-    ce: torch.Tensor
-    z: torch.Tensor
-    balance: torch.Tensor
-
-
-def router_z_loss(output: MoRViTOutput) -> torch.Tensor:
-    """Router z-loss over the patch tokens (columns 1..), pooled over the batch.
-
-    expert choice: mean of ``z^2`` over every scored (token, step) logit (the log-sum-exp of a
-    router's single logit is the logit itself). token choice: mean over tokens of
-    ``(logsumexp_l z_l)^2`` (MoR's token-choice z-loss; the same formula as Edge-RecViT's STB).
-    """
-    logits = output.depth_logits[:, 1:].float()
-    if output.routing == "token_choice":
-        return stb_loss(logits)
-    scored = output.scored[:, 1:]
-    return torch.where(scored, logits, 0.0).pow(2).sum() / scored.sum()
-
-
-def balancing_loss(output: MoRViTOutput) -> torch.Tensor:
-    """Balancing loss over the patch tokens (columns 1..), pooled over the batch.
-
-    token choice: ``L * sum_l P_l A_l`` with ``P_l`` the mean over tokens of the router's normalised
-    preference ``sigmoid(z_l) / sum_l' sigmoid(z_l')`` and ``A_l`` the fraction of tokens of depth l;
-    1 when both are uniform (MoR's balancing loss, Edge-RecViT's DU).
-    expert choice: beta already fixes how many tokens reach each depth, so the balancing term is MoR's
-    expert-choice auxiliary loss: the mean binary cross-entropy of ``sigmoid(z_l)`` against "kept at
-    step l" (depth >= l) over the tokens step l >= 2 ranked (depth >= l - 1); it pulls the scores of
-    kept tokens above 1/2 and of exiting tokens below.
-    """
-    depths = output.depths[:, 1:]
-    logits = output.depth_logits[:, 1:].float()
-    if output.routing == "token_choice":
-        probs = torch.sigmoid(logits)
-        return du_loss(probs / probs.sum(-1, keepdim=True), depths)
-    steps = torch.arange(1, logits.shape[-1] + 1, device=logits.device)
-    ranked = (steps >= 2) & (depths[..., None] >= steps - 1)
-    kept = (depths[..., None] >= steps).float()
-    bce = F.binary_cross_entropy_with_logits(torch.where(ranked, logits, 0.0), kept, reduction="none")
-    return torch.where(ranked, bce, 0.0).sum() / ranked.sum().clamp_min(1)
-
-
-class MoRViTLoss(nn.Module):
-    """``CE(logits, target) + lambda_z * z-loss + lambda_balance * balancing loss``.
-
-    Defaults follow the weights the Edge-RecViT/MoR recipes give their router regularisers
-    (1e-3 for the logit-size term, 0.1 for the balancing term); MoR-ViT leaves them tunable.
-    """
-
-    def __init__(self, lambda_z: float = 1e-3, lambda_balance: float = 0.1):
-        super().__init__()
-        self.lambda_z, self.lambda_balance = lambda_z, lambda_balance
-
-    def forward(self, output: MoRViTOutput, target: torch.Tensor) -> MoRViTLosses:
-        if not isinstance(output, MoRViTOutput):
-            raise TypeError(f"output: expected a MoRViTOutput (model(images, return_aux=True)), "
-                            f"got {type(output).__name__}")
-        ce = F.cross_entropy(output.logits.float(), target)
-        z, balance = router_z_loss(output), balancing_loss(output)
-        return MoRViTLosses(ce + self.lambda_z * z + self.lambda_balance * balance, ce, z, balance)
 
 
 @register_model

@@ -29,6 +29,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("x: expected a tensor with a feature dimension")
     check_floating("x", x)
+    if not eps >= 0:  # NaN too
+        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
     width = x.shape[-1]
     parameters = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
     for name, parameter in parameters.items():

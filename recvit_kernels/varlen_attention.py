@@ -91,7 +91,7 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
             if read.numel() and (int(read.min()) < 0 or int(read.max()) >= tensor.shape[0]):
                 raise ValueError(f"{name}: entries must index the {tensor.shape[0]} rows given")
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: expected a positive host int, got {value!r}")
 
 

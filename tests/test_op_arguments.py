@@ -39,13 +39,23 @@ def test_mlp_refuses(backend, changes, match):
     (dict(x=torch.ones(4, 16, dtype=torch.int64)), "x: expected a floating dtype"),
     (dict(weight=torch.ones(16, dtype=torch.int32)), "weight: expected a floating dtype"),
     (dict(bias=torch.ones(16, dtype=torch.bool)), "bias: expected a floating dtype"),
+    (dict(eps=-1e-5), "eps: expected a number >= 0"),  # a constant row: rsqrt(-1e-5), NaN
+    (dict(eps=float("nan")), "eps: expected a number >= 0"),
 ])
 def test_layer_norm_refuses(backend, changes, match):
-    args = dict(x=torch.randn(4, 16), weight=torch.randn(16), bias=torch.randn(16), residual=None)
+    args = dict(x=torch.randn(4, 16), weight=torch.randn(16), bias=torch.randn(16), eps=1e-6, residual=None)
     args.update(changes)
     error = TypeError if "torch.Tensor" in match else ValueError
     with pytest.raises(error, match=match):
-        rk.layer_norm(args["x"], args["weight"], args["bias"], 1e-6, args["residual"], backend=backend)
+        rk.layer_norm(**args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_attention_refuses_a_bool_bound(backend):
+    q = torch.randn(4, 1, 16)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen_k: expected a positive host int, got True"):
+        rk.varlen_attention(q, q, q, cu, cu, 4, True, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

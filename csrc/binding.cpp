@@ -89,12 +89,18 @@ std::vector<at::Tensor> depth_sort(const at::Tensor& depths, int64_t num_steps) 
   return {perm, inverse_perm, step_rows, image_lengths, cu_seqlens, image_order};
 }
 
+// A contiguous copy in a new allocation (16-byte aligned, as every allocation of the caching
+// allocator is): t.contiguous() returns a contiguous t itself, misaligned pointer and all.
+at::Tensor aligned_copy(const at::Tensor& t) {
+  return t.clone(at::MemoryFormat::Contiguous);
+}
+
 // q/k/v usable by the kernel: last dimension contiguous, row/head strides multiples of 8 and a
-// 16-byte aligned pointer; otherwise a contiguous copy.
+// 16-byte aligned pointer; otherwise an aligned contiguous copy.
 at::Tensor aligned(const at::Tensor& t) {
   const bool ok = t.stride(2) == 1 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  return ok ? t : t.contiguous();
+  return ok ? t : aligned_copy(t);
 }
 
 at::Tensor index_table(const char* name, const std::optional<at::Tensor>& rows,
@@ -300,11 +306,11 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> layer_norm(
 }
 
 // x (rows, K) for the kernels that copy 16-byte chunks: last dimension contiguous, row stride a
-// multiple of 8 and a 16-byte aligned pointer; otherwise a contiguous copy.
+// multiple of 8 and a 16-byte aligned pointer; otherwise an aligned contiguous copy.
 at::Tensor chunk_aligned(const at::Tensor& t) {
   const bool ok = t.stride(1) == 1 && t.stride(0) % 8 == 0 &&
                   reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  return ok ? t : t.contiguous();
+  return ok ? t : aligned_copy(t);
 }
 
 // Checks a (size,) vector or a (rows, cols) matrix argument against `like`'s device and dtype.

@@ -38,6 +38,11 @@ def check_tensor(name: str, tensor, dim: int, dtype=None, device=None) -> None:
         raise ValueError(f"{name}: expected device {device}, got {tensor.device}")
 
 
+def check_floating(name: str, tensor: torch.Tensor) -> None:
+    if not tensor.dtype.is_floating_point:
+        raise ValueError(f"{name}: expected a floating dtype, got {tensor.dtype}")
+
+
 def check_cu_seqlens(name: str, cu_seqlens, device, total: int) -> None:
     """``cu_seqlens`` must be int32 (B+1,), start at 0, never decrease and end at most at ``total``."""
     check_tensor(name, cu_seqlens, 1, torch.int32, device)

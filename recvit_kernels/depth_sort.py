@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ._backend import dispatch, register
-from ._checks import tracing
+from ._checks import check_tensor, tracing, values_checkable
 
 
 @dataclass
@@ -71,12 +71,12 @@ class DepthLayout:
         return self._starts
 
 
-def check_depths(depths: torch.Tensor, num_steps: int, name: str = "depths") -> None:
+def check_depths(depths: torch.Tensor, num_steps: int, name: str = "depths", values: bool = True) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``depths`` is a (B, N) integer tensor in 1..L.
 
-    The range check reads the values back to the host: call it outside captured regions. While
-    ``torch.compile`` / ``torch.export`` trace (or on fake or meta tensors) it is skipped, the shape
-    and dtype checks kept.
+    The range check reads the values back to the host: call it outside captured regions. It is
+    skipped without ``values``, and while ``torch.compile`` / ``torch.export`` trace (or on fake or
+    meta tensors); the shape and dtype checks are kept.
     """
     if not isinstance(depths, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(depths).__name__}")
@@ -84,7 +84,7 @@ def check_depths(depths: torch.Tensor, num_steps: int, name: str = "depths") -> 
         raise ValueError(f"{name}: expected shape (batch, tokens), got {tuple(depths.shape)}")
     if depths.dtype.is_floating_point or depths.dtype == torch.bool or depths.is_complex():
         raise ValueError(f"{name}: expected an integer dtype, got {depths.dtype}")
-    if not depths.numel() or tracing(depths):
+    if not values or not depths.numel() or tracing(depths):
         return
     if int(depths.min()) < 1 or int(depths.max()) > num_steps:
         raise ValueError(f"{name}: values must lie in 1..{num_steps}, got "
@@ -116,19 +116,31 @@ register("depth_sort", "packed")(_depth_sort_eager)
 
 
 def depth_sort(depths: torch.Tensor, num_steps: int, backend: Optional[str] = None) -> DepthLayout:
-    """Sort the tokens of a (B, N) depth map (values in 1..``num_steps``) into the prefix layout."""
-    if depths.dim() != 2 or 0 in depths.shape:
+    """Sort the tokens of a (B, N) depth map (values in 1..``num_steps``) into the prefix layout.
+
+    The values are checked where that reads no GPU memory back (:func:`values_checkable`)."""
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
+    check_depths(depths, num_steps, values=values_checkable(depths))
+    if 0 in depths.shape:
         raise ValueError(f"depths: expected a non-empty shape (batch, tokens), got {tuple(depths.shape)}")
-    if num_steps < 1:
-        raise ValueError(f"num_steps: expected >= 1, got {num_steps}")
     return dispatch("depth_sort", backend, depths, num_steps)(depths, num_steps)
 
 
 def pack(x: torch.Tensor, layout: DepthLayout) -> torch.Tensor:
     """(B, N, C) tokens -> (B*N, C) rows in sorted order."""
+    _check_rows("x", x, 3, (layout.batch, layout.tokens), layout)
     return x.reshape(layout.batch * layout.tokens, -1).index_select(0, layout.perm)
 
 
 def unpack(rows: torch.Tensor, layout: DepthLayout) -> torch.Tensor:
     """(B*N, C) sorted rows -> (B, N, C) tokens in their original order."""
+    _check_rows("rows", rows, 2, (layout.batch * layout.tokens,), layout)
     return rows.index_select(0, layout.inverse_perm).reshape(layout.batch, layout.tokens, -1)
+
+
+def _check_rows(name, tensor, dim, leading, layout):
+    check_tensor(name, tensor, dim, device=layout.perm.device)
+    if tensor.shape[:len(leading)] != leading:
+        raise ValueError(f"{name}: expected shape ({', '.join(map(str, leading))}, C) for this layout, "
+                         f"got {tuple(tensor.shape)}")

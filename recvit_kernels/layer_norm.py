@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import dispatch, register
-from ._checks import check_tensor
+from ._checks import check_floating, check_tensor
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float = 1e-6,
@@ -28,16 +28,20 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """LayerNorm of ``x`` (or of ``x + residual``, returned alongside) over its last dimension."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("x: expected a tensor with a feature dimension")
+    check_floating("x", x)
+    if not eps >= 0:  # NaN too
+        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
     width = x.shape[-1]
-    check_tensor("weight", weight, 1, device=x.device)
-    if weight.shape[0] != width:
-        raise ValueError(f"weight: expected ({width},), got {tuple(weight.shape)}")
-    if bias is not None:
-        check_tensor("bias", bias, 1, device=x.device)
-        if bias.shape[0] != width:
-            raise ValueError(f"bias: expected ({width},), got {tuple(bias.shape)}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"residual: expected shape {tuple(x.shape)} like x, got {tuple(residual.shape)}")
+    parameters = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+    for name, parameter in parameters.items():
+        check_tensor(name, parameter, 1, device=x.device)
+        check_floating(name, parameter)
+        if parameter.shape[0] != width:
+            raise ValueError(f"{name}: expected ({width},), got {tuple(parameter.shape)}")
+    if residual is not None:
+        check_tensor("residual", residual, x.dim(), device=x.device)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual: expected shape {tuple(x.shape)} like x, got {tuple(residual.shape)}")
     if num_rows is not None:
         if x.dim() != 2:
             raise ValueError(f"x: with num_rows expected (rows, C), got shape {tuple(x.shape)}")

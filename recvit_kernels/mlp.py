@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import dispatch, register
-from ._checks import check_tensor
+from ._checks import check_floating, check_tensor
 
 
 def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
@@ -22,16 +22,27 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
         backend: Optional[str] = None) -> torch.Tensor:
     """``residual + fc2(gelu(fc1(x)))`` (``residual`` optional) over the rows of ``x``."""
     check_tensor("x", x, 2)
-    check_tensor("fc1_weight", fc1_weight, 2, device=x.device)
-    check_tensor("fc2_weight", fc2_weight, 2, device=x.device)
+    check_floating("x", x)
+    for name, weight in (("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)):
+        check_tensor(name, weight, 2, device=x.device)
+        check_floating(name, weight)
     if fc1_weight.shape[1] != x.shape[1]:
         raise ValueError(f"fc1_weight: expected (hidden, {x.shape[1]}), got {tuple(fc1_weight.shape)}")
     if fc2_weight.shape[1] != fc1_weight.shape[0]:
         raise ValueError(f"fc2_weight: expected (out, {fc1_weight.shape[0]}), "
                          f"got {tuple(fc2_weight.shape)}")
-    if residual is not None and residual.shape != (x.shape[0], fc2_weight.shape[0]):
-        raise ValueError(f"residual: expected {(x.shape[0], fc2_weight.shape[0])}, "
-                         f"got {tuple(residual.shape)}")
+    for name, bias, weight in (("fc1_bias", fc1_bias, fc1_weight), ("fc2_bias", fc2_bias, fc2_weight)):
+        if bias is None:
+            continue
+        check_tensor(name, bias, 1, device=x.device)
+        check_floating(name, bias)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{name}: expected ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if residual is not None:
+        check_tensor("residual", residual, 2, device=x.device)
+        if residual.shape != (x.shape[0], fc2_weight.shape[0]):
+            raise ValueError(f"residual: expected {(x.shape[0], fc2_weight.shape[0])}, "
+                             f"got {tuple(residual.shape)}")
     if out is not None:
         check_tensor("out", out, 2, x.dtype, x.device)
         if out.shape != (x.shape[0], fc2_weight.shape[0]) or out.stride(1) != 1:

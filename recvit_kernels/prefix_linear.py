@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import dispatch, register
-from ._checks import check_tensor
+from ._checks import check_floating, check_tensor
 
 ACTIVATIONS = (None, "gelu")
 
@@ -37,8 +37,7 @@ def prefix_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                   backend: Optional[str] = None) -> torch.Tensor:
     """``act(x @ weight.T + bias) [+ residual]`` on rows ``< num_rows[0]`` (into ``out`` if given)."""
     check_tensor("x", x, 2)
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"x: expected a floating dtype, got {x.dtype}")
+    check_floating("x", x)
     check_tensor("weight", weight, 2, x.dtype, x.device)
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight: expected (out_features, {x.shape[1]}), got {tuple(weight.shape)}")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import dispatch, register
-from ._checks import check_cu_seqlens, check_tensor, values_checkable
+from ._checks import check_cu_seqlens, check_floating, check_tensor, values_checkable
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -62,8 +62,7 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
                              f"got {tuple(tensor.shape)}")
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"v: expected {k.shape[0]} rows like k, got {v.shape[0]}")
-    if not q.dtype.is_floating_point:
-        raise ValueError(f"q: expected a floating dtype, got {q.dtype}")
+    check_floating("q", q)
     for name, rows in (("q_rows", q_rows), ("kv_rows", kv_rows)):
         if rows is not None:
             check_tensor(name, rows, 1, (torch.int32, torch.int64), q.device)
@@ -92,7 +91,7 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
             if read.numel() and (int(read.min()) < 0 or int(read.max()) >= tensor.shape[0]):
                 raise ValueError(f"{name}: entries must index the {tensor.shape[0]} rows given")
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: expected a positive host int, got {value!r}")
 
 

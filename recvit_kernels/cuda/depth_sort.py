@@ -2,7 +2,7 @@
 
 Same contract as :func:`recvit_kernels.depth_sort`: (B, N) integer depths in 1..L. No host sync.
 The kernels clamp depths outside 1..L instead of reading out of bounds; with
-``RECVIT_CHECK_VALUES=1`` the range is checked first (a host sync) and violations raise
+``RECVIT_CHECK_VALUES=1`` the front end checks the range first (a host sync) and violations raise
 ``ValueError`` naming ``depths``. The kernels run as the custom op ``torch.ops.recvit.depth_sort_cuda``
 (opaque to ``torch.compile`` and ``torch.export``, with a fake implementation).
 """
@@ -13,8 +13,7 @@ from typing import Optional
 import torch
 
 from .._backend import call_op, constant_while_tracing, register
-from .._checks import values_checkable
-from ..depth_sort import DepthLayout, check_depths
+from ..depth_sort import DepthLayout
 from . import device_reason, extension
 
 
@@ -51,10 +50,8 @@ def _(depths, num_steps):
 
 @register("depth_sort", "cuda", supports=_supports)
 def depth_sort_cuda(depths: torch.Tensor, num_steps: int) -> DepthLayout:
-    if values_checkable(depths):
-        check_depths(depths, num_steps)
-    if depths.dtype not in (torch.int32, torch.int64) and not depths.dtype.is_floating_point:
-        depths = depths.to(torch.int64)  # uint8/int16 maps; floats reach the binding's error
+    if depths.dtype not in (torch.int32, torch.int64):
+        depths = depths.to(torch.int64)  # uint8/int16 maps (the front end refuses the other dtypes)
     batch, tokens = depths.shape
     perm, inverse_perm, step_rows, image_lengths, cu_seqlens, image_order = \
         call_op(_depth_sort_op, depths, num_steps)

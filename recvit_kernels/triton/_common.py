@@ -2,6 +2,7 @@
 (forward and backward) read their segments."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -41,6 +42,29 @@ def device_reason(name: str, tensor: torch.Tensor) -> Optional[str]:
     if tensor.dtype == torch.bfloat16 and interpreting():
         return f"{name} is bfloat16, which the Triton interpreter does not support"
     return None
+
+
+def unit_stride(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``tensor`` (or None) as the kernels read a 1-D argument (a bias, a LayerNorm weight, a
+    length or index table): with unit stride. A copy only for a strided view (``bias[::2]``, a
+    column of a table); a contiguous tensor, whatever its storage offset, is returned as it is."""
+    return None if tensor is None else tensor.contiguous()
+
+
+def unit_columns(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``tensor`` (or None) as the element-wise and LayerNorm kernels read a (rows, C) argument: any
+    row stride, unit column stride (a copy only where the columns are strided)."""
+    return tensor if tensor is None or tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def on_device(tensor: torch.Tensor):
+    """The context every Triton launch on ``tensor`` runs in: Triton launches on the *current* CUDA
+    device (and its current stream), so ``tensor``'s device is made current for the launch
+    (``torch.cuda.device``: no device switch when it already is). Nothing for the interpreter's
+    CPU tensors."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
 
 
 def records_grad(*inputs) -> bool:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .._backend import call_op, register
-from ._common import device_reason, new_output, records_grad
+from ._common import device_reason, new_output, on_device, records_grad, unit_columns, unit_stride
 from .layer_norm_backward import layer_norm_backward
 
 MAX_WIDTH = 8192
@@ -57,12 +57,12 @@ def _layer_norm_kernel(X, R, W, B, Y, S, NUM_ROWS, rows, width, eps, sx, sr, sy,
 
 
 def _rows(t):
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return unit_columns(t.reshape(-1, t.shape[-1]))
 
 
 def _launch(x, weight, bias, eps, residual, num_rows, zero):
     width = x.shape[-1]
+    weight, bias = unit_stride(weight), unit_stride(bias)
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
     if num_rows is None:
@@ -74,12 +74,13 @@ def _launch(x, weight, bias, eps, residual, num_rows, zero):
     block_c = triton.next_power_of_2(width)
     block_rows = max(1, min(16, 4096 // block_c))
     grid = (triton.cdiv(x2.shape[0], block_rows),)
-    _layer_norm_kernel[grid](x2, r2, weight, bias if bias is not None else weight, out, summed,
-                             num_rows if num_rows is not None else weight, x2.shape[0], width, eps, x2.stride(0), r2.stride(0), out.stride(0),
-                             summed.stride(0), HAS_RESIDUAL=residual is not None,
-                             HAS_BIAS=bias is not None, HAS_NUM_ROWS=num_rows is not None,
-                             BLOCK_ROWS=block_rows, BLOCK_C=block_c,
-                             num_warps=4 if block_c <= 1024 else 8)
+    with on_device(x):
+        _layer_norm_kernel[grid](x2, r2, weight, bias if bias is not None else weight, out, summed,
+                                 num_rows if num_rows is not None else weight, x2.shape[0], width, eps,
+                                 x2.stride(0), r2.stride(0), out.stride(0), summed.stride(0),
+                                 HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+                                 HAS_NUM_ROWS=num_rows is not None, BLOCK_ROWS=block_rows,
+                                 BLOCK_C=block_c, num_warps=4 if block_c <= 1024 else 8)
     return out.view(x.shape), summed.view(x.shape)
 
 

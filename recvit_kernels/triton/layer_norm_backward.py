@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import on_device, unit_columns, unit_stride
+
 # Persistent programs per SM; the interpreter (no SMs) runs a few programs, so that some loop.
 PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 3
@@ -95,17 +97,20 @@ def layer_norm_backward(grad_y: torch.Tensor, grad_summed: Optional[torch.Tensor
     """``[dx (rows, C) like x, (dweight, dbias) as one (2, C) fp32 tensor]`` of the LayerNorm of the
     rows of ``x`` (the sum, with a fused residual; ``grad_summed`` is then its gradient, else None)
     at rows < ``num_rows[0]`` (every row if None); dx is zero at the other rows."""
+    grad_y, grad_summed, x = unit_columns(grad_y), unit_columns(grad_summed), unit_columns(x)
+    weight = unit_stride(weight)
     rows, width = x.shape
     block_rows, block_c, num_warps = _config(width)
     programs = max(1, _programs(x, triton.cdiv(rows, block_rows)))
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     partial = torch.empty((2, programs, width), dtype=torch.float32, device=x.device)
     ds = grad_summed if grad_summed is not None else grad_y
-    _layer_norm_backward_kernel[(programs,)](
-        x, grad_y, ds, weight, dx, partial, num_rows if num_rows is not None else weight, rows, width, eps,
-        x.stride(0), grad_y.stride(0), ds.stride(0), dx.stride(0),
-        HAS_GRAD_SUMMED=grad_summed is not None, HAS_NUM_ROWS=num_rows is not None,
-        BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
+    with on_device(x):
+        _layer_norm_backward_kernel[(programs,)](
+            x, grad_y, ds, weight, dx, partial, num_rows if num_rows is not None else weight, rows, width,
+            eps, x.stride(0), grad_y.stride(0), ds.stride(0), dx.stride(0),
+            HAS_GRAD_SUMMED=grad_summed is not None, HAS_NUM_ROWS=num_rows is not None,
+            BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps)
     return [dx, partial.sum(1)]
 
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .._backend import call_op, register
-from ._common import device_reason
+from ._common import device_reason, on_device, unit_columns, unit_stride
 from .mlp_epilogue_backward import epilogue_backward
 
 
@@ -47,15 +47,16 @@ def _epilogue_kernel(Y, B, R, O, rows, cols, sy, sr, so,
 
 
 def _launch(y, bias, residual, gelu, out=None):
+    y, bias, r = unit_columns(y), unit_stride(bias), unit_columns(residual)
     out = torch.empty_like(y) if out is None else out
-    r = residual if residual is None or residual.stride(-1) == 1 else residual.contiguous()
     rows, cols = y.shape
     block_rows, block_cols = 32, min(128, triton.next_power_of_2(cols))
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
-    _epilogue_kernel[grid](y, bias if bias is not None else y, r if r is not None else y, out,
-                           rows, cols, y.stride(0), r.stride(0) if r is not None else 0, out.stride(0),
-                           HAS_BIAS=bias is not None, GELU=gelu, HAS_RESIDUAL=r is not None,
-                           BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+    with on_device(y):
+        _epilogue_kernel[grid](y, bias if bias is not None else y, r if r is not None else y, out,
+                               rows, cols, y.stride(0), r.stride(0) if r is not None else 0, out.stride(0),
+                               HAS_BIAS=bias is not None, GELU=gelu, HAS_RESIDUAL=r is not None,
+                               BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
     return out
 
 

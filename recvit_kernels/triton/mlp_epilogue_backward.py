@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import on_device, unit_columns, unit_stride
+
 BLOCK_ROWS = 32
 
 
@@ -51,17 +53,18 @@ def epilogue_backward(grad_out: torch.Tensor, y: torch.Tensor, bias: Optional[to
     """``[dy (rows, cols) like y]`` of ``gelu(y + bias)`` for ``grad_out``, and dbias (cols,) too
     with ``needs_bias`` (and a bias)."""
     sums = bias is not None and needs_bias
-    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    grad_out, y, bias = unit_columns(grad_out), unit_columns(y), unit_stride(bias)
     rows, cols = y.shape
     block_cols = min(128, triton.next_power_of_2(cols))
     row_blocks = triton.cdiv(rows, BLOCK_ROWS)
     dy = torch.empty_like(y, memory_format=torch.contiguous_format)
     partial = torch.empty((row_blocks, cols), dtype=torch.float32, device=y.device) if sums else dy
     if dy.numel():
-        _epilogue_backward_kernel[(row_blocks, triton.cdiv(cols, block_cols))](
-            grad_out, y, bias if bias is not None else y, dy, partial, rows, cols, grad_out.stride(0),
-            y.stride(0), dy.stride(0), HAS_BIAS=bias is not None, SUMS=sums, BLOCK_ROWS=BLOCK_ROWS,
-            BLOCK_COLS=block_cols)
+        with on_device(y):
+            _epilogue_backward_kernel[(row_blocks, triton.cdiv(cols, block_cols))](
+                grad_out, y, bias if bias is not None else y, dy, partial, rows, cols, grad_out.stride(0),
+                y.stride(0), dy.stride(0), HAS_BIAS=bias is not None, SUMS=sums, BLOCK_ROWS=BLOCK_ROWS,
+                BLOCK_COLS=block_cols)
     return [dy, partial.sum(0).to(bias.dtype)] if sums else [dy]
 
 

@@ -28,7 +28,8 @@ import triton.language as tl
 
 from .._backend import call_op, register
 from . import prefix_linear_backward as backward_kernels  # a module import: they import each other
-from ._common import device_reason, dot_precision, interpreting, new_output, records_grad
+from ._common import (device_reason, dot_precision, interpreting, new_output, on_device, records_grad,
+                      unit_stride)
 
 
 # NUM_ROWS (a slice of the per-step counts: its 16-byte alignment alternates step to step) and
@@ -127,16 +128,18 @@ def _launch(x, weight, bias, num_rows, activation, residual, out, pre=None, zero
         return out
     block_m, block_n, block_k, num_warps, num_stages = _config(rows, n_out, x.dtype)
     grid = (triton.cdiv(rows, block_m) * triton.cdiv(n_out, block_n),)
+    bias = unit_stride(bias)
     r = residual if residual is not None else out
     p = pre if pre is not None else out
-    _prefix_linear_kernel[grid](
-        x, weight, bias if bias is not None else weight, r, out, p, num_rows, rows, n_out, k_dim,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), r.stride(0), r.stride(1),
-        out.stride(0), p.stride(0), HAS_BIAS=bias is not None, GELU=activation == "gelu",
-        HAS_RESIDUAL=residual is not None, STORE_PRE=pre is not None, ZERO_DEAD=zero_dead,
-        PRECISION=dot_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
-        num_stages=num_stages)
+    with on_device(x):
+        _prefix_linear_kernel[grid](
+            x, weight, bias if bias is not None else weight, r, out, p, num_rows, rows, n_out, k_dim,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), r.stride(0), r.stride(1),
+            out.stride(0), p.stride(0), HAS_BIAS=bias is not None, GELU=activation == "gelu",
+            HAS_RESIDUAL=residual is not None, STORE_PRE=pre is not None, ZERO_DEAD=zero_dead,
+            PRECISION=dot_precision(x.dtype),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps,
+            num_stages=num_stages)
     return out
 
 

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import prefix_linear as forward  # its GEMM kernel computes dX; a module import: they import each other
-from ._common import dot_precision, interpreting
+from ._common import dot_precision, interpreting, on_device, unit_columns
 
 
 @triton.jit(do_not_specialize=["NUM_ROWS", "rows"])
@@ -116,7 +116,7 @@ def prefix_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
     rows, k_dim = x.shape
     n_out = weight.shape[0]
     dx = dweight = dbias = dresidual = None
-    grad_out = grad_out if grad_out.stride(1) == 1 else grad_out.contiguous()
+    grad_out, pre = unit_columns(grad_out), unit_columns(pre)
     dpre = grad_out
     if pre is not None or needs_residual:
         if pre is not None:
@@ -127,10 +127,11 @@ def prefix_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
         grid = (triton.cdiv(rows, 32), triton.cdiv(n_out, block_cols))
         d, r, p = dpre, (dresidual if needs_residual else grad_out), (pre if pre is not None else grad_out)
         if rows and n_out:
-            _prefix_linear_grad_rows_kernel[grid](
-                grad_out, p, d, r, num_rows, rows, n_out, grad_out.stride(0), p.stride(0), d.stride(0),
-                r.stride(0), GELU=pre is not None, HAS_DRES=needs_residual, BLOCK_ROWS=32,
-                BLOCK_COLS=block_cols)
+            with on_device(x):
+                _prefix_linear_grad_rows_kernel[grid](
+                    grad_out, p, d, r, num_rows, rows, n_out, grad_out.stride(0), p.stride(0),
+                    d.stride(0), r.stride(0), GELU=pre is not None, HAS_DRES=needs_residual,
+                    BLOCK_ROWS=32, BLOCK_COLS=block_cols)
     if needs_x:
         dx = forward._launch(dpre, weight.t(), None, num_rows, None, None,
                              torch.empty((rows, k_dim), dtype=x.dtype, device=x.device), zero_dead=True)
@@ -140,11 +141,12 @@ def prefix_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
         block_n, block_k, block_m, num_warps, num_stages = _dweight_config(n_out, k_dim, x.dtype)
         grid = (triton.cdiv(n_out, block_n), triton.cdiv(k_dim, block_k))
         if n_out and k_dim:
-            _prefix_linear_dweight_kernel[grid](
-                dpre, x, dweight, dbias if has_bias else dweight, num_rows, rows, n_out, k_dim,
-                dpre.stride(0), dpre.stride(1), x.stride(0), x.stride(1), dweight.stride(0),
-                HAS_BIAS=has_bias, PRECISION=dot_precision(x.dtype), BLOCK_N=block_n, BLOCK_K=block_k,
-                BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages)
+            with on_device(x):
+                _prefix_linear_dweight_kernel[grid](
+                    dpre, x, dweight, dbias if has_bias else dweight, num_rows, rows, n_out, k_dim,
+                    dpre.stride(0), dpre.stride(1), x.stride(0), x.stride(1), dweight.stride(0),
+                    HAS_BIAS=has_bias, PRECISION=dot_precision(x.dtype), BLOCK_N=block_n,
+                    BLOCK_K=block_k, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages)
     return [grad for grad in (dx, dweight, dbias, dresidual) if grad is not None]
 
 

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .._backend import call_op, register
 from ._common import (ATTENTION_TABLES, LOG2E, device_reason, dot_precision, head_tile, new_output,
-                      records_grad, segment_bounds, segment_rows)
+                      on_device, records_grad, segment_bounds, segment_rows, unit_stride)
 from .varlen_attention_backward import varlen_attention_backward
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -109,6 +109,8 @@ def _config(dtype, head_dim):
 def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, q_rows,
             kv_rows, seqused_q, seqused_k, grad):
     """(out, lse): ``lse`` ((total_q, H) fp32; only used rows written) when ``grad``, else None."""
+    cu_seqlens_q, cu_seqlens_k, q_rows, kv_rows, seqused_q, seqused_k = map(
+        unit_stride, (cu_seqlens_q, cu_seqlens_k, q_rows, kv_rows, seqused_q, seqused_k))
     if seqused_q is None:
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     else:  # rows no used position covers stay unwritten
@@ -117,16 +119,17 @@ def _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sof
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if grad else None
     block_m, block_n, num_warps = _config(q.dtype, head_dim)
     grid = (triton.cdiv(max_seqlen_q, block_m), batch, heads)
-    _varlen_attention_kernel[grid](
-        q, k, v, out, lse if grad else out, cu_seqlens_q, cu_seqlens_k,
-        q_rows if q_rows is not None else cu_seqlens_q, kv_rows if kv_rows is not None else cu_seqlens_k,
-        seqused_q if seqused_q is not None else cu_seqlens_q,
-        seqused_k if seqused_k is not None else cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), softmax_scale * LOG2E,
-        HAS_Q_ROWS=q_rows is not None, HAS_KV_ROWS=kv_rows is not None,
-        HAS_USED_Q=seqused_q is not None, HAS_USED_K=seqused_k is not None, STORE_LSE=grad,
-        PRECISION=dot_precision(q.dtype), HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps)
+    with on_device(q):
+        _varlen_attention_kernel[grid](
+            q, k, v, out, lse if grad else out, cu_seqlens_q, cu_seqlens_k,
+            q_rows if q_rows is not None else cu_seqlens_q, kv_rows if kv_rows is not None else cu_seqlens_k,
+            seqused_q if seqused_q is not None else cu_seqlens_q,
+            seqused_k if seqused_k is not None else cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), softmax_scale * LOG2E,
+            HAS_Q_ROWS=q_rows is not None, HAS_KV_ROWS=kv_rows is not None,
+            HAS_USED_Q=seqused_q is not None, HAS_USED_K=seqused_k is not None, STORE_LSE=grad,
+            PRECISION=dot_precision(q.dtype), HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=num_warps)
     return out, lse
 
 

@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import ATTENTION_TABLES, LOG2E, dot_precision, head_tile, segment_bounds, segment_rows
+from ._common import (ATTENTION_TABLES, LOG2E, dot_precision, head_tile, on_device, segment_bounds,
+                      segment_rows, unit_stride)
 
 
 # Data-dependent tables and bounds: not specialised (see the forward kernel).
@@ -173,6 +174,8 @@ def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
                               seqused_k: Optional[torch.Tensor] = None,
                               needs_kv_grad: bool = True) -> list[torch.Tensor]:
     """``[dq, dk, dv]`` of the varlen attention forward; ``[dq]`` unless ``needs_kv_grad``."""
+    cu_seqlens_q, cu_seqlens_k, q_rows, kv_rows, seqused_q, seqused_k = map(
+        unit_stride, (cu_seqlens_q, cu_seqlens_k, q_rows, kv_rows, seqused_q, seqused_k))
     batch, heads, head_dim = cu_seqlens_q.numel() - 1, q.shape[1], q.shape[2]
     (dq_m, dq_n, dq_warps), (kv_m, kv_n, kv_warps) = _config(q.dtype, head_dim)
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -185,18 +188,20 @@ def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
                  HAS_USED_Q=seqused_q is not None, HAS_USED_K=seqused_k is not None,
                  PRECISION=dot_precision(q.dtype), HEAD_DIM=head_dim)
     scales = (softmax_scale, softmax_scale * LOG2E)
-    _varlen_attention_dq_kernel[(triton.cdiv(max_seqlen_q, dq_m), batch, heads)](
-        q, k, v, out, grad_out, lse, delta, dq, *tables,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *scales,
-        **flags, BLOCK_M=dq_m, BLOCK_N=dq_n, num_warps=dq_warps)
+    with on_device(q):
+        _varlen_attention_dq_kernel[(triton.cdiv(max_seqlen_q, dq_m), batch, heads)](
+            q, k, v, out, grad_out, lse, delta, dq, *tables,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
+            *scales, **flags, BLOCK_M=dq_m, BLOCK_N=dq_n, num_warps=dq_warps)
     if not needs_kv_grad:
         return [dq]
     dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
-    _varlen_attention_dkdv_kernel[(triton.cdiv(max_seqlen_k, kv_n), batch, heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, *tables,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(), *scales,
-        **flags, BLOCK_M=kv_m, BLOCK_N=kv_n, num_warps=kv_warps)
+    with on_device(q):
+        _varlen_attention_dkdv_kernel[(triton.cdiv(max_seqlen_k, kv_n), batch, heads)](
+            q, k, v, grad_out, lse, delta, dk, dv, *tables,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+            *scales, **flags, BLOCK_M=kv_m, BLOCK_N=kv_n, num_warps=kv_warps)
     return [dq, dk, dv]
 
 

@@ -1,0 +1,84 @@
+"""Arguments no layout makes right are refused by each op's front end, before any backend runs:
+a ValueError (TypeError for a non-tensor) naming the argument, the same for every backend (the
+cuda backend's checks run here too, without a GPU: the front end raises before dispatch)."""
+import pytest
+import torch
+
+import recvit_kernels as rk
+
+BACKENDS = ["eager", "triton", "cuda"]
+
+
+def mlp_args(**changes):
+    args = dict(x=torch.randn(5, 8), fc1_weight=torch.randn(12, 8), fc1_bias=torch.randn(12),
+                fc2_weight=torch.randn(8, 12), fc2_bias=torch.randn(8), residual=torch.randn(5, 8))
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("changes,match", [
+    # a short bias was read past its end by the triton epilogue
+    (dict(fc1_bias=torch.randn(3)), r"fc1_bias: expected \(12,\)"),
+    (dict(fc2_bias=torch.randn(8, 1)), "fc2_bias: expected 1 dimensions"),
+    (dict(fc2_bias=torch.randn(8, device="meta")), "fc2_bias: expected device cpu"),
+    (dict(fc1_bias=torch.arange(12)), "fc1_bias: expected a floating dtype"),
+    (dict(residual=torch.randn(5, 8, device="meta")), "residual: expected device cpu"),
+    (dict(x=torch.ones(5, 8, dtype=torch.int32)), "x: expected a floating dtype"),
+    (dict(fc2_weight=torch.ones(8, 12, dtype=torch.int64)), "fc2_weight: expected a floating dtype"),
+])
+def test_mlp_refuses(backend, changes, match):
+    with pytest.raises(ValueError, match=match):
+        rk.mlp(**mlp_args(**changes), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("changes,match", [
+    (dict(residual=torch.randn(4, 16, device="meta")), "residual: expected device cpu"),
+    (dict(residual=[[0.0] * 16] * 4), "residual: expected a torch.Tensor"),
+    (dict(x=torch.ones(4, 16, dtype=torch.int64)), "x: expected a floating dtype"),
+    (dict(weight=torch.ones(16, dtype=torch.int32)), "weight: expected a floating dtype"),
+    (dict(bias=torch.ones(16, dtype=torch.bool)), "bias: expected a floating dtype"),
+    (dict(eps=-1e-5), "eps: expected a number >= 0"),  # a constant row: rsqrt(-1e-5), NaN
+    (dict(eps=float("nan")), "eps: expected a number >= 0"),
+])
+def test_layer_norm_refuses(backend, changes, match):
+    args = dict(x=torch.randn(4, 16), weight=torch.randn(16), bias=torch.randn(16), eps=1e-6, residual=None)
+    args.update(changes)
+    error = TypeError if "torch.Tensor" in match else ValueError
+    with pytest.raises(error, match=match):
+        rk.layer_norm(**args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_attention_refuses_a_bool_bound(backend):
+    q = torch.randn(4, 1, 16)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen_k: expected a positive host int, got True"):
+        rk.varlen_attention(q, q, q, cu, cu, 4, True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("depths,num_steps,match", [
+    (torch.full((2, 3), 1.5), 4, "depths: expected an integer dtype"),  # was truncated to 1
+    (torch.ones(2, 3, dtype=torch.bool), 4, "depths: expected an integer dtype"),
+    (torch.full((2, 3), 5), 4, r"depths: values must lie in 1\.\.4"),
+    (torch.zeros(2, 3, dtype=torch.int32), 4, r"depths: values must lie in 1\.\.4"),
+    (torch.ones(2, 3), 2.0, "num_steps: expected an int"),
+    (torch.ones(2, 3, dtype=torch.int64), True, "num_steps: expected an int"),
+])
+def test_depth_sort_refuses(backend, depths, num_steps, match):
+    with pytest.raises(ValueError, match=match):
+        rk.depth_sort(depths, num_steps, backend=backend)
+
+
+def test_pack_and_unpack_refuse_tensors_of_another_layout():
+    layout = rk.depth_sort(torch.randint(1, 4, (2, 5)), 3)
+    with pytest.raises(ValueError, match=r"x: expected shape \(2, 5, C\) for this layout, got \(5, 2, 4\)"):
+        rk.pack(torch.randn(5, 2, 4), layout)
+    with pytest.raises(ValueError, match="x: expected 3 dimensions"):
+        rk.pack(torch.randn(10, 4), layout)  # reshaped silently before
+    with pytest.raises(ValueError, match="x: expected device cpu"):
+        rk.pack(torch.randn(2, 5, 4, device="meta"), layout)
+    with pytest.raises(ValueError, match=r"rows: expected shape \(10, C\) for this layout, got \(9, 4\)"):
+        rk.unpack(torch.randn(9, 4), layout)

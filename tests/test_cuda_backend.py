@@ -509,6 +509,26 @@ def test_emulated_varlen_attention_matches_eager(dtype, case, head_dim):
     assert torch.equal((ours == 0).all(-1), (reference == 0).all(-1))  # same rows left zero
 
 
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("kv", ["active", "all"])
+def test_emulated_varlen_attention_keeps_a_nan_in_its_segment(kv):
+    """The kernel's zero-filled tiles: a NaN row of image 0 leaves the other images' outputs as they
+    were (as the model calls it: one ``image_order`` table, static starts, used lengths)."""
+    torch.manual_seed(2)
+    layout = _depth_sort_eager(profile_depths("cls_deep", 3, 70, 4), 4)
+    starts, used = layout.all_rows_cu_seqlens(), layout.image_lengths[1]
+    q, k, v = (torch.randn(210, 2, 64).half().float() for _ in range(3))
+    args = (starts, starts, 70, 70, 0.125, layout.image_order, layout.image_order, torch.float16, used,
+            used if kv == "active" else None)
+    clean = emulate_varlen_attention(q, k, v, *args)
+    for x in (q, k, v):
+        x[layout.image_order[0]] = float("nan")
+    ours = emulate_varlen_attention(q, k, v, *args)
+    others = layout.image_order[70:]
+    assert torch.isnan(ours[layout.image_order[0]]).all()
+    assert torch.equal(ours[others], clean[others])
+
+
 def c_fragment(d):
     """The 16x8 matrix held in mma C/D fragments d (W, 32, 4): c_i at row group (+8 for i >= 2),
     column pair + (i & 1)."""

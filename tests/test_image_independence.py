@@ -31,12 +31,18 @@ def poisoned(images):
     return bad
 
 
-def logits_and_input_grad(model, images, loss_fn, **kwargs):
-    """(logits, d loss / d images) of one training forward."""
-    images = images.clone().requires_grad_()
-    out = model(images, return_aux=True, **kwargs)
-    (grad,) = torch.autograd.grad(loss_fn(out), images)
-    return out.logits.detach(), grad
+def assert_training_isolated(model, images, loss_fn, **kwargs):
+    """Logits and d loss / d images of a training forward on the poisoned batch: the clean images'
+    equal the clean batch's."""
+    def run(batch):
+        batch = batch.clone().requires_grad_()
+        out = model(batch, return_aux=True, **kwargs)
+        (grad,) = torch.autograd.grad(loss_fn(out), batch)
+        return out.logits.detach(), grad
+
+    (clean_logits, clean_grad), (logits, grad) = run(images), run(poisoned(images))
+    assert_clean_images_unchanged(logits, clean_logits)
+    assert_clean_images_unchanged(grad, clean_grad)
 
 
 def assert_clean_images_unchanged(ours, clean):
@@ -78,14 +84,8 @@ def test_edge_recvit_training(edge_setup, backend, kv, static_shapes):
     model, images, depths, targets = edge_setup
     model.recursion.static_shapes = static_shapes
     loss = recvit.EdgeRecViTLoss(label_smoothing=0.1)
-
-    def run(batch):
-        return logits_and_input_grad(model, batch, lambda out: loss(out, targets).total,
-                                     depths=depths, kv=kv, backend=backend)
-
-    (clean_logits, clean_grad), (logits, grad) = run(images), run(poisoned(images))
-    assert_clean_images_unchanged(logits, clean_logits)
-    assert_clean_images_unchanged(grad, clean_grad)
+    assert_training_isolated(model, images, lambda out: loss(out, targets).total, depths=depths, kv=kv,
+                             backend=backend)
 
 
 @pytest.mark.parametrize("kv", ["active", "all"])
@@ -99,14 +99,8 @@ def test_mor_vit_training(routing, backend, kv):
     images, targets = torch.randn(5, 3, 32, 32), torch.tensor([1, 4, 7, 2, 9])
     depths = random_depths(5, model.num_tokens, model.num_steps) if routing == "token_choice" else None
     loss = recvit.MoRViTLoss()
-
-    def run(batch):
-        return logits_and_input_grad(model, batch, lambda out: loss(out, targets).total,
-                                     depths=depths, kv=kv, backend=backend)
-
-    (clean_logits, clean_grad), (logits, grad) = run(images), run(poisoned(images))
-    assert_clean_images_unchanged(logits, clean_logits)
-    assert_clean_images_unchanged(grad, clean_grad)
+    assert_training_isolated(model, images, lambda out: loss(out, targets).total, depths=depths, kv=kv,
+                             backend=backend)
 
 
 @pytest.mark.parametrize("kv", ["active", "all"])

@@ -1,6 +1,8 @@
 // Element-wise GEMM epilogue: out = act(y + bias) (+ residual) over contiguous (rows, cols), fp32
-// arithmetic and one rounding, GELU exact (erf). The cuda MLP runs cuBLAS (through torch) for the
-// GEMM and this kernel for bias + GELU and bias + residual, in place on the GEMM's output.
+// arithmetic, GELU exact (erf), rounded to dtype at the end. The cuda MLP runs cuBLAS (through torch)
+// for the GEMM and this kernel for bias + GELU and bias + residual, in place on the GEMM's output:
+// y is the GEMM's product already rounded to dtype, so a layer rounds twice (a fused epilogue would
+// round once), within the tolerance rule.
 // cuBLASLt's fused GELU epilogue is the tanh approximation, which would not equal nn.GELU().
 // Each thread handles 16-byte vectors when cols allows it (8 fp16/bf16 or 4 fp32 elements).
 #include <cuda_bf16.h>

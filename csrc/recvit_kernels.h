@@ -134,7 +134,8 @@ cudaError_t prefix_linear(const PrefixLinearParams& params, cudaStream_t stream)
 // ---- GEMM epilogue: out = act(y + bias) (+ residual), element-wise over (rows, cols) ----
 // y, residual, out contiguous (rows, cols) in dtype (out may be y or residual: each element is
 // read before it is written, by the same thread); bias (cols,) in dtype or nullptr. fp32
-// arithmetic, one rounding. The cuda MLP runs it after each cuBLAS GEMM.
+// arithmetic, rounded to dtype at the end. The cuda MLP runs it after each cuBLAS GEMM, whose
+// product y is already rounded: two roundings per layer.
 struct LinearEpilogueParams {
   const void* y;
   const void* bias;

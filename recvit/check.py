@@ -7,6 +7,12 @@ on the live rows ``num_rows``, prefix_linear writing into ``out=`` in place), th
 Edge-RecViT forward of each backend against the eager (masked) forward, on the prefix path and on
 the sync-free path (``RecursiveBlock.static_shapes``); on CUDA that sync-free forward runs under
 ``torch.cuda.set_sync_debug_mode("error")``, and a CUDA-graph capture is replayed on new images.
+Last, per backend and kv mode, a batch whose image 0 holds a NaN pixel: the other images' logits
+must equal a clean run's (within the model floor). A non-finite input is not checked for (that
+would read values back, a host sync): it propagates within its own image, as in flash-attention
+and timm, and never reaches the others. A call that a backend hands on (``HANDS_ON``: the cuda
+kernels decline fp32 attention and inputs that require grad) is noted on its row: an op row is
+then a skip, a model row says which ops ran elsewhere.
 Floating-point results pass by flash-attention's rule (:mod:`recvit_kernels.tolerance`): the error
 against a float64 reference at most twice that of the eager op in the same dtype, plus a floor.
 The depth sort and pack/unpack must match exactly: eager's against the definition (sorted by depth,
@@ -28,6 +34,7 @@ import platform
 import re
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
@@ -36,8 +43,9 @@ from typing import Callable, Optional, Sequence
 FLOOR_ATTENTION = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}
 FLOOR_ROWS = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 FLOOR_MODEL = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 2e-2}
+MODEL_CHECKS = ("model", "model sync-free", "graph replay", "non-finite input")
 CHECKS = ("depth_sort", "pack/unpack", "varlen_attention", "layer_norm", "layer_norm+residual",
-          "mlp", "prefix_linear", "model", "model sync-free", "graph replay")
+          "mlp", "prefix_linear") + MODEL_CHECKS
 _DECLINED = re.compile(r"backend='\w+' cannot run this call")
 
 
@@ -153,12 +161,19 @@ class _Checker:
         return out, seconds * 1e3
 
     def run(self, check: str, backend: str, dtype: str, case: str, body: Callable[[], tuple]) -> None:
-        """Record ``body() -> (error, bound, ms)`` as a row; a declined call is a skip, an exception
-        a failure."""
+        """Record ``body() -> (error, bound, ms[, note])`` as a row; a declined call is a skip, an
+        exception a failure. An op the backend handed on is noted (an op check is then a skip)."""
+        from recvit_kernels._backend import recorded_fallbacks
+
         try:
-            error, bound, ms = body()
+            with recorded_fallbacks() as fallbacks:
+                error, bound, ms, *note = body()
             status = "pass" if error <= bound else "FAIL"  # NaN fails
-            result = Result(check, backend, dtype, case, status, error, bound, ms)
+            handed_on = _handed_on(fallbacks, backend)
+            if handed_on and check not in MODEL_CHECKS:
+                status = "skip"
+            result = Result(check, backend, dtype, case, status, error, bound, ms,
+                            "; ".join(filter(None, [*note, handed_on])))
         except Exception as exc:  # every failure becomes a row of the table
             message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             declined = isinstance(exc, RuntimeError) and _DECLINED.search(str(exc))
@@ -173,6 +188,13 @@ class _Checker:
         ours, theirs, reference = (_flat(t) for t in (ours, theirs, reference))
         rule = flash_rule(ours, theirs, reference, floor)
         return rule.error, rule.bound, ms
+
+
+def _handed_on(fallbacks, backend: str) -> str:
+    """What ``backend`` handed on, from :func:`recvit_kernels._backend.recorded_fallbacks`' list."""
+    handed = dict.fromkeys(f"{op} on {taken} ({reason})"
+                           for op, skipped, reason, taken in fallbacks if skipped == backend)
+    return f"{backend} declined: {', '.join(handed)}" if handed else ""
 
 
 def _flat(value):
@@ -199,17 +221,20 @@ def _mismatches(a, b) -> int:
 
 def _distinct(op: str, backends: Sequence[str], args, kwargs=None) -> list[str]:
     """The backends in ``backends`` (eager first) whose implementation of ``op`` for these arguments
-    is their own, plus those that decline the call (reported as skips)."""
-    from recvit_kernels._backend import dispatch
+    is their own, plus those that decline the call or hand it on (reported as skips)."""
+    from recvit_kernels._backend import dispatch, recorded_fallbacks
 
     seen, keep = set(), []
     for backend in backends:
         try:
-            implementation = dispatch(op, backend, *args, **(kwargs or {}))
+            with recorded_fallbacks() as fallbacks:
+                implementation = dispatch(op, backend, *args, **(kwargs or {}))
         except RuntimeError:
             keep.append(backend)  # declines: the check reports why
             continue
-        if implementation not in seen:
+        if _handed_on(fallbacks, backend):
+            keep.append(backend)  # hands on: the check reports where
+        elif implementation not in seen:
             seen.add(implementation)
             keep.append(backend)
     return keep
@@ -398,7 +423,7 @@ def check_models(checker: _Checker, group: Group) -> None:
     from .models.registry import create_model
 
     torch = checker.torch
-    wanted = [c for c in ("model", "model sync-free", "graph replay") if checker.wanted(c)]
+    wanted = [c for c in MODEL_CHECKS if checker.wanted(c)]
     if checker.device.type != "cuda" and "graph replay" in wanted:
         wanted.remove("graph replay")
     if not wanted:
@@ -422,7 +447,8 @@ def check_models(checker: _Checker, group: Group) -> None:
                         theirs = model_d(low, depths=depths, kv=kv, backend="eager")
                     for backend in group.backends:
                         for check in wanted:
-                            if check == "graph replay" and kv != model.recursion.kv:
+                            if (check == "graph replay" and kv != model.recursion.kv
+                                    or check == "non-finite input" and batch < 2):
                                 continue
                             checker.run(check, backend, name, case,
                                         lambda model_d=model_d: _check_model(
@@ -436,6 +462,8 @@ def check_models(checker: _Checker, group: Group) -> None:
 
 def _check_model(checker, check, model, images, depths, kv, backend, theirs, reference, floor):
     torch = checker.torch
+    if check == "non-finite input":
+        return _check_isolation(checker, model, images, depths, kv, backend, floor)
     if check == "graph replay":
         from .models.graph import compile_graph
 
@@ -458,6 +486,22 @@ def _check_model(checker, check, model, images, depths, kv, backend, theirs, ref
             return checker.rule(forward, theirs, reference, floor)
     finally:
         recursion.static_shapes = previous
+
+
+def _check_isolation(checker, model, images, depths, kv, backend, floor):
+    """A NaN pixel in image 0: the largest change of the other images' logits from a clean run's
+    (bound: the model floor), and a note on what image 0's logits became."""
+    torch = checker.torch
+    poisoned = images.clone()
+    poisoned[0, 0, 0, 0] = float("nan")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the Triton interpreter's NumPy meets the NaN
+        forward = functools.partial(model, depths=depths, kv=kv, backend=backend)
+        clean = forward(images)
+        ours, ms = checker.timed(lambda: forward(poisoned))
+    change = (ours[1:] - clean[1:]).abs().nan_to_num(nan=float("inf")).max()
+    image0 = "NaN" if bool(torch.isnan(ours[0]).any()) else "finite"
+    return float(change), floor, ms, f"image 0's logits: {image0} (not checked, not raised)"
 
 
 def _without_host_sync(fn):
@@ -576,6 +620,9 @@ def run(args, sub: argparse.ArgumentParser) -> int:
     print(f"Pass: error vs a float64 reference <= bound = 2 x eager's error in the same dtype + floor "
           f"(flash-attention's rule); 'exact': entries that differ. ms: one call"
           f"{' after a warm-up call' if device == 'cuda' else ''}.")
+    print("Non-finite input: not checked for (a host sync); a NaN or inf pixel makes its own image's "
+          "outputs non-finite and leaves the other images' unchanged ('non-finite input': a NaN pixel "
+          "in image 0, the others against a clean run).")
     print()
     print(HEADER)
 

@@ -4,7 +4,8 @@ Every op has an ``eager`` implementation in plain PyTorch. ``packed`` names the 
 implementation (at the model level it means "sorted prefix layout, PyTorch ops"). ``triton`` and
 ``cuda`` register their own implementations when their modules import. ``auto`` takes the first
 backend, in :data:`AUTO_ORDER`, that is available and supports the call's inputs; each fall back is
-logged once with its reason.
+logged once with its reason. A named backend must be available (else ``RuntimeError``); a call it
+declines raises too, except on the backends of :data:`HANDS_ON`, which hand it on as ``auto`` would.
 
 The backend is chosen per call (``backend=``), per model, or by the ``RECVIT_BACKEND`` environment
 variable, in that order of precedence. ``torch.compile`` traces :func:`dispatch` without a graph
@@ -13,14 +14,20 @@ answers are fixed for the process), the rest is plain Python on the arguments' m
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 BACKENDS = ("eager", "packed", "triton", "cuda")
 AUTO_ORDER = ("cuda", "triton", "packed")
+# Backends whose kernels cover part of the calls by design (the cuda kernels are forward-only, and
+# its attention takes fp16/bf16): named explicitly, a call they decline goes on to the backends after
+# them in AUTO_ORDER, logged, so that a model on ``backend="cuda"`` trains and runs in fp32 too. The
+# other named backends raise on a call they decline.
+HANDS_ON = ("cuda",)
 logger = logging.getLogger("recvit_kernels")
 
 # op name -> backend name -> implementation
@@ -33,6 +40,7 @@ _AVAILABILITY: dict[str, Callable[[], Optional[str]]] = {
     "packed": lambda: None,
 }
 _logged_fallbacks: set[tuple[str, str, str]] = set()
+_recorded_fallbacks: Optional[list[tuple[str, str, str, str]]] = None
 
 
 def register(op: str, backend: str, supports: Optional[Callable] = None):
@@ -98,8 +106,9 @@ def dispatch(op: str, backend: Optional[str], *args, **kwargs) -> Callable:
 
     An explicitly named backend that cannot run the call raises ``RuntimeError`` with the reason;
     ``auto`` falls back along :data:`AUTO_ORDER` and logs why. An explicitly named backend that is
-    available but has no kernel for ``op`` at all (a backend added with only some ops, say) hands the
-    op to the backends after it in :data:`AUTO_ORDER`, as ``auto`` would, and logs it.
+    available but declines the call (one of :data:`HANDS_ON`) or has no kernel for ``op`` at all (a
+    backend added with only some ops, say) hands the op to the backends after it in
+    :data:`AUTO_ORDER`, as ``auto`` would, and logs it.
     """
     _load_optional_backends()
     name = resolve_backend(backend)
@@ -107,19 +116,39 @@ def dispatch(op: str, backend: Optional[str], *args, **kwargs) -> Callable:
     falling_back = name == "auto"
     if name == "auto" and _on_cpu(args):
         candidates = ("packed",)  # the Triton interpreter is for testing: never faster on a CPU
-    elif name in AUTO_ORDER and unavailable_reason(name) is None and name not in _IMPLEMENTATIONS.get(op, {}):
+    elif name in AUTO_ORDER and unavailable_reason(name) is None and (
+            name in HANDS_ON or name not in _IMPLEMENTATIONS.get(op, {})):
         candidates, falling_back = AUTO_ORDER[AUTO_ORDER.index(name):], True
+    passed_over = []
     for candidate in candidates:
         reason = _why_not(op, candidate, args, kwargs)
         if reason is None:
+            if _recorded_fallbacks is not None:
+                _recorded_fallbacks.extend((op, skipped, why, candidate) for skipped, why in passed_over)
             return _IMPLEMENTATIONS[op][candidate]
         if not falling_back:
             raise RuntimeError(f"{op}: backend={candidate!r} cannot run this call: {reason}")
+        passed_over.append((candidate, reason))
         key = (op, candidate, reason)
         if key not in _logged_fallbacks:
             _logged_fallbacks.add(key)
             logger.info("%s: falling back from %s: %s", op, candidate, reason)
     raise AssertionError("unreachable: the packed backend supports every call")
+
+
+@contextlib.contextmanager
+def recorded_fallbacks() -> Iterator[list[tuple[str, str, str, str]]]:
+    """Collect every fall back of :func:`dispatch` inside the block, logged or not (the log says
+    each once per process): a list of (op, backend passed over, its reason, backend taken)."""
+    global _recorded_fallbacks
+    previous, _recorded_fallbacks = _recorded_fallbacks, []
+    records = _recorded_fallbacks
+    try:
+        yield records
+    finally:
+        _recorded_fallbacks = previous
+        if previous is not None:
+            previous.extend(records)
 
 
 def _on_cpu(args) -> bool:

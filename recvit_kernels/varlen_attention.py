@@ -116,22 +116,32 @@ def _segment_rows(cu_seqlens, max_seqlen, rows, seqused=None):
     return flat, valid
 
 
+def _padded(x, row, valid):
+    """(B, H, max_len, D): ``x[row]`` per segment position, zero where the position is unused.
+
+    The padding reads a row of some other segment (row 0); ``torch.where`` replaces it with zeros,
+    so a NaN or inf there never reaches this segment (a masked weight of 0 times NaN is NaN), in
+    the forward or, through the padded queries, in the backward.
+    """
+    return torch.where(valid[:, :, None, None], x[row], 0.0).transpose(1, 2)
+
+
 def _varlen_attention_eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             softmax_scale, *, q_rows=None, kv_rows=None, seqused_q=None, seqused_k=None):
     """Pad each segment to the static bound, run SDPA with a key mask, write the rows back."""
     batch = cu_seqlens_q.numel() - 1
     query_row, query_valid = _segment_rows(cu_seqlens_q, max_seqlen_q, q_rows, seqused_q)
     key_row, key_valid = _segment_rows(cu_seqlens_k, max_seqlen_k, kv_rows, seqused_k)
-    padded_q = q[query_row].transpose(1, 2)  # (B, H, max_q, D)
-    padded_k = k[key_row].transpose(1, 2)
-    padded_v = v[key_row].transpose(1, 2)
+    padded_q = _padded(q, query_row, query_valid)  # (B, H, max_q, D)
+    padded_k = _padded(k, key_row, key_valid)
+    padded_v = _padded(v, key_row, key_valid)
     # A segment without keys attends to nothing: its rows are zero (flash-attention's convention).
-    # Unmasking its padding keeps SDPA finite; the product with ``has_keys`` zeroes the result.
+    # Unmasking its (zero) padding keeps SDPA finite; the result is then replaced by zeros.
     has_keys = key_valid.any(1, keepdim=True)
     key_mask = key_valid | ~has_keys
     out = F.scaled_dot_product_attention(padded_q, padded_k, padded_v,
                                          attn_mask=key_mask[:, None, None, :], scale=softmax_scale)
-    out = out * has_keys[:, :, None, None]
+    out = torch.where(has_keys[:, :, None, None], out, 0.0)
     out = out.transpose(1, 2).reshape(batch * max_seqlen_q, *q.shape[1:])
     dump_row = q.shape[0]  # positions outside their segment are written to a row that is dropped
     target = torch.where(query_valid, query_row, dump_row).reshape(-1)

@@ -138,3 +138,59 @@ def test_check_refuses_bad_arguments(capsys):
         with pytest.raises(SystemExit):
             cli.main(["check", "--device", "cuda"])
         assert "argument --device: cuda requested" in capsys.readouterr().err
+
+
+def _spreading(implementation):
+    """A varlen attention whose every output row picks up 0 x (row 0 of q): a NaN there spreads to
+    every image, as the eager op's padding once did."""
+    def broken(q, *args, **kwargs):
+        return implementation(q, *args, **kwargs) + 0 * q[0]
+    return broken
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["as-is", "spreading-attention"])
+def test_non_finite_input_is_reported(monkeypatch, tmp_path, capsys, broken):
+    """The 'non-finite input' rows: a NaN pixel in image 0 leaves the others as a clean run's
+    (noted: image 0's logits are NaN, nothing raised); an attention that spreads it fails them."""
+    if broken:
+        monkeypatch.setitem(_IMPLEMENTATIONS["varlen_attention"], "packed",
+                            _spreading(_IMPLEMENTATIONS["varlen_attention"]["packed"]))
+    report = tmp_path / "check.json"
+    code = cli.main(["check", "--quick", "--device", "cpu", "--json", str(report), "--only", "non-finite",
+                     "--backends", "packed"])
+    out = capsys.readouterr().out
+    assert "Non-finite input: not checked for" in out
+    rows = json.loads(report.read_text())["checks"]
+    assert [row["case"] for row in rows] == ["Tiny-112px b=4 kv=active", "Tiny-112px b=4 kv=all"], out
+    assert all(row["check"] == "non-finite input" and row["backend"] == "packed" for row in rows)
+    assert all("image 0's logits: NaN (not checked, not raised)" in row["note"] for row in rows)
+    assert code == int(broken) and {row["status"] for row in rows} == {"FAIL" if broken else "pass"}, out
+
+
+def test_a_call_handed_on_is_noted(monkeypatch):
+    """backend="cuda" hands a call its kernels decline to the next backend: an op row is a skip
+    saying where it ran, a model row keeps its result with the same note (simulated on the CPU:
+    cuda marked available, its device check passed)."""
+    import recvit_kernels as rk
+    from recvit import check
+    from recvit_kernels import _backend
+    from recvit_kernels.cuda import varlen_attention as cuda_attention
+
+    rk.available_backends()
+    monkeypatch.setitem(_backend._AVAILABILITY, "cuda", lambda: None)
+    monkeypatch.setitem(_backend._AVAILABILITY, "triton", lambda: "not here")
+    monkeypatch.setattr(cuda_attention, "device_reason", lambda name, tensor: None)
+    q, cu = torch.randn(6, 2, 32), torch.tensor([0, 2, 6], dtype=torch.int32)
+    assert check._distinct("varlen_attention", ["eager", "packed", "cuda"], (q, q, q, cu, cu, 4, 4, 0.1)) \
+        == ["eager", "cuda"]
+    checker = check._Checker("cpu", None, lambda result: None)
+
+    def body():
+        rk.varlen_attention(q, q, q, cu, cu, 4, 4, backend="cuda")
+        return 0.0, 1.0, 0.1
+
+    checker.run("varlen_attention", "cuda", "float32", "op", body)
+    checker.run("model", "cuda", "float32", "model", body)
+    note = ("cuda declined: varlen_attention on packed (q has dtype torch.float32; the cuda attention "
+            "takes float16 and bfloat16)")
+    assert [(r.status, r.note) for r in checker.results] == [("skip", note), ("pass", note)]

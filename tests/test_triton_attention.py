@@ -197,6 +197,49 @@ def test_backward_empty_segments_and_clamps(dtype):
     assert not dq[10 + 16:].any() and not dk[33 + 11:].any(), "positions past max_seqlen are unused"
 
 
+def test_a_key_row_shared_by_two_segments(caplog, monkeypatch):
+    """kv_rows naming key row 3 in both segments (and row 5 twice in one): the forward is right,
+    but the backward stores each key row's dk/dv once, so with autograd recording the triton
+    backend declines the call (where values are checkable) and auto runs it on packed, whose
+    gradient adds both contributions; positions past the used length or max_seqlen_k may repeat."""
+    q, k, v = torch.randn(3, 6, 2, 32, device=DEVICE).unbind(0)
+    cu_q = torch.tensor([0, 3, 6], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 4, 8], dtype=torch.int32, device=DEVICE)
+    shared = torch.tensor([0, 1, 3, 5, 3, 5, 2, 4], device=DEVICE)
+    args = (cu_q, cu_k, 3, 4, 32 ** -0.5)
+
+    def run(backend, rows=shared, max_k=4, **kwargs):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = rk.varlen_attention(*leaves, cu_q, cu_k, 3, max_k, 32 ** -0.5, kv_rows=rows, backend=backend,
+                                  **kwargs)
+        out.backward(torch.ones_like(out))
+        return out, [t.grad for t in leaves]
+
+    with torch.no_grad():  # inference: nothing to lose, the kernel runs it
+        torch.testing.assert_close(rk.varlen_attention(q, k, v, *args, kv_rows=shared, backend="triton"),
+                                   rk.varlen_attention(q, k, v, *args, kv_rows=shared, backend="eager"))
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run this call: kv_rows names key "
+                                           "row 3 at two read positions"):
+        run("triton")
+    expected_out, expected = run("eager")
+    separate_k, separate_v = k[shared], v[shared]  # the same attention over copied rows
+    leaves = [t.clone().requires_grad_() for t in (q, separate_k, separate_v)]
+    rk.varlen_attention(*leaves, *args, backend="eager").backward(torch.ones_like(q))
+    for ours, copies, rows in ((expected[1], leaves[1].grad, shared), (expected[2], leaves[2].grad, shared)):
+        torch.testing.assert_close(ours, torch.zeros_like(ours).index_add_(0, rows, copies))
+    monkeypatch.setattr(rk._backend, "_on_cpu", lambda args: False)  # the GPU's fall-back chain
+    with caplog.at_level("INFO", logger="recvit_kernels"):
+        out, grads = run("auto")
+    assert "falling back from triton: kv_rows names key row 3" in caplog.text
+    torch.testing.assert_close(out, expected_out)
+    for ours, theirs in zip(grads, expected):
+        torch.testing.assert_close(ours, theirs)
+    # only the positions read count: past a used length, or past max_seqlen_k, rows may repeat
+    run("triton", torch.tensor([0, 1, 3, 5, 2, 4, 5, 5], device=DEVICE),
+        seqused_k=torch.tensor([4, 2], dtype=torch.int32, device=DEVICE))
+    run("triton", torch.tensor([0, 1, 3, 5, 2, 4, 0, 1], device=DEVICE), max_k=2)
+
+
 def test_double_backward_is_refused():
     q, k, v, cu = (t.requires_grad_() if t.is_floating_point() else t for t in _plain_inputs())
     out = rk.varlen_attention(q, k, v, cu, cu, 11, 11, backend="triton")

@@ -197,13 +197,16 @@ class MoRViT(nn.Module):
         counts = self.active_counts(count)
         rows = tokens.reshape(batch * count, dim)
         token_of_row = torch.arange(count, device=device).repeat(batch)  # token index of each row
-        step_logits = []
+        step_logits, step_scored = [], []
         for step, active in enumerate(counts, start=1):
             previous = counts[step - 2] if step > 1 else count
             prefix_tokens = token_of_row[: batch * previous].view(batch, previous)
             logits = self._router_logits(rows[: batch * previous], step).view(batch, previous)
             step_logits.append(torch.full((batch, count), -math.inf, device=device, dtype=logits.dtype)
                                .scatter(1, prefix_tokens, logits))
+            # from the selection, not the values: a NaN logit is still scored (the losses count it)
+            step_scored.append(torch.zeros(batch, count, dtype=torch.bool, device=device)
+                               .scatter(1, prefix_tokens, True))
             if step > 1:  # re-sort the prefix: kept rows first, both parts in token order
                 keep = _select(logits, torch.ones_like(prefix_tokens, dtype=torch.bool), active - 1)
                 order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
@@ -220,8 +223,7 @@ class MoRViT(nn.Module):
         depth_of_row = torch.cat([torch.full((batch * size,), depth, device=device)
                                   for depth, size in zip(range(len(counts), 0, -1), _group_sizes(counts))])
         depths = depth_of_row.index_select(0, layout.inverse_perm).view(batch, count)
-        logits = torch.stack(step_logits, -1)
-        return states, depths, logits, logits > -math.inf
+        return states, depths, torch.stack(step_logits, -1), torch.stack(step_scored, -1)
 
 
 class GatedRecursiveBlock(RecursiveBlock):

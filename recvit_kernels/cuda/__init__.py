@@ -6,7 +6,9 @@ The extension is the one ``pip install --no-build-isolation .`` built ahead of t
 ``torch.utils.cpp_extension.load`` (ninja), cached in torch's extension directory. Where neither
 is possible (CPU-only torch, no GPU, a GPU older than sm_80, no nvcc, a failed build) the backend
 reports itself unavailable with the reason and ``auto`` moves on. The kernels are forward-only: a
-call with inputs that require grad is declined (``supports``), so ``auto`` takes another backend.
+call with inputs that require grad is declined (``supports``), as is one they have no kernel for
+(fp32 attention, say); ``auto``, and ``backend="cuda"`` named explicitly too (``HANDS_ON``), then
+take the next backend (triton, then packed), logged with the reason.
 """
 from __future__ import annotations
 

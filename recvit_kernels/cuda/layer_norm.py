@@ -1,12 +1,14 @@
 """LayerNorm over rows with the residual add fused in (the extension's one-warp-per-row kernel).
 
 Same contract as :func:`recvit_kernels.layer_norm`: normalises the last dimension of ``x``; with
-``residual`` returns ``(layer_norm(x + residual), x + residual)``. float32, float16 and bfloat16,
-widths up to the kernel's register budget (``MAX_WIDTH``). Weight and bias are read in their own
-dtype, which must be x's or float32 (both the same): no cast, no copy, so a captured CUDA graph
-reads the live parameters. With ``num_rows`` each warp reads the live count from the device and a
-row past it returns at once (nothing read or written there). Other calls are declined with the
-reason, so ``auto`` moves on. The call is the custom op ``torch.ops.recvit.layer_norm_cuda``
+``residual`` returns ``(layer_norm(x + residual), x + residual)``. Statistics in fp32, the inverse
+standard deviation by ``rsqrtf`` (approximate, within 2 ulp, where torch's is correctly rounded;
+within the tolerance rule). float32, float16 and bfloat16, widths up to the kernel's register
+budget (``MAX_WIDTH``). Weight and bias are read in their own dtype, which must be x's or float32
+(both the same): no cast, no copy, so a captured CUDA graph reads the live parameters. With
+``num_rows`` each warp reads the live count from the device and a row past it returns at once
+(nothing read or written there). Other calls are declined with the reason, so ``auto`` (and
+``backend="cuda"``) moves on. The call is the custom op ``torch.ops.recvit.layer_norm_cuda``
 (forward only; opaque to ``torch.compile`` and ``torch.export``, with a fake implementation).
 """
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """The transformer MLP over rows: cuBLAS GEMMs (through torch, in the extension) with the bias +
-exact-GELU and bias + residual epilogues in the extension's fused element-wise kernel.
+exact-GELU and bias + residual epilogues in the extension's fused element-wise kernel. The GEMM
+rounds its product to x's dtype and the epilogue, in fp32, rounds again: two roundings per layer,
+as in the triton MLP (:mod:`recvit_kernels.triton.mlp`), within the tolerance rule.
 
 Same contract as :func:`recvit_kernels.mlp`: ``residual + fc2(gelu(fc1(x)))``, x (rows, C); with
 ``out`` the result is written into it (it may be the residual: the epilogue reads each element

@@ -2,9 +2,12 @@
 
 Same contract as :func:`recvit_kernels.layer_norm`: ``x`` (..., C) normalised over C with
 ``weight`` (C,) and optional ``bias`` (C,); statistics in fp32. One program normalises BLOCK_ROWS
-rows. The sum ``x + residual`` is rounded to x's dtype before it is normalised, as in the eager op.
-With ``num_rows`` each program reads the live count from the device and a row block past it
-returns at once (nothing read or written there). The backward is the Triton kernel of
+rows. The means and ``rstd = 1 / sqrt(var + eps)`` use Triton's default division and square root,
+which on NVIDIA GPUs are approximate (``div.full.f32``, ``sqrt.approx.ftz.f32``: a few ulp, where
+torch's are correctly rounded); the difference is within the tolerance rule. The sum
+``x + residual`` is rounded to x's dtype before it is normalised, as in the eager op. With
+``num_rows`` each program reads the live count from the device and a row block past it returns at
+once (nothing read or written there). The backward is the Triton kernel of
 ``layer_norm_backward.py``, over the live rows too.
 
 The launch is the custom op ``torch.ops.recvit.layer_norm_triton`` (``torch.library.custom_op``)

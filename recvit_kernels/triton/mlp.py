@@ -2,9 +2,12 @@
 one Triton kernel each.
 
 Same contract as :func:`recvit_kernels.mlp`: ``residual + fc2(gelu(fc1(x)))`` over the rows of x.
-``F.linear`` without bias runs each GEMM; ``_epilogue_kernel`` then adds the bias and applies the
-exact (erf) GELU, or adds the bias and the residual, in fp32, rounding once. This choice over fused
-Triton GEMMs is not yet measured on a GPU. The epilogues' backward is ``mlp_epilogue_backward.py``
+``F.linear`` without bias runs each GEMM, which rounds its product to x's dtype; ``_epilogue_kernel``
+then adds the bias and applies the exact (erf) GELU, or adds the bias and the residual, in fp32 and
+rounds again. Two roundings per layer, as many as the eager op's (``F.linear`` with its bias, then
+GELU or the residual add) but not at the same places; a GEMM with the epilogue fused would round
+once (the difference is within the tolerance rule). This choice over fused Triton GEMMs is not yet
+measured on a GPU. The epilogues' backward is ``mlp_epilogue_backward.py``
 (one element-wise Triton kernel for GELU's); the GEMMs differentiate through torch as usual.
 
 The epilogue is a custom op (``torch.library.custom_op``, opaque to ``torch.compile`` and

@@ -14,9 +14,12 @@ then ``_varlen_attention_dkdv_kernel`` (one program per BLOCK_N keys) accumulate
 queries. Against flash-attention 2's single kernel with an atomic fp32 dQ this recomputes the scores
 once more, but needs no fp32 dQ buffer (its fill and its cast back are two launches and 2x dQ's bytes
 each), no separate delta launch (the dQ kernel already reads dO and O), and is deterministic.
-Accumulation is fp32; the key-side kernel assumes a used key row appears in one segment only (as
-every layout here builds it: ``kv_rows`` is a permutation, segments are disjoint), since two programs
-storing one row would race.
+Accumulation is fp32; the key-side kernel stores each read key position's dK/dV to its row, so a
+key row named at two read positions of ``kv_rows`` (in two segments, or twice in one) would keep
+one contribution. Every layout here names each row once (``kv_rows`` is a permutation, segments
+are disjoint); the forward's ``supports`` check declines a table that repeats a row when autograd
+records the call and its values are checkable (``values_checkable``: on the CPU, or with
+``RECVIT_CHECK_VALUES=1``), and ``auto`` then runs it on packed, whose gradient adds them up.
 
 ``varlen_attention_backward`` is the custom op ``torch.ops.recvit.varlen_attention_backward_triton``
 (opaque to ``torch.compile`` / ``torch.export``, fake implementation registered), without an

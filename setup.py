@@ -6,6 +6,8 @@ isolation hides the installed torch, so the CUDA build needs ``pip install --no-
 a plain ``pip install .`` gives the pure-Python package, whose ``cuda`` backend JIT-builds the
 extension on first use from the kernel sources shipped inside it. torch is imported here only once
 its files say it is a CUDA build. Architectures: ``TORCH_CUDA_ARCH_LIST``, default "8.0;9.0+PTX".
+The CUDA toolkit: ``CUDA_HOME``, else the one the nvcc on PATH belongs to (a wrapper script's
+too), else /usr/local/cuda (recvit_kernels/cuda/toolkit.py); the build prints which.
 """
 import importlib.util
 import os
@@ -35,12 +37,14 @@ def torch_cuda_version():
     return match.group(1) if match else None
 
 
-def find_nvcc():
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").is_file():
-        return str(Path(cuda_home) / "bin" / "nvcc")
-    return shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
-                                    if Path("/usr/local/cuda/bin/nvcc").is_file() else None)
+def find_cuda_home():
+    """(CUDA toolkit root, how it was found) or (None, why not): recvit_kernels/cuda/toolkit.py,
+    loaded by its path (importing the package would import torch)."""
+    spec = importlib.util.spec_from_file_location("recvit_cuda_toolkit",
+                                                  ROOT / "recvit_kernels" / "cuda" / "toolkit.py")
+    toolkit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toolkit)
+    return toolkit.find_cuda_home()
 
 
 def cuda_skip_reason():
@@ -51,8 +55,6 @@ def cuda_skip_reason():
         return "torch is not importable in the build environment (use --no-build-isolation)"
     if torch_cuda_version() is None:
         return "torch in the build environment is CPU-only"
-    if find_nvcc() is None:
-        return "nvcc not found (set CUDA_HOME)"
     return None
 
 
@@ -72,9 +74,11 @@ class BuildPyWithSources(build_py):
 
 def extension_kwargs():
     reason = cuda_skip_reason()
-    if reason is not None:
-        print(f"recvit: building without the CUDA extension: {reason}")
+    cuda_home, found = (None, reason) if reason is not None else find_cuda_home()
+    if cuda_home is None:
+        print(f"recvit: building without the CUDA extension: {found}")
         return {}
+    os.environ["CUDA_HOME"] = str(cuda_home)  # torch's guess fails where nvcc is a wrapper script
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")  # PTX: newer GPUs JIT it
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
@@ -85,7 +89,7 @@ def extension_kwargs():
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
     )
     print(f"recvit: building the CUDA extension for TORCH_CUDA_ARCH_LIST="
-          f"{os.environ['TORCH_CUDA_ARCH_LIST']}")
+          f"{os.environ['TORCH_CUDA_ARCH_LIST']} with the CUDA toolkit {cuda_home} (from {found})")
     return {"ext_modules": [extension],
             "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 

@@ -140,10 +140,30 @@ def test_loader_reasons(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setitem(sys.modules, "recvit_kernels.cuda._C", None)  # no prebuilt extension
     monkeypatch.delattr(backend, "_C", raising=False)
-    import torch.utils.cpp_extension as cpp_extension
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    monkeypatch.setattr(backend, "find_cuda_home", lambda: (None, "nvcc not found (set CUDA_HOME)"))
     module, reason = backend._load()
-    assert module is None and "nvcc was not found" in reason and "JIT build failed" in reason
+    assert module is None and "no CUDA toolkit was found: nvcc not found" in reason
+    assert "JIT build failed" in reason
+
+
+def test_jit_build_uses_the_toolkit_found(monkeypatch, tmp_path):
+    """The JIT build hands torch the toolkit ``find_cuda_home`` found, not torch's own guess (the
+    folder above ``which nvcc``, wrong where nvcc is a wrapper script)."""
+    import torch.utils.cpp_extension as cpp_extension
+    from recvit_kernels import cuda as backend
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local")  # torch's guess for the wrapper
+    monkeypatch.setattr(backend, "find_cuda_home", lambda: (tmp_path, "a test"))
+    seen = {}
+
+    def load(name, sources, **kwargs):
+        seen.update(name=name, cuda_home=cpp_extension.CUDA_HOME, sources=sources)
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    assert backend._jit_build() == "module"
+    assert seen["cuda_home"] == str(tmp_path) and seen["name"] == backend.EXTENSION_NAME
+    assert [Path(source).name for source in seen["sources"]] == list(backend.SOURCES)
 
 
 def test_kernel_sources_are_found():

@@ -194,6 +194,20 @@ def test_backend_selection_and_errors(monkeypatch):
         assert reasons[name] is None or isinstance(reasons[name], str)
 
 
+def test_triton_interpreter_reason_names_the_numpy_pin():
+    """triton < 3.7's interpreter calls int() on 1-element arrays, a TypeError from numpy 2.4: the
+    backend is then unavailable with the fix named, not 305 tracebacks from inside Triton."""
+    from recvit_kernels.triton import _interpreter_reason
+
+    for old_triton, new_numpy in (("3.6.0", "2.4.6"), ("3.5.1", "2.5.0"), ("3.6.0", "2.4.0rc1")):
+        reason = _interpreter_reason(old_triton, new_numpy)
+        assert f"triton {old_triton} fails under numpy {new_numpy}" in reason
+        assert "pip install 'numpy<2.4'" in reason and "triton>=3.7" in reason
+    for triton_version, numpy_version in (("3.6.0", "2.3.5"), ("3.7.0", "2.5.0"),
+                                          ("3.9.0+git4e1c2a", "2.4.6")):
+        assert _interpreter_reason(triton_version, numpy_version) is None
+
+
 def test_auto_runs_cpu_tensors_on_packed(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x, weight = torch.randn(3, 8), torch.ones(8)

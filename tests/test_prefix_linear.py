@@ -164,7 +164,7 @@ def test_gpu_real_sizes(rows, k_dim, n_out, fraction, dtype):
     check(rows, k_dim, n_out, int(rows * fraction), dtype)
 
 
-def test_tiles_follow_the_shape_and_the_fp32_policy(monkeypatch):
+def test_tiles_follow_the_shape_and_the_fp32_policy(monkeypatch, set_allow_tf32):
     """Few rows get small tiles (enough programs for about one wave), many rows the largest; fp32
     takes the TF32 tiles when torch allows TF32, else the IEEE (FMA) ones."""
     pl = pytest.importorskip("recvit_kernels.triton.prefix_linear")
@@ -177,7 +177,7 @@ def test_tiles_follow_the_shape_and_the_fp32_policy(monkeypatch):
     assert small != tiles[0] and triton_programs(197, 3072, small) >= pl._MIN_PROGRAMS
     assert pl._config(197, 768, torch.bfloat16) == tiles[-1]  # batch-1 proj: the smallest tile
     for allow_tf32, precision in ((False, "ieee"), (True, "tf32")):
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+        set_allow_tf32(allow_tf32)
         assert dot_precision(torch.float32) == precision
         assert dot_precision(torch.bfloat16) == "tf32"
         assert pl._config(256 * 197, 768, torch.float32) == pl._TILES[precision][0]
@@ -189,8 +189,8 @@ def triton_programs(rows, n_out, tile):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [197, 64 * 197])
-def test_gpu_fp32_tf32_when_torch_allows(rows, monkeypatch):
+def test_gpu_fp32_tf32_when_torch_allows(rows, set_allow_tf32):
     """With ``allow_tf32`` the kernel runs TF32 as the eager op's cuBLAS GEMM does: flash rule
     against fp64 with TF32 eager as the baseline (the IEEE default is test_gpu_real_sizes' fp32)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    set_allow_tf32(True)
     check(rows, 768, 3072, rows // 2, torch.float32)

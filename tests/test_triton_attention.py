@@ -390,11 +390,11 @@ def test_gpu_compute_sanitizer_memcheck():
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
 @pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
-def test_gpu_fp32_follows_allow_tf32(head_dim, allow_tf32, monkeypatch):
+def test_gpu_fp32_follows_allow_tf32(head_dim, allow_tf32, set_allow_tf32):
     """fp32 attention is IEEE by default and TF32 when torch allows it, as the eager op's math SDPA
     (bmm) is: the same error against fp64 within the flash rule, for every head_dim's tile."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    set_allow_tf32(allow_tf32)
     with sdpa_kernel(SDPBackend.MATH):
         run_all_steps(torch.randint(1, 5, (8, 197)), 4, "active", torch.float32, heads=4, head_dim=head_dim)

@@ -3,12 +3,13 @@ attention forward, residual LayerNorm, the live-row linear layer and the MLP).
 
 The extension is the one ``pip install --no-build-isolation .`` built ahead of time
 (``recvit_kernels.cuda._C``); without it, the first use JIT-builds it with
-``torch.utils.cpp_extension.load`` (ninja), cached in torch's extension directory. Where neither
-is possible (CPU-only torch, no GPU, a GPU older than sm_80, no nvcc, a failed build) the backend
-reports itself unavailable with the reason and ``auto`` moves on. The kernels are forward-only: a
-call with inputs that require grad is declined (``supports``), as is one they have no kernel for
-(fp32 attention, say); ``auto``, and ``backend="cuda"`` named explicitly too (``HANDS_ON``), then
-take the next backend (triton, then packed), logged with the reason.
+``torch.utils.cpp_extension.load`` (ninja) with the CUDA toolkit ``toolkit.find_cuda_home``
+finds, cached in torch's extension directory. Where neither is possible (CPU-only torch, no GPU, a
+GPU older than sm_80, no nvcc, a failed build) the backend reports itself unavailable with the
+reason and ``auto`` moves on. The kernels are forward-only: a call with inputs that require grad is
+declined (``supports``), as is one they have no kernel for (fp32 attention, say); ``auto``, and
+``backend="cuda"`` named explicitly too (``HANDS_ON``), then take the next backend (triton, then
+packed), logged with the reason.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Optional
 import torch
 
 from .._backend import register_availability
+from .toolkit import find_cuda_home
 
 logger = logging.getLogger("recvit_kernels")
 SOURCES = ("binding.cpp", "depth_sort.cu", "varlen_attention.cu", "layer_norm.cu",
@@ -54,19 +56,22 @@ def _platform_reason() -> Optional[str]:
 
 def _jit_build() -> ModuleType:
     """Build (or reuse torch's cached build of) the extension from the sources with ninja."""
-    from torch.utils.cpp_extension import CUDA_HOME, load
+    cuda_home, found = find_cuda_home()
+    if cuda_home is None:
+        raise RuntimeError(f"the extension was not prebuilt and no CUDA toolkit was found: {found}")
+    from torch.utils import cpp_extension
 
-    if CUDA_HOME is None:
-        raise RuntimeError("the extension was not prebuilt and nvcc was not found (set CUDA_HOME)")
+    cpp_extension.CUDA_HOME = str(cuda_home)  # torch's guess fails where nvcc is a wrapper script
     sources = source_dir()
     if sources is None:
         raise RuntimeError("the extension was not prebuilt and the kernel sources (csrc/) "
                            "are missing")
-    logger.info("recvit_kernels.cuda: JIT-building the CUDA extension from %s (once, cached)",
-                sources)
-    return load(name=EXTENSION_NAME, sources=[str(sources / name) for name in SOURCES],
-                extra_include_paths=[str(sources)], extra_cuda_cflags=["-O3"],
-                extra_cflags=["-O3"], verbose=os.environ.get("RECVIT_VERBOSE_BUILD") == "1")
+    logger.info("recvit_kernels.cuda: JIT-building the CUDA extension from %s with the CUDA "
+                "toolkit %s (from %s; once, cached)", sources, cuda_home, found)
+    return cpp_extension.load(
+        name=EXTENSION_NAME, sources=[str(sources / name) for name in SOURCES],
+        extra_include_paths=[str(sources)], extra_cuda_cflags=["-O3"], extra_cflags=["-O3"],
+        verbose=os.environ.get("RECVIT_VERBOSE_BUILD") == "1")
 
 
 def _load() -> tuple[Optional[ModuleType], Optional[str]]:

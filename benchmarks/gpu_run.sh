@@ -200,7 +200,8 @@ native_arch() {
 build() {
     local arch=$1
     if gpu_step build 150 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
-        "$PY" -m pip install --no-build-isolation --no-deps --no-index --no-cache-dir -v -e . &&
+        "$PY" -m pip install --no-build-isolation --no-deps --no-index --no-cache-dir --disable-pip-version-check \
+        -v -e . &&
         gpu_step import-ext 15 "$PY" -c "import recvit_kernels.cuda._C as ext; print(ext.__file__)"; then
         return 0
     fi
@@ -433,7 +434,7 @@ sweep)
     checkpoint
     # a training step (forward + backward + AdamW), Base, bf16 autocast: packed, triton, eager, DeiT-B
     if ((DRY)); then
-        TRAIN=(--scale tiny --img-size 32 --batch 2 --rounds 1 --out "$WORK/results/train-step-tiny-32")
+        TRAIN=(--scale tiny --img-size 32 --batch 2 --rounds 1 --backends packed --out "$WORK/results/train-step-tiny-32")
     else
         TRAIN=(--scale base --batch 64 --dtype bf16 --rounds 7 --out "$WORK/results/train-step-base-224")
     fi

@@ -232,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as error:  # recorded, the other implementations go on
             lines += [f"### {name}", "", f"not profiled: {type(error).__name__}: {error}", ""]
             print(f"{name}: {type(error).__name__}: {error}", flush=True)
-    (args.out / "profile.md").write_text("\n".join(lines) + "\n")
+        (args.out / "profile.md").write_text("\n".join(lines) + "\n")  # after each: a cut-off run keeps it
     print(f"wrote {args.out / 'profile.md'}")
     return 0
 

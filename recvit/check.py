@@ -35,7 +35,7 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional, Sequence
 
 # Floors of the tolerance rule, as in the kernel tests: attention, the row-wise ops and GEMMs, the
@@ -47,6 +47,7 @@ MODEL_CHECKS = ("model", "model sync-free", "graph replay", "non-finite input")
 CHECKS = ("depth_sort", "pack/unpack", "varlen_attention", "layer_norm", "layer_norm+residual",
           "mlp", "prefix_linear") + MODEL_CHECKS
 _DECLINED = re.compile(r"backend='\w+' cannot run this call")
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtypes: torch's names
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,13 @@ def plan(device: str, quick: bool, backends: Sequence[str]) -> tuple[list, list]
         models.append(Group(("triton",), interpreted.scales, (3,) if quick else interpreted.batches,
                             (torch.float32,) if quick else interpreted.dtypes))
     return ops, [group for group in models if group.backends]
+
+
+def only_dtypes(groups: Sequence[Group], names: Sequence[str]) -> list:
+    """``groups`` with their dtypes narrowed to ``names`` (``--dtypes``: fp32, fp16, bf16)."""
+    wanted = {DTYPE_NAMES[name] for name in names}
+    return [replace(group, dtypes=tuple(d for d in group.dtypes if _dtype_name(d) in wanted))
+            for group in groups]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,6 +589,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "reference, its depth sort and pack/unpack are checked against the definition)")
     parser.add_argument("--only", nargs="+", metavar="CHECK", default=None,
                         help=f"run the checks whose name contains one of these (names: {', '.join(CHECKS)})")
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPE_NAMES), default=None,
+                        help="check the floating-point ops and models in these dtypes only (default: every "
+                        "dtype of the plan; the depth sort and pack/unpack run in any case)")
 
 
 def run(args, sub: argparse.ArgumentParser) -> int:
@@ -631,6 +642,9 @@ def run(args, sub: argparse.ArgumentParser) -> int:
 
     checker = _Checker(device, args.only, report)
     op_groups, model_groups = plan(device, args.quick, backends)
+    if args.dtypes is not None:
+        op_groups, model_groups = only_dtypes(op_groups, args.dtypes), only_dtypes(model_groups, args.dtypes)
+        model_groups = [group for group in model_groups if group.dtypes]
     for group in op_groups:
         check_ops(checker, group)
     for group in model_groups:

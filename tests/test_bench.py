@@ -180,6 +180,33 @@ def test_cli_without_progress_imports_no_tqdm(capsys, monkeypatch, tmp_path):
     assert (next(tmp_path.iterdir()) / "results.json").is_file()
 
 
+def test_cli_writes_each_batch_as_it_completes(capsys, monkeypatch, tmp_path):
+    """A run cut off during its second batch (here: the timing raises, as a kill would stop it) has
+    written the first batch's records, in a results.json and results.md marked partial."""
+    timings = []
+
+    def cut_off_at_the_second_batch(*args, **kwargs):
+        timings.append(args)
+        if len(timings) == 2:
+            raise KeyboardInterrupt
+        return bench.time_interleaved(*args, **kwargs)
+
+    monkeypatch.setattr(bench.runner, "time_interleaved", cut_off_at_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--full", "--cpu", "--scales", "tiny", "--img-sizes", "32", "--batch-sizes", "1", "2",
+                    "--profiles", "paper", "--implementations", "deit-dense", "packed", "--target-s", "0",
+                    "--min-rounds", "2", "--threads", "1", "--no-progress", "--no-plots", "--out", str(tmp_path)])
+    folder = next(tmp_path.iterdir())
+    results = json.loads((folder / "results.json").read_text())
+    assert results["complete"] is False
+    assert sorted((r["implementation"], r["batch"], r["status"]) for r in results["records"]) == [
+        ("deit-dense", 1, "ok"), ("packed", 1, "ok")]
+    report = (folder / "results.md").read_text()
+    assert "**Partial**" in report and "| packed |" in report
+    assert sorted(p.name for p in folder.iterdir()) == ["results.json", "results.md"]  # no half-written file
+    assert f"batch 1: 2 records in {folder}/results.json" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------------------
 # Spread
 

@@ -130,10 +130,27 @@ def test_the_models_forms_are_checked(monkeypatch, tmp_path, capsys, op, keyword
     assert [row["status"] == "FAIL" for row in rows] == in_form, out
 
 
+def test_dtypes_narrows_the_check(tmp_path, capsys):
+    """--dtypes: the floating-point checks run in the dtypes named only (gpu_run.sh first checks bf16)."""
+    if not triton_importable():
+        pytest.skip("triton is not installed")
+    report = tmp_path / "check.json"
+    code = cli.main(["check", "--quick", "--device", "cpu", "--json", str(report), "--dtypes", "fp16",
+                     "--only", "depth_sort", "layer_norm", "--backends", "triton"])
+    rows = json.loads(report.read_text())["checks"]
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert {row["dtype"] for row in rows if row["check"] == "layer_norm"} == {"float16"}, out
+    assert any(row["check"] == "depth_sort" for row in rows)  # dtype-free: runs in any case
+
+
 def test_check_refuses_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         cli.main(["check", "--only", "nonsense"])
     assert "argument --only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["check", "--dtypes", "fp8"])
+    assert "argument --dtypes" in capsys.readouterr().err
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             cli.main(["check", "--device", "cuda"])

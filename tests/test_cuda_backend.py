@@ -1300,6 +1300,7 @@ def compute_sanitizer():
 
 
 @pytest.mark.gpu
+@pytest.mark.sanitizer
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(ext, tool, tmp_path):
     sanitizer = compute_sanitizer()

@@ -376,6 +376,7 @@ _SANITIZER_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.gpu
+@pytest.mark.sanitizer
 def test_gpu_compute_sanitizer_memcheck():
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:

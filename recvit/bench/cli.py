@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU is present")
     parser.add_argument("--out", type=Path, default=None,
                         help="results root: files go to OUT/<device>/ (default with --full: "
-                             f"{default_results_root()}; the quick run writes nothing unless given)")
+                             f"{default_results_root()}; the quick run writes nothing unless given); rewritten "
+                             "after each batch, so a run cut off keeps what it measured")
     parser.add_argument("--scales", nargs="+", choices=sorted(SCALES))
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES))
     parser.add_argument("--img-sizes", nargs="+", type=int)
@@ -120,6 +121,14 @@ def _check_output(args, parser) -> Optional[Path]:
     return out
 
 
+def _write_partial(results: dict, out: Path) -> None:
+    """The results so far, written after each batch: a run cut off keeps what it measured."""
+    folder = write_results(results, out, plots=False)
+    last = results["records"][-1]
+    print(f"measured {last['scale']} {last['dtype']} {last['img_size']} px, profile {last['profile']}, "
+          f"batch {last['batch']}: {len(results['records'])} records in {folder}/results.json", flush=True)
+
+
 def describe(settings: Settings) -> str:
     """What the run compares, in words (printed before it starts)."""
     device = cpu_name() if settings.device == "cpu" else torch.cuda.get_device_name(0)
@@ -143,7 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     busy = busy_warning(settings.threads or torch.get_num_threads()) if settings.device == "cpu" else None
     if busy:
         print(busy, flush=True)
-    results = run(settings, progress=not args.no_progress)
+    results = run(settings, progress=not args.no_progress,
+                  on_batch=None if out is None else lambda partial: _write_partial(partial, out))
     print()
     print(headline_table(results))
     print()

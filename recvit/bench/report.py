@@ -10,6 +10,7 @@ spread was recorded show the median alone.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -185,9 +186,14 @@ def markdown_report(results: dict) -> str:
              f"sum alpha = {results['paper_profile']['sum_alpha']}, sum alpha^2 = "
              f"{results['paper_profile']['sum_alpha_sq']}. At other token counts N_l = round(alpha_l N0).",
              "", "## Implementations", ""]
+    if not results.get("complete", True):
+        lines[2:2] = [f"**Partial**: the run had not ended when this was written; these are its first "
+                      f"{len(results['records'])} measurements.", ""]
     lines += [f"- **{name}**: {text}" for name, text in results["implementations"].items()]
     for config in results["configs"]:
         for profile in results["settings"]["profiles"]:
+            if not _records(results, config, profile):
+                continue  # not reached (yet) by a partial run
             lines += ["", f"## {config['scale']} / {config['dtype']} / {config['img_size']}px / "
                       f"profile {profile}", "", headline_table(results, config, profile), "",
                       "| implementation | batch | img/s | p50 ms (p10-p90) | p99 ms | min-max ms | peak MiB "
@@ -204,11 +210,16 @@ def markdown_report(results: dict) -> str:
 
 
 def write_results(results: dict, out_root: Path, plots: bool = True) -> Path:
-    """Write results.json, results.md (and PNGs) to ``out_root/<device slug>/``; returns the folder."""
+    """Write results.json, results.md (and PNGs) to ``out_root/<device slug>/``; returns the folder.
+    Each file is written whole under a temporary name, then renamed: a run killed while writing
+    leaves the previous version, never half a file."""
     folder = Path(out_root) / device_slug(results["device"])
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (folder / "results.md").write_text(markdown_report(results))
+    for name, text in (("results.json", json.dumps(results, indent=1) + "\n"),
+                       ("results.md", markdown_report(results))):
+        partial = folder / f".{name}.partial"
+        partial.write_text(text)
+        os.replace(partial, folder / name)
     if plots:
         from .plot import plot
 

@@ -2,14 +2,15 @@
 implementation, time them interleaved, and record every figure with its spread (see :mod:`.timer`).
 
 The results dictionary holds ``device``, ``settings``, ``paper_profile``, ``implementations``
-(name -> description), ``configs`` and ``records`` (one per config, profile, implementation and
-batch: ``status`` ok / unavailable / failed / oom / skipped, with its ``reason`` when not ok).
+(name -> description), ``configs``, ``records`` (one per config, profile, implementation and
+batch: ``status`` ok / unavailable / failed / oom / skipped, with its ``reason`` when not ok) and
+``complete`` (False in the partial results handed to ``on_batch`` while the run goes on).
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -57,20 +58,23 @@ def _make_models(scale: str, img_size: int, dtype: torch.dtype, device: torch.de
     return model, deit
 
 
-def run(settings: Settings, progress: bool = True) -> dict:
-    """Run the harness; returns the results dictionary (see :func:`~recvit.bench.write_results`)."""
+def run(settings: Settings, progress: bool = True,
+        on_batch: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run the harness; returns the results dictionary (see :func:`~recvit.bench.write_results`).
+    ``on_batch(results)`` is called with the results so far each time a batch's records are in
+    (``complete`` False): a caller writes them, so that a run cut off keeps what it measured."""
     threads, start = torch.get_num_threads(), time.perf_counter()
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     try:
-        results = _run(settings, progress)
+        results = _run(settings, progress, on_batch)
     finally:
         torch.set_num_threads(threads)
     results["wall_s"] = round(time.perf_counter() - start, 1)
     return results
 
 
-def _run(settings: Settings, progress: bool) -> dict:
+def _run(settings: Settings, progress: bool, on_batch: Optional[Callable[[dict], None]]) -> dict:
     device = torch.device(settings.device)
     impls = select(settings.implementations, settings.force_compile)
     configs = [(s, dt, r) for s in settings.scales for dt in settings.dtypes for r in settings.img_sizes]
@@ -81,7 +85,7 @@ def _run(settings: Settings, progress: bool) -> dict:
                                  "sum_alpha": round(sum(PAPER_ALPHA), 4),
                                  "sum_alpha_sq": round(sum(a * a for a in PAPER_ALPHA), 4)},
                "implementations": {impl.name: impl.description for impl in impls},
-               "configs": [], "records": []}
+               "configs": [], "records": [], "complete": False}
     if progress:
         from tqdm import tqdm
 
@@ -100,12 +104,13 @@ def _run(settings: Settings, progress: bool) -> dict:
         results["configs"].append(config)
         for profile in settings.profiles:
             _run_profile(results, settings, model, deit, impls, config, profile, device, dtype,
-                         generator, bar)
+                         generator, bar, on_batch)
         del model, deit
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
     results["device"]["load_average_end"] = load_average()
+    results["complete"] = True
     return results
 
 
@@ -114,7 +119,8 @@ def _batches(settings: Settings, profile: str) -> list[int]:
     return sorted(set(batches) | set(settings.latency_batches))
 
 
-def _run_profile(results, settings, model, deit, impls, config, profile, device, dtype, generator, bar):
+def _run_profile(results, settings, model, deit, impls, config, profile, device, dtype, generator, bar,
+                 on_batch):
     built: dict = {}
     failed_at: dict = {}  # implementation -> batch at which it ran out of memory
     where = f"{config['scale']} {config['dtype']} {config['img_size']} {profile}"
@@ -179,6 +185,8 @@ def _run_profile(results, settings, model, deit, impls, config, profile, device,
                     record[f"speedup_{label}"] = None
         results["records"] += list(records.values())
         bar.update(len(impls))
+        if on_batch is not None:
+            on_batch(results)
 
 
 def _build(impl, model, deit, example, built):

@@ -528,8 +528,13 @@ def _fit_hint(state_dict, source: str, names: dict, model: nn.Module) -> str:
     what = ", ".join(f"{key} {value}" for key, value in found.items())
     if not fits:
         return f"The checkpoint's shapes ({what}) fit none of the registered models ({', '.join(list_models())})."
-    return (f"The checkpoint's shapes ({what}) fit {' or '.join(fits)}; this model has embed_dim "
-            f"{getattr(model, 'embed_dim', '?')}.")
+    # this model's settings that differ (a classifier of another size is not a width problem)
+    patch_embed = getattr(model, "patch_embed", None)
+    mine = {"embed_dim": getattr(model, "embed_dim", "?"), "num_classes": getattr(model, "num_classes", None),
+            "img_size": getattr(patch_embed, "img_size", None), "patch_size": getattr(patch_embed, "patch_size", None)}
+    differ = [f"{key} {mine[key]}" for key in found if mine[key] is not None and mine[key] != found[key]]
+    has = ", ".join(differ) if differ else f"embed_dim {mine['embed_dim']}"
+    return f"The checkpoint's shapes ({what}) fit {' or '.join(fits)}; this model has {has}."
 
 
 def _join(names) -> str:

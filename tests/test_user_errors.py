@@ -277,6 +277,16 @@ def test_output_and_json_paths_are_checked_first(shapes, tmp_path, capsys):
     assert f"argument --json: the folder {tmp_path / 'missing'} does not exist" in err
 
 
+def test_load_checkpoint_for_other_classes_names_the_class_count_not_the_width():
+    from recvit.bench import DeiTDense
+
+    deit = DeiTDense(img_size=32, patch_size=8, num_classes=1000, embed_dim=192, num_heads=3)
+    model = recvit.create_model("edge_recvit_tiny", img_size=32, patch_size=8, num_classes=4)
+    with pytest.raises(ValueError) as info:
+        recvit.load_checkpoint(model, deit.state_dict())
+    assert "; this model has num_classes 4." in str(info.value) and "has embed_dim" not in str(info.value)
+
+
 def test_flops_img_size_that_is_not_a_number(capsys):
     err = _cli_error(capsys, "flops", "--img-size", "abc")
     assert "argument --img-size: expected a positive integer, got 'abc'" in err and "_positive_int" not in err

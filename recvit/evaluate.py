@@ -192,7 +192,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = {key: getattr(args, key) for key in MODEL_SETTINGS}
     if trained is not None:
         settings = {key: trained["args"].get(key) if value is None else value for key, value in settings.items()}
-    context = distributed.setup(args.device)
+    try:
+        context = distributed.setup(args.device)
+    except ValueError as error:
+        parser.error(f"argument --device: {error}")
     try:
         try:
             classes = find_classes(split)

@@ -157,8 +157,9 @@ def _check(parser, args) -> None:
             parser.error(f"argument --{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     for name in ("freeze_epochs", "workers", "warmup_epochs", "weight_decay", "clip_grad", "min_lr",
                  "lambda_stb", "lambda_du"):
-        if getattr(args, name) < 0:
-            parser.error(f"argument --{name.replace('_', '-')}: expected >= 0, got {getattr(args, name)}")
+        if not 0 <= getattr(args, name) < math.inf:  # NaN and inf too
+            parser.error(f"argument --{name.replace('_', '-')}: expected a finite number >= 0, got "
+                         f"{getattr(args, name)}")
     if args.freeze_epochs >= args.epochs:
         parser.error(f"argument --freeze-epochs: expected fewer than --epochs ({args.epochs}), "
                      f"got {args.freeze_epochs}")
@@ -166,8 +167,8 @@ def _check(parser, args) -> None:
         parser.error(f"argument --label-smoothing: expected in [0, 1), got {args.label_smoothing}")
     if not 0 < args.min_scale <= 1:
         parser.error(f"argument --min-scale: expected in (0, 1], got {args.min_scale}")
-    if args.lr is not None and args.lr <= 0:
-        parser.error(f"argument --lr: expected > 0, got {args.lr}")
+    if args.lr is not None and not 0 < args.lr < math.inf:
+        parser.error(f"argument --lr: expected a finite number > 0, got {args.lr}")
     if args.stop_after is not None and args.stop_after < 1:
         parser.error(f"argument --stop-after: expected >= 1, got {args.stop_after}")
     if args.init is not None and args.resume is None and not os.path.isfile(args.init):

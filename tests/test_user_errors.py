@@ -287,6 +287,24 @@ def test_load_checkpoint_for_other_classes_names_the_class_count_not_the_width()
     assert "; this model has num_classes 4." in str(info.value) and "has embed_dim" not in str(info.value)
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--lr", "nan"], "argument --lr: expected a finite number > 0, got nan"),
+    (["--lr", "inf"], "argument --lr: expected a finite number > 0, got inf"),
+    (["--warmup-epochs", "nan"], "argument --warmup-epochs: expected a finite number >= 0, got nan"),
+    (["--clip-grad", "inf"], "argument --clip-grad: expected a finite number >= 0, got inf"),
+])
+def test_train_refuses_numbers_that_are_not_finite(shapes, tmp_path, capsys, argv, words):
+    assert words in _cli_error(capsys, "train", "--data", str(shapes), "--output", str(tmp_path / "run"), *TINY, *argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_eval_on_cuda_without_a_device(shapes, tmp_path, capsys):
+    torch.save({"weight": torch.ones(1)}, tmp_path / "weights.pt")
+    err = _cli_error(capsys, "eval", "--data", str(shapes), "--checkpoint", str(tmp_path / "weights.pt"),
+                     "--device", "cuda")
+    assert "argument --device: device='cuda': no CUDA device is available here" in err
+
+
 def test_flops_img_size_that_is_not_a_number(capsys):
     err = _cli_error(capsys, "flops", "--img-size", "abc")
     assert "argument --img-size: expected a positive integer, got 'abc'" in err and "_positive_int" not in err

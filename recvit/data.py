@@ -86,6 +86,11 @@ class ImageFolder(Dataset):
         if not self.samples:
             raise ValueError(f"root: no images ({', '.join(IMG_EXTENSIONS)}) under {root}")
         self.targets = [target for _, target in self.samples]
+        found = set(self.targets)
+        empty = [name for index, name in enumerate(self.classes) if index not in found]
+        if empty:  # as torchvision's ImageFolder refuses them: a class without images cannot be learnt
+            raise ValueError(f"root: class folder(s) of {root} without images ({', '.join(IMG_EXTENSIONS)}): "
+                             f"{', '.join(empty)}")
 
     def __len__(self) -> int:
         return len(self.samples)

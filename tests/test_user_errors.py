@@ -209,6 +209,13 @@ def test_an_unreadable_image_in_a_loader_worker_keeps_its_one_line_message(tmp_p
     assert str(info.value).startswith(f"{bad}: cannot read this image") and "\n" not in str(info.value)
 
 
+def test_train_refuses_a_class_folder_without_images(shapes, tmp_path, capsys):
+    (shapes / "train" / "empty-class").mkdir()
+    assert cli_main(["train", "--data", str(shapes), "--output", str(tmp_path / "run"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"class folder(s) of {shapes / 'train'} without images" in err and "empty-class" in err, err
+
+
 def test_train_refuses_one_class(tmp_path, capsys):
     make_shapes_dataset(str(tmp_path / "one"), images_per_class=8, val_per_class=0, size=32, classes=("red-disc",))
     err = _cli_error(capsys, "train", "--data", str(tmp_path / "one"), "--output", str(tmp_path / "run"), *TINY)

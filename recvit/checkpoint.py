@@ -225,6 +225,9 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
     bytes, with a top-level ``"state_dict"`` / ``"model"`` entry unwrapped and a DDP ``"module."``
     prefix removed. Errors name the file and what was expected."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path={path!r}: a directory, expected a checkpoint file (a public "
+                                f"Edge-RecViT checkpoint directory loads with recvit.from_pretrained)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path={path!r}: no such checkpoint file")
     kind = file_format(path)
@@ -236,17 +239,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
             raise ValueError(f"{path}: a safetensors file that cannot be read (truncated or corrupt?): "
                              f"{type(error).__name__}: {error}") from None
     else:
-        try:
-            with open(path, "rb") as file:  # a file object: torch.load must not go by the name either
-                state = torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(f"{path}: a torch file holding more than tensors, which weights_only=True "
-                             f"refuses (a whole pickled model or objects of other classes?); recvit reads "
-                             f"state dicts only: save model.state_dict() instead"
-                             f"{_unsupported_global(error)}") from None
-        except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, ... for bad files
-            raise ValueError(f"{path}: a torch file that cannot be read (truncated or corrupt?): "
-                             f"{type(error).__name__}: {error}") from None
+        state = read_torch_file(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
@@ -257,6 +250,27 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
     if state and all(key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}
     return dict(state)
+
+
+def read_torch_file(path: str):
+    """``torch.load(path, weights_only=True)`` on the CPU; a ValueError naming the file says why a file
+    cannot be read (corrupt, truncated, or holding objects other than tensors)."""
+    try:
+        with open(path, "rb") as file:  # a file object: torch.load must not go by the name either
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error):
+            raise ValueError(f"{path}: a torch file holding more than tensors, which weights_only=True "
+                             f"refuses (a whole pickled model or objects of other classes?); recvit reads "
+                             f"state dicts only: save model.state_dict() instead"
+                             f"{_unsupported_global(error)}") from None
+        # torch's message suggests weights_only=False, which would run the file's code: not quoted
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        raise ValueError(f"{path}: a torch file that cannot be read (truncated or corrupt?): its pickle is "
+                         f"invalid" + (f" ({detail.group(1).strip()})" if detail else "")) from None
+    except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, ... for bad files
+        raise ValueError(f"{path}: a torch file that cannot be read (truncated or corrupt?): "
+                         f"{type(error).__name__}: {error}") from None
 
 
 def file_format(path: Union[str, os.PathLike]) -> str:
@@ -312,6 +326,11 @@ def save_checkpoint(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     if extension not in SAFETENSORS_EXTENSIONS + TORCH_EXTENSIONS:
         raise ValueError(f"path={path!r}: expected the extension .safetensors (safetensors) or one of "
                          f"{', '.join(TORCH_EXTENSIONS)} (torch.save), got {extension or 'none'!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path={path!r}: a directory, expected a file name to write")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"path={path!r}: the folder {folder} does not exist (create it first)")
     tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
     if extension in SAFETENSORS_EXTENSIONS:
         from safetensors.torch import save_file
@@ -509,8 +528,13 @@ def _fit_hint(state_dict, source: str, names: dict, model: nn.Module) -> str:
     what = ", ".join(f"{key} {value}" for key, value in found.items())
     if not fits:
         return f"The checkpoint's shapes ({what}) fit none of the registered models ({', '.join(list_models())})."
-    return (f"The checkpoint's shapes ({what}) fit {' or '.join(fits)}; this model has embed_dim "
-            f"{getattr(model, 'embed_dim', '?')}.")
+    # this model's settings that differ (a classifier of another size is not a width problem)
+    patch_embed = getattr(model, "patch_embed", None)
+    mine = {"embed_dim": getattr(model, "embed_dim", "?"), "num_classes": getattr(model, "num_classes", None),
+            "img_size": getattr(patch_embed, "img_size", None), "patch_size": getattr(patch_embed, "patch_size", None)}
+    differ = [f"{key} {mine[key]}" for key in found if mine[key] is not None and mine[key] != found[key]]
+    has = ", ".join(differ) if differ else f"embed_dim {mine['embed_dim']}"
+    return f"The checkpoint's shapes ({what}) fit {' or '.join(fits)}; this model has {has}."
 
 
 def _join(names) -> str:

@@ -135,7 +135,7 @@ def count_flops(model: nn.Module, depths: torch.Tensor, kv: Optional[str] = None
     ``kv`` ("active" or "all") defaults to the model's setting; see the module docstring.
     """
     d = _dims(model)
-    kv = check_kv(kv or d.kv)
+    kv = check_kv(d.kv if kv is None else kv)
     rk.check_depths(depths, d.num_steps)
     if depths.shape[1] != d.tokens or depths.shape[0] == 0:
         raise ValueError(f"depths: expected shape (batch >= 1, {d.tokens}), got {tuple(depths.shape)}")
@@ -153,7 +153,7 @@ def expert_choice_flops(model: nn.Module, kv: Optional[str] = None) -> FlopsBrea
                          f"depth profile is fixed), got {type(model).__name__} with "
                          f"{'an EARR ranker' if d.router == 'earr' else 'routing=' + repr(d.router)}")
     active = torch.tensor([model.active_counts(d.tokens)], dtype=torch.float64)
-    return _from_counts(d, active, check_kv(kv or d.kv))
+    return _from_counts(d, active, check_kv(d.kv if kv is None else kv))
 
 
 def check_alpha_sums(alpha_sums: Sequence[float], num_steps: int) -> tuple[float, float]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import recvit_kernels as rk
 from recvit_kernels._checks import values_checkable
 
-from .layers import PatchEmbed, check_kv
+from .layers import PatchEmbed, check_kv, check_positive_int
 from .recursion import RecursiveBlock
 
 
@@ -91,6 +91,8 @@ class EdgeRecViT(nn.Module):
         if ranker not in RANKERS:
             raise ValueError(f"ranker={ranker!r}: expected one of {tuple(RANKERS)} ('earr': the paper's "
                              f"two-layer ranker; 'public_3layer': the public code's three-layer router)")
+        check_positive_int("num_classes", num_classes, minimum=0)  # 0: no classifier (features only)
+        check_positive_int("num_steps", num_steps, minimum=2)  # a head and a tail step
         self.num_steps, self.num_classes, self.embed_dim = num_steps, num_classes, embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_tokens = self.patch_embed.num_patches + 1
@@ -127,7 +129,7 @@ class EdgeRecViT(nn.Module):
             self._check_depth_override(depths, tokens)
             depths = depths.to(torch.int64, copy=True)
         depths[:, 0] = self.num_steps  # [CLS] always runs every step
-        states = self.recursion(tokens, depths, kv=kv and check_kv(kv), backend=backend)
+        states = self.recursion(tokens, depths, kv=None if kv is None else check_kv(kv), backend=backend)
         features = self.norm(states)
         logits = self.head(features[:, 0])
         if not return_aux:

@@ -9,6 +9,8 @@ with the active count kept on the device (no host sync), computing the live rows
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -26,11 +28,31 @@ def check_kv(kv: str) -> str:
     return kv
 
 
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int if it is an integer (not a bool) >= ``minimum``; else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
+    return int(value)
+
+
+def square_size(img_size) -> int:
+    """``img_size`` as one side: an int, or an (H, W) pair with H == W (only square inputs are supported)."""
+    if isinstance(img_size, (tuple, list)):
+        if len(img_size) != 2 or img_size[0] != img_size[1]:
+            raise ValueError(f"img_size={img_size!r}: only square images are supported: give one int "
+                             f"(or an (H, W) pair with H == W)")
+        img_size = img_size[0]
+    return check_positive_int("img_size", img_size)
+
+
 class PatchEmbed(nn.Module):
-    """Image (B, 3, H, W) -> patch tokens (B, H/p * W/p, C) by a stride-p convolution."""
+    """Image (B, 3, H, W) -> patch tokens (B, H/p * W/p, C) by a stride-p convolution (H = W = img_size)."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
         super().__init__()
+        img_size = square_size(img_size)
+        patch_size, in_chans, embed_dim = (check_positive_int(name, value) for name, value in (
+            ("patch_size", patch_size), ("in_chans", in_chans), ("embed_dim", embed_dim)))
         if img_size % patch_size:
             raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
@@ -60,6 +82,8 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
+        check_positive_int("dim", dim)
+        check_positive_int("num_heads", num_heads)
         if dim % num_heads:
             raise ValueError(f"num_heads={num_heads} does not divide dim={dim}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
@@ -90,6 +114,13 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  eps: float = 1e-6):
         super().__init__()
+        dim = check_positive_int("dim", dim)
+        if (isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not math.isfinite(mlp_ratio)
+                or int(dim * mlp_ratio) < 1):
+            raise ValueError(f"mlp_ratio={mlp_ratio!r}: expected a number > 0 giving an MLP of at least one "
+                             f"unit (int(dim * mlp_ratio) >= 1, dim = {dim})")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+            raise ValueError(f"eps={eps!r}: expected a number >= 0 (LayerNorm's epsilon)")
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps)

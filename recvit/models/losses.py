@@ -12,11 +12,14 @@ MoR-ViT's (:class:`MoRViTLoss`): CE + lambda_z * router z-loss + lambda_balance 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from recvit_kernels._checks import values_checkable
 
 from .edge_recvit import RecViTOutput
 from .mor_vit import MoRViTOutput
@@ -43,6 +46,44 @@ def cce_loss(logits: torch.Tensor, confidence: torch.Tensor, target: torch.Tenso
                            label_smoothing=label_smoothing)
 
 
+def check_class_targets(output: RecViTOutput, target) -> None:
+    """``target`` must hold one class index per image: integer (B,) in 0..classes-1 on the logits'
+    device (the range is checked where values are checkable); and ``output`` must carry gradients
+    when they are enabled here (a forward under ``torch.no_grad`` cannot be trained on)."""
+    logits = output.logits
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target: expected a torch.Tensor of class indices, got {type(target).__name__}")
+    batch, classes = logits.shape
+    if target.is_floating_point() or target.dtype == torch.bool:
+        hint = " (one-hot or probabilities: pass target.argmax(1))" if target.dim() == 2 else ""
+        raise ValueError(f"target: expected integer class indices of shape ({batch},), got dtype "
+                         f"{target.dtype}{hint}")
+    if tuple(target.shape) != (batch,):
+        hint = " (one-hot: pass target.argmax(1))" if target.dim() == 2 and target.shape[1] == classes else ""
+        raise ValueError(f"target: expected shape ({batch},), one class index per image, got "
+                         f"{tuple(target.shape)}{hint}")
+    if target.device != logits.device:
+        raise ValueError(f"target: on {target.device}, the logits on {logits.device}: move one of them")
+    if values_checkable(target):
+        low, high = target.min().item(), target.max().item()
+        if low < 0 or high >= classes:
+            raise ValueError(f"target: class indices must lie in 0..{classes - 1} (the model has {classes} "
+                             f"classes), got values in {low}..{high}")
+    if torch.is_grad_enabled() and not logits.requires_grad:
+        raise ValueError("output: computed without gradients (a forward under torch.no_grad() or "
+                         "torch.inference_mode()), so this loss cannot be backpropagated: run the forward "
+                         "with gradients to train, or compute the loss under torch.no_grad() too")
+
+
+def check_loss_weights(**weights: float) -> None:
+    """Each loss weight must be a finite number >= 0; ``label_smoothing``, if given, at most 1 too."""
+    for name, value in weights.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
+    if weights.get("label_smoothing", 0) > 1:
+        raise ValueError(f"label_smoothing={weights['label_smoothing']!r}: expected a number in [0, 1]")
+
+
 @dataclass
 class EdgeRecViTLosses:
     total: torch.Tensor
@@ -53,10 +94,12 @@ class EdgeRecViTLosses:
 
 class EdgeRecViTLoss(nn.Module):
     """Combines the three terms from a :class:`recvit.RecViTOutput` and class targets (B,);
-    ``label_smoothing`` applies to the CCE term."""
+    ``label_smoothing`` applies to the CCE term. Targets are checked (:func:`check_class_targets`),
+    and so is an output without gradients while gradients are enabled (a forward under ``no_grad``)."""
 
     def __init__(self, lambda_stb: float = 1e-3, lambda_du: float = 0.1, label_smoothing: float = 0.0):
         super().__init__()
+        check_loss_weights(lambda_stb=lambda_stb, lambda_du=lambda_du, label_smoothing=label_smoothing)
         self.lambda_stb, self.lambda_du, self.label_smoothing = lambda_stb, lambda_du, label_smoothing
 
     def forward(self, output, target: torch.Tensor) -> EdgeRecViTLosses:
@@ -65,6 +108,7 @@ class EdgeRecViTLoss(nn.Module):
                             f"needs the depths and the ranker's probabilities), got {type(output).__name__}")
         if isinstance(output, MoRViTOutput):
             raise TypeError("output: a MoRViTOutput: MoR-ViT's objective is recvit.MoRViTLoss")
+        check_class_targets(output, target)
         cce = cce_loss(output.logits, output.confidence[:, 1:], target, self.label_smoothing)
         stb = stb_loss(output.depth_logits[:, 1:])
         du = du_loss(output.depth_probs[:, 1:], output.depths[:, 1:])
@@ -125,12 +169,14 @@ class MoRViTLoss(nn.Module):
 
     def __init__(self, lambda_z: float = 1e-3, lambda_balance: float = 0.1):
         super().__init__()
+        check_loss_weights(lambda_z=lambda_z, lambda_balance=lambda_balance)
         self.lambda_z, self.lambda_balance = lambda_z, lambda_balance
 
     def forward(self, output: MoRViTOutput, target: torch.Tensor) -> MoRViTLosses:
         if not isinstance(output, MoRViTOutput):
             raise TypeError(f"output: expected a MoRViTOutput (model(images, return_aux=True)), "
                             f"got {type(output).__name__}")
+        check_class_targets(output, target)
         ce = F.cross_entropy(output.logits.float(), target)
         z, balance = router_z_loss(output), balancing_loss(output)
         return MoRViTLosses(ce + self.lambda_z * z + self.lambda_balance * balance, ce, z, balance)

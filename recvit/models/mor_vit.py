@@ -55,7 +55,7 @@ import recvit_kernels as rk
 
 from .edge_recvit import EdgeRecViT, RecViTOutput, _init_weights
 from .registry import register_model
-from .layers import PatchEmbed, check_kv
+from .layers import PatchEmbed, check_kv, check_positive_int
 from .recursion import RecursiveBlock, _write_prefix, kernel_autocast_dtype
 
 ROUTINGS = ("expert_choice", "token_choice")
@@ -101,6 +101,8 @@ class MoRViT(nn.Module):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta < 1.0:
             raise ValueError(f"beta={beta!r}: expected a number with 0 < beta < 1")
         self.routing, self.beta = routing, float(beta)
+        check_positive_int("num_classes", num_classes, minimum=0)  # 0: no classifier (features only)
+        check_positive_int("num_steps", num_steps, minimum=2)  # a head and a tail step
         self.num_steps, self.num_classes, self.embed_dim = num_steps, num_classes, embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_tokens = self.patch_embed.num_patches + 1
@@ -130,8 +132,8 @@ class MoRViT(nn.Module):
         the gates still come from the router). ``kv`` and ``backend`` override the model's settings.
         """
         tokens = self.embed(images)
-        kv = check_kv(kv or self.recursion.kv)
-        backend = rk.resolve_backend(backend or self.recursion.backend)
+        kv = check_kv(self.recursion.kv if kv is None else kv)
+        backend = rk.resolve_backend(self.recursion.backend if backend is None else backend)
         if self.routing == "token_choice":
             states, depths, logits, scored = self._token_choice(tokens, depths, kv, backend)
         else:

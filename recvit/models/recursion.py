@@ -43,8 +43,8 @@ class RecursiveBlock(nn.Module):
                  qkv_bias: bool = True, eps: float = 1e-6, kv: str = "active",
                  backend: Optional[str] = None):
         super().__init__()
-        if num_steps < 2:
-            raise ValueError(f"num_steps: expected >= 2 (a head and a tail step), got {num_steps}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+            raise ValueError(f"num_steps: expected an integer >= 2 (a head and a tail step), got {num_steps!r}")
         self.num_steps, self.kv = num_steps, check_kv(kv)
         self.backend = None if backend is None else rk.resolve_backend(backend)
         self.head_layer = Block(dim, num_heads, mlp_ratio, qkv_bias, eps)
@@ -85,8 +85,8 @@ class RecursiveBlock(nn.Module):
             raise ValueError(f"depths: expected shape {tuple(x.shape[:2])}, got {tuple(depths.shape)}")
         if values_checkable(depths):
             rk.check_depths(depths, self.num_steps)
-        kv = check_kv(kv or self.kv)
-        backend = rk.resolve_backend(backend or self.backend)
+        kv = check_kv(self.kv if kv is None else kv)
+        backend = rk.resolve_backend(self.backend if backend is None else backend)
         if backend == "eager":
             return self._forward_masked(x, depths, kv)
         dtype = kernel_autocast_dtype(x, backend)

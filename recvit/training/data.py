@@ -42,6 +42,26 @@ def _require_pillow():
     return Image
 
 
+class UnreadableImageError(ValueError):
+    """An image file that Pillow cannot decode (not an image, truncated, corrupt); the message names it."""
+
+    def __init__(self, message: str):
+        # A DataLoader worker re-raises this class with its whole traceback as the message: keep our line.
+        super().__init__(message.rstrip().rsplit(f"{__name__}.{type(self).__name__}: ", 1)[-1])
+
+
+def load_rgb(path: str):
+    """The image at ``path`` as an RGB PIL image (torchvision's ``pil_loader``); an
+    :class:`UnreadableImageError` naming the file when it cannot be decoded."""
+    Image = _require_pillow()
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for bad or truncated files
+        raise UnreadableImageError(f"{path}: cannot read this image (not an image, truncated or corrupt?): "
+                                   f"{type(error).__name__}: {error}; remove or replace the file") from None
+
+
 def find_classes(root: str) -> list[str]:
     """Sorted names of the class sub-folders of ``root`` (torchvision's order)."""
     if not os.path.isdir(root):
@@ -66,14 +86,18 @@ class ImageFolder(Dataset):
         if not self.samples:
             raise ValueError(f"root: no images ({', '.join(IMG_EXTENSIONS)}) under {root}")
         self.targets = [target for _, target in self.samples]
+        found = set(self.targets)
+        empty = [name for index, name in enumerate(self.classes) if index not in found]
+        if empty:  # as torchvision's ImageFolder refuses them: a class without images cannot be learnt
+            raise ValueError(f"root: class folder(s) of {root} without images ({', '.join(IMG_EXTENSIONS)}): "
+                             f"{', '.join(empty)}")
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        with open(path, "rb") as handle:
-            image = _require_pillow().open(handle).convert("RGB")
+        image = load_rgb(path)
         return (image if self.transform is None else self.transform(image)), target
 
 
@@ -181,7 +205,7 @@ def image_folder(root: str, img_size: int, train: bool, min_scale: float = 0.08,
         from torchvision.datasets import ImageFolder as TorchvisionImageFolder
 
         find_classes(root)  # the same error messages with either loader
-        return TorchvisionImageFolder(root, transform=transform)
+        return TorchvisionImageFolder(root, transform=transform, loader=load_rgb)
     return ImageFolder(root, transform)
 
 

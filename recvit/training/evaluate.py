@@ -114,13 +114,32 @@ def build_model(name: str, num_classes: int, img_size: Optional[int] = None, pat
 
 def read_training_checkpoint(path: str) -> Optional[dict]:
     """The dict ``recvit train`` writes (model, optimizer, ..., ``args``, ``classes``), or None when
-    ``path`` is another kind of checkpoint (safetensors, a plain state dict)."""
-    if path.endswith(".safetensors"):
+    ``path`` is another kind of checkpoint (safetensors, a plain state dict); a ValueError naming the
+    file when it cannot be read."""
+    from ..checkpoint import file_format, read_torch_file
+
+    if file_format(path) != "torch":
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_torch_file(path)
     if isinstance(state, dict) and isinstance(state.get("args"), dict) and "model" in state:
         return state
     return None
+
+
+def _other_label_set(path: str, model: nn.Module, layers, split: str) -> Optional[str]:
+    """The error for a checkpoint file that fits ``model`` except for its classifier (another label
+    set than ``split``'s class folders), else None."""
+    from ..checkpoint import convert_state_dict, read_state_dict
+
+    try:
+        state = read_state_dict(path)
+        convert_state_dict(state, model, layers=tuple(layers), keep=("head.",))
+    except (OSError, ValueError):  # unreadable, or more than the classifier differs: the load's error says
+        return None
+    weight = state.get("head.weight", state.get("classifier.weight"))
+    has = "no classifier" if weight is None else f"a classifier for {weight.shape[0]} classes"
+    return (f"{path} has {has}, but {split} has {model.num_classes} class folders: evaluate it on the "
+            f"label set it was trained for, or fine-tune it on this one first (recvit train --init {path})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -160,16 +179,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch_size < 1 or args.workers < 0:
         parser.error(f"argument --batch-size / --workers: expected >= 1 / >= 0, got {args.batch_size} / {args.workers}")
     split = os.path.join(args.data, args.split)
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"argument --json: the folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
+    if os.path.isdir(args.checkpoint):
+        parser.error(f"argument --checkpoint: {args.checkpoint} is a directory, expected a checkpoint file")
     if not os.path.isfile(args.checkpoint):
         parser.error(f"argument --checkpoint: no such file: {args.checkpoint}")
     try:
         trained = read_training_checkpoint(args.checkpoint)
-    except Exception as error:  # torch raises several types for unreadable files
-        parser.error(f"argument --checkpoint: cannot read {args.checkpoint}: {type(error).__name__}: {error}")
+    except ValueError as error:  # unreadable: the message names the file and why
+        parser.error(f"argument --checkpoint: {error}")
     settings = {key: getattr(args, key) for key in MODEL_SETTINGS}
     if trained is not None:
         settings = {key: trained["args"].get(key) if value is None else value for key, value in settings.items()}
-    context = distributed.setup(args.device)
+    try:
+        context = distributed.setup(args.device)
+    except ValueError as error:
+        parser.error(f"argument --device: {error}")
     try:
         try:
             classes = find_classes(split)
@@ -182,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             model = build_model(settings["model"] or "edge_recvit_base", len(classes), settings["img_size"],
                                 settings["patch_size"], settings["kv"], args.backend, settings["ranker"])
         except (TypeError, ValueError) as error:
-            parser.error(f"argument --model/--img-size/--patch-size/--ranker: {error}")
+            parser.error(f"argument --model/--img-size/--patch-size/--ranker/--backend: {error}")
         try:
             dataset = image_folder(split, model.patch_embed.img_size, train=False)
         except (FileNotFoundError, ValueError) as error:
@@ -191,7 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             load_checkpoint(model, trained["model"] if trained is not None else args.checkpoint,
                             layers=tuple(args.layers))
         except (ValueError, TypeError) as error:
-            parser.error(f"argument --checkpoint: {error}")
+            other_classes = _other_label_set(args.checkpoint, model, args.layers, split)
+            parser.error(f"argument --checkpoint: {other_classes or error}")
         model.to(context.device)
         loader = shard_loader(dataset, context, args.batch_size, args.workers)
         metrics = evaluate(model, loader, context, amp=not args.no_amp, progress=not args.no_progress)

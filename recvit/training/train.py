@@ -18,7 +18,8 @@ and the depth histogram per epoch; needs matplotlib). ``--resume`` continues fro
 the same weights as a run that was never stopped (sampling order and each image's augmentation
 depend only on the seed, the epoch and the image). ``--stop-after N`` stops after N optimiser steps
 (mid-epoch too) and writes the checkpoint there. At the end ``OUTPUT/model.safetensors`` holds the
-weights alone.
+weights alone. An OUTPUT that holds a run already is refused unless ``--resume`` continues it or
+``--overwrite`` deletes its files first.
 """
 from __future__ import annotations
 
@@ -40,13 +41,16 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from . import distributed
 from ..models.edge_recvit import RANKERS
-from .evaluate import autocast, build_model, evaluate, shard_loader
 from ..models.losses import EdgeRecViTLoss
+from .data import find_classes
+from .evaluate import autocast, build_model, evaluate, read_training_checkpoint, shard_loader
 
 FROZEN_IN_STAGE_1 = "recursion."  # head, shared and tail layers
 CHECKPOINT = "last.pt"
+# What a run writes into OUTPUT: an existing run is continued (--resume) or replaced (--overwrite), never mixed.
+RUN_FILES = (CHECKPOINT, "metrics.jsonl", "config.json", "plot.png", "model.safetensors")
 # Settings a resumed run may change: they do not alter the trajectory.
-RUN_CONTROL = ("data", "output", "workers", "stop_after", "no_progress", "no_plot", "resume")
+RUN_CONTROL = ("data", "output", "workers", "stop_after", "no_progress", "no_plot", "resume", "overwrite")
 
 
 def _parser(suppress: bool = False) -> argparse.ArgumentParser:
@@ -98,6 +102,9 @@ def _parser(suppress: bool = False) -> argparse.ArgumentParser:
                    help="fp32 on GPUs too (default: bf16 autocast on GPUs)")
     p.add_argument("--resume", nargs="?", const="", default=default(None), metavar="CHECKPOINT",
                    help="continue a run (default checkpoint: OUTPUT/last.pt); its settings are reused")
+    p.add_argument("--overwrite", action="store_true", default=default(False),
+                   help="start afresh in an OUTPUT that holds a run, deleting that run's files "
+                   f"({', '.join(RUN_FILES)}) (default: refuse such an OUTPUT)")
     p.add_argument("--stop-after", type=int, default=default(None), metavar="STEPS",
                    help="stop after this many optimiser steps in all, writing the checkpoint there")
     p.add_argument("--no-progress", action="store_true", default=default(False), help="no progress bar")
@@ -112,12 +119,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     given = vars(_parser(suppress=True).parse_args(argv))
     if args.resume is not None:
+        if args.overwrite:
+            parser.error("argument --overwrite: not with --resume (--resume continues the run, --overwrite "
+                         "deletes it)")
         path = args.resume or os.path.join(args.output, CHECKPOINT)
+        if os.path.isdir(path):
+            parser.error(f"argument --resume: {path} is a directory, expected a `recvit train` checkpoint "
+                         f"file (OUTPUT/{CHECKPOINT})")
         if not os.path.isfile(path):
             parser.error(f"argument --resume: no such checkpoint: {path}")
-        saved = torch.load(path, map_location="cpu", weights_only=True).get("args")
-        if not isinstance(saved, dict):
+        try:
+            state = read_training_checkpoint(path)
+        except ValueError as error:  # unreadable: the message names the file and why
+            parser.error(f"argument --resume: {error}")
+        if state is None:
             parser.error(f"argument --resume: {path} is not a `recvit train` checkpoint (no 'args')")
+        saved = state["args"]
         changed = [f"--{key.replace('_', '-')} ({given[key]!r}, the checkpoint has {saved.get(key)!r})"
                    for key in given if key not in RUN_CONTROL and given[key] != saved.get(key)]
         if changed:
@@ -125,7 +142,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          f"the run: {', '.join(changed)}")
         # run-control settings not given are the checkpoint's, except --stop-after (once only); a setting
         # the checkpoint predates keeps its default
-        args = argparse.Namespace(**{**vars(args), **saved, "stop_after": None,
+        args = argparse.Namespace(**{**vars(args), **saved, "stop_after": None, "overwrite": False,
                                      **{key: given[key] for key in given if key in RUN_CONTROL}, "resume": path})
     _check(parser, args)
     return args
@@ -141,8 +158,9 @@ def _check(parser, args) -> None:
             parser.error(f"argument --{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     for name in ("freeze_epochs", "workers", "warmup_epochs", "weight_decay", "clip_grad", "min_lr",
                  "lambda_stb", "lambda_du"):
-        if getattr(args, name) < 0:
-            parser.error(f"argument --{name.replace('_', '-')}: expected >= 0, got {getattr(args, name)}")
+        if not 0 <= getattr(args, name) < math.inf:  # NaN and inf too
+            parser.error(f"argument --{name.replace('_', '-')}: expected a finite number >= 0, got "
+                         f"{getattr(args, name)}")
     if args.freeze_epochs >= args.epochs:
         parser.error(f"argument --freeze-epochs: expected fewer than --epochs ({args.epochs}), "
                      f"got {args.freeze_epochs}")
@@ -150,12 +168,33 @@ def _check(parser, args) -> None:
         parser.error(f"argument --label-smoothing: expected in [0, 1), got {args.label_smoothing}")
     if not 0 < args.min_scale <= 1:
         parser.error(f"argument --min-scale: expected in (0, 1], got {args.min_scale}")
-    if args.lr is not None and args.lr <= 0:
-        parser.error(f"argument --lr: expected > 0, got {args.lr}")
+    if args.lr is not None and not 0 < args.lr < math.inf:
+        parser.error(f"argument --lr: expected a finite number > 0, got {args.lr}")
     if args.stop_after is not None and args.stop_after < 1:
         parser.error(f"argument --stop-after: expected >= 1, got {args.stop_after}")
     if args.init is not None and args.resume is None and not os.path.isfile(args.init):
+        if os.path.isdir(args.init):
+            parser.error(f"argument --init: {args.init} is a directory, expected a checkpoint file")
         parser.error(f"argument --init: no such file: {args.init}")
+    try:
+        classes = find_classes(os.path.join(args.data, "train"))
+    except ValueError as error:
+        parser.error(f"argument --data: {str(error).removeprefix('root: ')}")
+    if len(classes) < 2:
+        parser.error(f"argument --data: {os.path.join(args.data, 'train')} has one class folder "
+                     f"({classes[0]!r}): classification needs at least 2 classes")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        parser.error(f"argument --output: {args.output} is a file, expected a run folder")
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(args.output, name))]
+    if existing and args.resume is None and not args.overwrite:
+        parser.error(f"argument --output: {args.output} holds a run ({', '.join(existing)}): continue it with "
+                     f"--resume, start afresh with --overwrite (deletes those files), or pick another --output")
+    try:
+        with torch.device("meta"):  # the model's settings checked before any work, without memory
+            build_model(args.model, len(classes), args.img_size, args.patch_size, args.kv, args.backend,
+                        args.ranker)
+    except ValueError as error:
+        parser.error(f"argument --model/--img-size/--patch-size/--backend: {error}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +282,7 @@ def _log(context, *parts) -> None:
 
 
 def _build(args, context):
-    from .data import SeededSamples, find_classes, image_folder
+    from .data import SeededSamples, image_folder
 
     classes = find_classes(os.path.join(args.data, "train"))
     model = build_model(args.model, len(classes), args.img_size, args.patch_size, args.kv, args.backend,
@@ -302,7 +341,7 @@ def _train(args, context) -> TrainResult:
 
     start_epoch, skip, history, running = 0, 0, [], None
     if args.resume is not None:
-        state = torch.load(args.resume, map_location="cpu", weights_only=True)
+        state = read_training_checkpoint(args.resume)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -316,6 +355,10 @@ def _train(args, context) -> TrainResult:
         _log(context, f"resumed from {args.resume}: epoch {start_epoch + 1}, step {skip} of {steps_per_epoch}")
     if context.is_main:
         os.makedirs(args.output, exist_ok=True)
+        if args.overwrite:  # the old run's files go, so none of them outlives it beside the new one
+            for name in RUN_FILES:
+                if os.path.exists(os.path.join(args.output, name)):
+                    os.remove(os.path.join(args.output, name))
         with open(os.path.join(args.output, "config.json"), "w") as handle:
             json.dump({**vars(args), "resolved_lr": lr, "world_size": context.world_size,
                        "steps_per_epoch": steps_per_epoch, "classes": classes}, handle, indent=1)

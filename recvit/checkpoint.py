@@ -175,17 +175,18 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
             missing.append(target)
             held.update(sources)
             continue
+        # HF's query, key and value each fill a third of the qkv rows, in that order.
+        part = (expected.shape[0] // len(sources),) + tuple(expected.shape[1:])
         absent = [name for name in sources if name not in state_dict]
         if absent:
             if target.startswith(may_lack) and len(absent) == len(sources):
                 missing.append(target)
-            else:
-                problems.append(f"missing {_join(absent)} for {target!r} (expected shape "
-                                f"{tuple(expected.shape)})")
+            else:  # the present parts (query, value) have their place: not reported as unknown
+                consumed.update(name for name in sources if name in state_dict)
+                problems.append(f"missing {_join(absent)} for {target!r} (expected shape {part}"
+                                + (f", a third of {tuple(expected.shape)})" if len(sources) > 1 else ")"))
             continue
         consumed.update(sources)
-        # HF's query, key and value each fill a third of the qkv rows, in that order.
-        part = (expected.shape[0] // len(sources),) + tuple(expected.shape[1:])
         bad = [(name, tuple(state_dict[name].shape)) for name in sources if state_dict[name].shape != part]
         if bad:
             mismatched = True

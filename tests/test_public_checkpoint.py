@@ -217,6 +217,16 @@ def test_bad_public_checkpoint_is_refused_and_model_untouched(edit, kwargs, matc
     assert_unchanged(model, before)
 
 
+def test_missing_key_bias_names_its_own_shape_and_not_the_present_query_and_value():
+    state = _drop("mor_vit.block_shared.attention.key.bias")(public_state())
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(public_model(), state)
+    problems = str(error.value).splitlines()[1:]
+    assert [line.strip() for line in problems] == [
+        f"missing 'mor_vit.block_shared.attention.key.bias' for 'recursion.shared_layer.attn.qkv.bias' "
+        f"(expected shape ({DIM},), a third of ({3 * DIM},))"]
+
+
 def test_checkpoint_of_another_width_names_the_model_it_fits():
     model = public_model()
     before = snapshot(model)

@@ -41,15 +41,15 @@ class RecursiveBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_steps: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, eps: float = 1e-6, kv: str = "active",
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, mlp_hidden_dim: Optional[int] = None,
+                 mlp_activation: str = "gelu"):
         super().__init__()
         if num_steps < 2:
             raise ValueError(f"num_steps: expected >= 2 (a head and a tail step), got {num_steps}")
         self.num_steps, self.kv = num_steps, check_kv(kv)
         self.backend = None if backend is None else rk.resolve_backend(backend)
-        self.head_layer = Block(dim, num_heads, mlp_ratio, qkv_bias, eps)
-        self.shared_layer = Block(dim, num_heads, mlp_ratio, qkv_bias, eps)
-        self.tail_layer = Block(dim, num_heads, mlp_ratio, qkv_bias, eps)
+        layer = (dim, num_heads, mlp_ratio, qkv_bias, eps, mlp_hidden_dim, mlp_activation)
+        self.head_layer, self.shared_layer, self.tail_layer = Block(*layer), Block(*layer), Block(*layer)
 
     @classmethod
     def from_blocks(cls, head: nn.Module, shared: nn.Module, tail: nn.Module, num_steps: int = 12,

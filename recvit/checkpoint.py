@@ -347,9 +347,8 @@ def from_pretrained(path: Union[str, os.PathLike], kv: str = "all", backend: Opt
     ReLU (its ``MoRViTBlock``: "gelu_new" included); ``intermediate_size`` is the MLP width whatever
     its ratio to the width; ``use_abs_pos_emb: false`` adds no positions (``pos_embed`` is loaded as
     zeros: x + 0 is exact; freeze it, ``model.pos_embed.requires_grad_(False)``, to fine-tune the same
-    function). Refused, with the way round it: an ``image_size`` that is not a multiple of
-    ``patch_size`` (the public convolution drops the remainder; the same model is the cropped size on
-    cropped images).
+    function); an ``image_size`` off the patch grid leaves the last ``image_size % patch_size`` pixel
+    rows and columns unread (the public convolution drops them too).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -426,23 +425,15 @@ def read_sharded_state_dict(index_path: Union[str, os.PathLike]) -> dict:
 
 def _public_model(config: dict, config_path: str, kv: str, backend: Optional[str]) -> nn.Module:
     """The EdgeRecViT a public config.json (defaults filled in) describes; ValueError naming the
-    file and the public code's behaviour for what this package cannot build."""
+    file for one this package cannot build."""
     from .edge_recvit import EdgeRecViT
 
-    size, patch = config["image_size"], config["patch_size"]
-    if isinstance(size, int) and isinstance(patch, int) and patch > 0 and size % patch:
-        grid = size // patch
-        raise ValueError(f"{config_path}: image_size {size} is not a multiple of patch_size {patch}: the public "
-                         f"code's stride-{patch} convolution drops the last {size % patch} pixel rows and columns "
-                         f"({grid}x{grid} patches); recvit's patch embedding refuses such sizes. The same model is "
-                         f"image_size {grid * patch} on images[..., :{grid * patch}, :{grid * patch}]: set that "
-                         f"in config.json and crop the images")
     if "num_labels" in config:
         num_classes = config["num_labels"]
     else:  # transformers' PretrainedConfig: num_labels = len(id2label), 2 without one
         num_classes = len(config["id2label"]) if config.get("id2label") else 2
     try:
-        return EdgeRecViT(img_size=size, patch_size=patch, in_chans=config["num_channels"],
+        return EdgeRecViT(img_size=config["image_size"], patch_size=config["patch_size"], in_chans=config["num_channels"],
                           num_classes=num_classes, embed_dim=config["hidden_size"],
                           num_heads=config["num_attention_heads"], num_steps=config["num_hidden_layers"],
                           qkv_bias=config["qkv_bias"], eps=config["layer_norm_eps"], kv=kv, backend=backend,

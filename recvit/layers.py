@@ -28,12 +28,16 @@ def check_kv(kv: str) -> str:
 
 
 class PatchEmbed(nn.Module):
-    """Image (B, 3, H, W) -> patch tokens (B, H/p * W/p, C) by a stride-p convolution."""
+    """Image (B, 3, S, S) -> patch tokens (B, (S // p)^2, C) by a stride-p convolution.
+
+    An ``img_size`` S that is not a multiple of ``patch_size`` p leaves the last S % p pixel rows
+    and columns unread, as timm's ``PatchEmbed`` and the public Edge-RecViT code's convolution do.
+    """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
+        if not (isinstance(patch_size, int) and 0 < patch_size <= img_size):
+            raise ValueError(f"patch_size={patch_size!r}: expected an int in 1..img_size={img_size}")
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size ** 2

@@ -32,7 +32,7 @@ def public_config(**changes):
     return config
 
 
-def public_state(seed=0, prefix="mor_vit.", classifier=True, dim=DIM, hidden=None, positions=True):
+def public_state(seed=0, prefix="mor_vit.", classifier=True, dim=DIM, hidden=None, positions=True, tokens=TOKENS):
     """Random weights under the public code's key names (MoRViTForImageClassification); without
     ``positions`` as its model with use_abs_pos_emb=False saves them (no position embeddings)."""
     gen = torch.Generator().manual_seed(seed)
@@ -43,7 +43,7 @@ def public_state(seed=0, prefix="mor_vit.", classifier=True, dim=DIM, hidden=Non
 
     state = {
         f"{prefix}embeddings.cls_token": rand(1, 1, dim, scale=1.0),
-        f"{prefix}embeddings.position_embeddings": rand(1, TOKENS, dim, scale=1.0),
+        f"{prefix}embeddings.position_embeddings": rand(1, tokens, dim, scale=1.0),
         f"{prefix}embeddings.patch_embeddings.weight": rand(dim, 3, PATCH, PATCH, scale=0.05),
         f"{prefix}embeddings.patch_embeddings.bias": rand(dim),
         # Large router weights: the depths spread over 1..L.
@@ -93,13 +93,13 @@ def public_forward(state, images, eps=1e-12, prefix="mor_vit.", act=F.gelu, num_
             return F.linear(value, w[f"{block}{name}.weight"], w[f"{block}{name}.bias"])
 
         def heads(value):
-            return value.view(batch, TOKENS, num_heads, dim // num_heads).transpose(1, 2)
+            return value.view(batch, -1, num_heads, dim // num_heads).transpose(1, 2)
 
         normed = F.layer_norm(h, (dim,), w[f"{block}layernorm_before.weight"],
                               w[f"{block}layernorm_before.bias"], eps)
         q, k, v = (heads(lin(f"attention.{name}", normed)) for name in ("query", "key", "value"))
         probs = (q @ k.transpose(-1, -2) / math.sqrt(dim // num_heads)).softmax(-1)
-        h = h + lin("attention.proj", (probs @ v).transpose(1, 2).reshape(batch, TOKENS, dim))
+        h = h + lin("attention.proj", (probs @ v).transpose(1, 2).reshape(batch, -1, dim))
         normed = F.layer_norm(h, (dim,), w[f"{block}layernorm_after.weight"], w[f"{block}layernorm_after.bias"],
                               eps)
         return h + lin("output", act(lin("intermediate", normed)))
@@ -143,9 +143,9 @@ def write_sharded(directory, state, weights="model.safetensors", shards=3):
     return weight_map
 
 
-def assert_reproduces(model, state, act=F.gelu, num_heads=HEADS):
+def assert_reproduces(model, state, act=F.gelu, num_heads=HEADS, img_size=IMG):
     """Depths equal the reference's and logits within the flash rule (fp32 vs an fp64 reference)."""
-    images = torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+    images = torch.randn(3, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
     reference, ref_depths, scores = public_forward(state, images.double(), act=act, num_heads=num_heads)
     top2 = scores.topk(2, -1).values
     assert (top2[..., 0] - top2[..., 1]).min() > 1e-4  # no near-tie: the argmax is the same in fp32
@@ -247,6 +247,8 @@ PUBLIC_VARIANTS = {
     "no-positions": ({"use_abs_pos_emb": False}, {"positions": False}, F.gelu),
     # 61 / 56 is no whole ratio, and int(56 * (61 / 56)) is 60
     "mlp-width-61": ({"hidden_size": 56, "intermediate_size": 61}, {"dim": 56, "hidden": 61}, F.gelu),
+    # the stride-8 convolution reads 24 of the 30 pixel rows and columns: 3x3 patches
+    "image-size-30": ({"image_size": 30}, {"tokens": 10}, F.gelu),
     "all-three": ({"hidden_act": "silu", "use_abs_pos_emb": False, "hidden_size": 56, "intermediate_size": 61},
                   {"dim": 56, "hidden": 61, "positions": False}, F.relu),
 }
@@ -261,7 +263,8 @@ def test_public_config_variants_reproduce_the_public_forward(tmp_path, variant, 
     assert model.recursion.shared_layer.mlp.fc1.out_features == state_options.get("hidden", HIDDEN)
     if not config.get("use_abs_pos_emb", True):
         assert torch.equal(model.pos_embed, torch.zeros(1, TOKENS, config.get("hidden_size", DIM)))
-    assert_reproduces(model, state, act)
+    assert model.num_tokens == state_options.get("tokens", TOKENS)
+    assert_reproduces(model, state, act, img_size=config.get("image_size", IMG))
 
 
 @pytest.mark.parametrize("static_shapes", [False, True], ids=["packed-prefix", "sync-free"])
@@ -396,10 +399,6 @@ def test_from_pretrained_takes_settings_from_the_config(tmp_path):
                  id="bad-json"),
     pytest.param(lambda d: (d / "config.json").write_text(json.dumps({"model_type": "vit"})), ValueError,
                  r"model_type 'vit': expected 'mor_vit'", id="other-model"),
-    pytest.param(lambda d: (d / "config.json").write_text(json.dumps(public_config(image_size=30))), ValueError,
-                 r"image_size 30 is not a multiple of patch_size 8: the public code's stride-8 convolution drops "
-                 r"the last 6 pixel rows and columns \(3x3 patches\).*image_size 24 on images\[\.\.\., :24, :24\]",
-                 id="image-size"),
     pytest.param(lambda d: write_checkpoint(d, state=public_state(), config=public_config(use_abs_pos_emb=False)),
                  ValueError, r"holds 'mor_vit.embeddings.position_embeddings', but .*config.json sets "
                              r"use_abs_pos_emb false", id="positions-against-config"),

@@ -56,9 +56,9 @@ class RecursiveBlock(nn.Module):
                     **kwargs) -> "RecursiveBlock":
         """Build from three timm-style ``Block`` modules (weights copied, the originals untouched)."""
         qkv = head.attn.qkv
-        dim, num_heads = qkv.in_features, head.attn.num_heads
-        mlp_ratio = head.mlp.fc1.out_features / dim
-        block = cls(dim, num_heads, num_steps, mlp_ratio, qkv.bias is not None, head.norm1.eps, **kwargs)
+        dim, num_heads, hidden = qkv.in_features, head.attn.num_heads, head.mlp.fc1.out_features
+        block = cls(dim, num_heads, num_steps, hidden / dim, qkv.bias is not None, head.norm1.eps,
+                    mlp_hidden_dim=hidden, mlp_activation=getattr(head.mlp, "activation", "gelu"), **kwargs)
         for name, source in (("head_layer", head), ("shared_layer", shared), ("tail_layer", tail)):
             state = {key: value for key, value in source.state_dict().items()}
             extra = sorted(set(state) - set(getattr(block, name).state_dict()))

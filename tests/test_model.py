@@ -107,6 +107,15 @@ def test_recursive_block_from_timm_style_blocks():
     assert block.head_layer.attn.qkv.weight.data_ptr() != blocks[0].attn.qkv.weight.data_ptr()
 
 
+def test_recursive_block_from_blocks_keeps_an_mlp_width_off_a_whole_ratio_and_relu():
+    """int(56 * (61 / 56)) is 60: the width is taken as it is, not through mlp_ratio."""
+    blocks = [Block(56, 4, mlp_hidden_dim=61, mlp_activation="relu") for _ in range(3)]
+    block = recvit.RecursiveBlock.from_blocks(*blocks, num_steps=3)
+    assert block.shared_layer.mlp.fc1.out_features == 61 and block.tail_layer.mlp.activation == "relu"
+    x = torch.randn(2, 6, 56)
+    torch.testing.assert_close(block(x, torch.full((2, 6), 3)), blocks[2](blocks[1](blocks[0](x))))
+
+
 def test_ranker_depths_and_cls():
     model = small_model()
     with torch.no_grad():

@@ -24,7 +24,8 @@ key and value, ``attention.proj``, ``intermediate``, ``output``, ``layernorm_bef
 ``mor_vit.embeddings.patch_embeddings`` (a bare conv), ``mor_vit.layernorm``, ``classifier`` and its
 three-layer router under ``mor_vit.router.router.{0,2,4}`` (``source="public"``): it needs a model
 built with ``ranker="public_3layer"``; :func:`from_pretrained` builds that model from the
-checkpoint's ``config.json`` (eps 1e-12, ``kv="all"``) and loads it.
+checkpoint's ``config.json`` (eps 1e-12, ``kv="all"``) and loads it, from one file or from the
+shards an index lists (:func:`read_sharded_state_dict`).
 
 Every key and shape is checked before anything is copied: a checkpoint that does not fit raises a
 ValueError naming the keys and shapes (and, for another model size, the model its shapes fit),
@@ -414,11 +415,10 @@ def read_sharded_state_dict(index_path: Union[str, os.PathLike]) -> dict:
         listed = {key for key, name in weight_map.items() if name == shard}
         absent, unlisted = sorted(listed - set(tensors)), sorted(set(tensors) - listed)
         if absent or unlisted:
-            raise ValueError(f"{shard_path}: does not match {index_path}: "
-                             + "; ".join(f"{what}: {keys[:5]}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-                                         for what, keys in (("listed there but not in the shard", absent),
-                                                            ("in the shard but not listed for it", unlisted))
-                                         if keys))
+            found = [f"{what}: {keys[:5]}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+                     for what, keys in (("listed there but not in the shard", absent),
+                                        ("in the shard but not listed for it", unlisted)) if keys]
+            raise ValueError(f"{shard_path}: does not match {index_path}: {'; '.join(found)}")
         state.update(tensors)
     return state
 
@@ -433,8 +433,8 @@ def _public_model(config: dict, config_path: str, kv: str, backend: Optional[str
     else:  # transformers' PretrainedConfig: num_labels = len(id2label), 2 without one
         num_classes = len(config["id2label"]) if config.get("id2label") else 2
     try:
-        return EdgeRecViT(img_size=config["image_size"], patch_size=config["patch_size"], in_chans=config["num_channels"],
-                          num_classes=num_classes, embed_dim=config["hidden_size"],
+        return EdgeRecViT(img_size=config["image_size"], patch_size=config["patch_size"],
+                          in_chans=config["num_channels"], num_classes=num_classes, embed_dim=config["hidden_size"],
                           num_heads=config["num_attention_heads"], num_steps=config["num_hidden_layers"],
                           qkv_bias=config["qkv_bias"], eps=config["layer_norm_eps"], kv=kv, backend=backend,
                           ranker="public_3layer", mlp_hidden_dim=config["intermediate_size"],

@@ -207,6 +207,28 @@ def test_bad_depths_kv_backend_and_names():
         recvit.RecursiveBlock(16, 2, num_steps=1)
 
 
+@pytest.mark.parametrize("overrides,match", [
+    ({"img_size": 8, "patch_size": 16}, r"patch_size=16: expected an int in 1..img_size=8"),
+    ({"patch_size": 0}, r"patch_size=0: expected an int in 1..img_size=32"),
+    ({"mlp_activation": "gelu_new"}, r"activation='gelu_new': expected one of \('gelu', 'relu'\)"),
+    ({"mlp_hidden_dim": 0}, r"mlp_hidden_dim=0: expected a positive int"),
+    ({"mlp_hidden_dim": 60.5}, r"mlp_hidden_dim=60.5: expected a positive int"),
+])
+def test_bad_patch_size_and_mlp_settings(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        small_model(**overrides)
+
+
+def test_img_size_off_the_patch_grid_drops_the_remainder_as_timm_does():
+    model = small_model(img_size=30)  # patch 8: 3x3 patches from the first 24 pixel rows and columns
+    images = torch.randn(2, 3, 30, 30)
+    assert model.num_tokens == 10
+    edited = images.clone()
+    edited[..., 24:, :] = edited[..., :, 24:] = float("nan")  # pixels the convolution never reads
+    with torch.no_grad():
+        assert torch.equal(model(edited), model(images))
+
+
 def test_float64_images_run_under_a_float64_model():
     model = small_model().double()
     assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64

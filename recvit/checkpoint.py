@@ -24,7 +24,8 @@ key and value, ``attention.proj``, ``intermediate``, ``output``, ``layernorm_bef
 ``mor_vit.embeddings.patch_embeddings`` (a bare conv), ``mor_vit.layernorm``, ``classifier`` and its
 three-layer router under ``mor_vit.router.router.{0,2,4}`` (``source="public"``): it needs a model
 built with ``ranker="public_3layer"``; :func:`from_pretrained` builds that model from the
-checkpoint's ``config.json`` (eps 1e-12, ``kv="all"``) and loads it.
+checkpoint's ``config.json`` (eps 1e-12, ``kv="all"``) and loads it, from one file or from the
+shards an index lists (:func:`read_sharded_state_dict`).
 
 Every key and shape is checked before anything is copied: a checkpoint that does not fit raises a
 ValueError naming the keys and shapes (and, for another model size, the model its shapes fit),
@@ -47,6 +48,9 @@ DEFAULT_LAYERS = (0, 6, 11)
 # What save_checkpoint writes for each extension; load_checkpoint reads any of them by their bytes.
 SAFETENSORS_EXTENSIONS = (".safetensors",)
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin")
+# The public code's save_pretrained output, in the order transformers' from_pretrained looks for it.
+PUBLIC_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                  "pytorch_model.bin.index.json")
 ROLES = ("head_layer", "shared_layer", "tail_layer")
 # Model parameters (top-level names) that a ViT has too; every other top-level module has no source.
 VIT_NAMES = ("cls_token", "pos_embed", "patch_embed", "recursion", "norm", "head")
@@ -139,6 +143,12 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     (``("head.",)`` for a new label set). Raises ValueError listing every missing, unknown or
     mis-shaped key.
     """
+    return _convert_state_dict(state_dict, model, source, layers, keep, fit_hint=True)
+
+
+def _convert_state_dict(state_dict, model, source, layers, keep, fit_hint: bool) -> ConvertedCheckpoint:
+    """:func:`convert_state_dict`; ``fit_hint``: name the registered models a mis-shaped checkpoint
+    fits (not for :func:`from_pretrained`, whose model is the one its config.json describes)."""
     _check_state_dict(state_dict)
     if source not in SOURCES:
         raise ValueError(f"source={source!r}: expected one of {SOURCES}")
@@ -175,17 +185,18 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
             missing.append(target)
             held.update(sources)
             continue
+        # HF's query, key and value each fill a third of the qkv rows, in that order.
+        part = (expected.shape[0] // len(sources),) + tuple(expected.shape[1:])
         absent = [name for name in sources if name not in state_dict]
         if absent:
             if target.startswith(may_lack) and len(absent) == len(sources):
                 missing.append(target)
-            else:
-                problems.append(f"missing {_join(absent)} for {target!r} (expected shape "
-                                f"{tuple(expected.shape)})")
+            else:  # the present parts (query, value) have their place: not reported as unknown
+                consumed.update(name for name in sources if name in state_dict)
+                problems.append(f"missing {_join(absent)} for {target!r} (expected shape {part}"
+                                + (f", a third of {tuple(expected.shape)})" if len(sources) > 1 else ")"))
             continue
         consumed.update(sources)
-        # HF's query, key and value each fill a third of the qkv rows, in that order.
-        part = (expected.shape[0] // len(sources),) + tuple(expected.shape[1:])
         bad = [(name, tuple(state_dict[name].shape)) for name in sources if state_dict[name].shape != part]
         if bad:
             mismatched = True
@@ -213,7 +224,7 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
             problems.append("the DoRA adapters of the public code are not merged: call "
                             "model.mor_vit.merge_all_dora_weights() there and save again")
     if problems:
-        hint = _fit_hint(state_dict, source, names, model) if mismatched else ""
+        hint = _fit_hint(state_dict, source, names, model) if mismatched and fit_hint else ""
         shown = problems if len(problems) <= 12 else problems[:10] + [f"... and {len(problems) - 10} more"]
         raise ValueError(f"checkpoint (source={source!r}) does not fit {type(model).__name__}; nothing "
                          f"was loaded." + (f" {hint}" if hint else "") + "\n  " + "\n  ".join(shown))
@@ -343,19 +354,26 @@ def from_pretrained(path: Union[str, os.PathLike], kv: str = "all", backend: Opt
     """Build the Edge-RecViT of a public Edge-RecViT checkpoint directory and load its weights.
 
     ``path``: the directory the public code's ``save_pretrained`` writes: ``config.json`` (its
-    ``MoRViTConfig``: hidden size, heads, layers = L, image and patch size, labels, layer_norm_eps)
-    and ``model.safetensors`` or ``pytorch_model.bin``. The model gets the public code's
-    three-layer ranker (``ranker="public_3layer"``), LayerNorm eps from the config and
-    ``kv="all"``, which is what the public forward computes: every token is a key at every step.
-    The result is the public code's evaluation path (``training=False``: argmax depths, no
-    sampling, no Gumbel noise), returned in eval mode.
-    """
-    from .models.edge_recvit import EdgeRecViT
+    ``MoRViTConfig``: hidden size, heads, layers = L, intermediate size, activation, image and patch
+    size, labels, layer_norm_eps) and the weights, looked for in transformers' order:
+    ``model.safetensors``, ``model.safetensors.index.json`` (sharded, ``save_pretrained(max_shard_size=
+    ...)``), ``pytorch_model.bin``, ``pytorch_model.bin.index.json``. The model gets the public code's
+    three-layer ranker (``ranker="public_3layer"``), LayerNorm eps from the config and ``kv="all"``,
+    which is what the public forward computes: every token is a key at every step. The result is the
+    public code's evaluation path (``training=False``: argmax depths, no sampling, no Gumbel noise),
+    returned in eval mode.
 
+    As the public code computes them: ``hidden_act`` "gelu" is the exact GELU and anything else
+    ReLU (its ``MoRViTBlock``: "gelu_new" included); ``intermediate_size`` is the MLP width whatever
+    its ratio to the width; ``use_abs_pos_emb: false`` adds no positions (``pos_embed`` is loaded as
+    zeros: x + 0 is exact; freeze it, ``model.pos_embed.requires_grad_(False)``, to fine-tune the same
+    function); an ``image_size`` off the patch grid leaves the last ``image_size % patch_size`` pixel
+    rows and columns unread (the public convolution drops them too).
+    """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path={path!r}: expected a directory with config.json and model.safetensors "
-                                f"(or pytorch_model.bin)")
+                                f"(or pytorch_model.bin, or a sharded checkpoint's index)")
     config_path = os.path.join(path, "config.json")
     try:
         with open(config_path, encoding="utf-8") as file:
@@ -370,35 +388,87 @@ def from_pretrained(path: Union[str, os.PathLike], kv: str = "all", backend: Opt
         raise ValueError(f"{config_path}: model_type {kind!r}: expected 'mor_vit' (the public Edge-RecViT "
                          f"code's config)")
     config = {**_PUBLIC_CONFIG, **config}
-    if config["hidden_act"] != "gelu":
-        raise ValueError(f"{config_path}: hidden_act {config['hidden_act']!r}: only 'gelu' is supported (the "
-                         f"public code uses ReLU for anything else)")
+    model = _public_model(config, config_path, kv, backend)
+    candidates = [os.path.join(path, name) for name in PUBLIC_WEIGHTS]
+    weights = next((name for name in candidates if os.path.isfile(name)), None)
+    if weights is None:
+        raise FileNotFoundError(f"path={path!r}: no weights: expected one of {', '.join(PUBLIC_WEIGHTS)} there")
+    state = read_sharded_state_dict(weights) if weights.endswith(".index.json") else read_state_dict(weights)
     if not config["use_abs_pos_emb"]:
-        raise ValueError(f"{config_path}: use_abs_pos_emb false: a model without position embeddings is not "
-                         f"supported")
+        state = _zero_positions(state, model, config_path, weights)
+    try:
+        converted = _convert_state_dict(state, model, "public", None, (), fit_hint=False)
+    except ValueError as error:
+        raise ValueError(f"{weights}: the weights do not fit the model {config_path} describes: {error}") from None
+    model.load_state_dict(converted.state_dict)
+    return model.eval()
+
+
+def read_sharded_state_dict(index_path: Union[str, os.PathLike]) -> dict:
+    """Tensors of a sharded checkpoint: the index JSON that transformers' ``save_pretrained(
+    max_shard_size=...)`` writes (``{"metadata": {...}, "weight_map": {key: shard file name}}``)
+    and the shard files beside it, each read by :func:`read_state_dict` (safetensors or torch).
+    Every key the index lists must be in its shard, and a shard may hold no other key; errors name
+    the index or the shard."""
+    index_path = os.fspath(index_path)
+    try:
+        with open(index_path, encoding="utf-8") as file:
+            index = json.load(file)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{index_path}: no such shard index") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{index_path}: not a JSON file: {error}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not (isinstance(weight_map, dict) and weight_map
+            and all(isinstance(shard, str) for shard in weight_map.values())):
+        raise ValueError(f"{index_path}: expected a shard index, a JSON object whose 'weight_map' maps "
+                         f"parameter names to shard file names")
+    folder, state = os.path.dirname(index_path), {}
+    for shard in sorted(set(weight_map.values())):
+        if os.path.basename(shard) != shard or shard in (".", ".."):
+            raise ValueError(f"{index_path}: shard {shard!r}: expected a file name beside the index")
+        shard_path = os.path.join(folder, shard)
+        if not os.path.isfile(shard_path):
+            raise FileNotFoundError(f"{index_path}: lists the shard {shard!r}, which {folder or '.'} lacks")
+        tensors = read_state_dict(shard_path)
+        listed = {key for key, name in weight_map.items() if name == shard}
+        absent, unlisted = sorted(listed - set(tensors)), sorted(set(tensors) - listed)
+        if absent or unlisted:
+            found = [f"{what}: {keys[:5]}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+                     for what, keys in (("listed there but not in the shard", absent),
+                                        ("in the shard but not listed for it", unlisted)) if keys]
+            raise ValueError(f"{shard_path}: does not match {index_path}: {'; '.join(found)}")
+        state.update(tensors)
+    return state
+
+
+def _public_model(config: dict, config_path: str, kv: str, backend: Optional[str]) -> nn.Module:
+    """The EdgeRecViT a public config.json (defaults filled in) describes; ValueError naming the
+    file for one this package cannot build."""
+    from .models.edge_recvit import EdgeRecViT
+
     if "num_labels" in config:
         num_classes = config["num_labels"]
     else:  # transformers' PretrainedConfig: num_labels = len(id2label), 2 without one
         num_classes = len(config["id2label"]) if config.get("id2label") else 2
-    dim, hidden = config["hidden_size"], config["intermediate_size"]
     try:
-        model = EdgeRecViT(img_size=config["image_size"], patch_size=config["patch_size"],
-                           in_chans=config["num_channels"], num_classes=num_classes, embed_dim=dim,
-                           num_heads=config["num_attention_heads"], mlp_ratio=hidden / dim,
-                           num_steps=config["num_hidden_layers"], qkv_bias=config["qkv_bias"],
-                           eps=config["layer_norm_eps"], kv=kv, backend=backend, ranker="public_3layer")
+        return EdgeRecViT(img_size=config["image_size"], patch_size=config["patch_size"],
+                          in_chans=config["num_channels"], num_classes=num_classes, embed_dim=config["hidden_size"],
+                          num_heads=config["num_attention_heads"], num_steps=config["num_hidden_layers"],
+                          qkv_bias=config["qkv_bias"], eps=config["layer_norm_eps"], kv=kv, backend=backend,
+                          ranker="public_3layer", mlp_hidden_dim=config["intermediate_size"],
+                          mlp_activation="gelu" if config["hidden_act"] == "gelu" else "relu")
     except (TypeError, ValueError) as error:
         raise ValueError(f"{config_path}: cannot build the model it describes: {error}") from None
-    if model.recursion.head_layer.mlp.fc1.out_features != hidden:
-        raise ValueError(f"{config_path}: intermediate_size {hidden} with hidden_size {dim}: the MLP width this "
-                         f"package builds from mlp_ratio = {hidden}/{dim} rounds to "
-                         f"{model.recursion.head_layer.mlp.fc1.out_features}; not supported")
-    candidates = [os.path.join(path, name) for name in ("model.safetensors", "pytorch_model.bin")]
-    weights = next((name for name in candidates if os.path.isfile(name)), None)
-    if weights is None:
-        raise FileNotFoundError(f"path={path!r}: no weights: expected {' or '.join(candidates)}")
-    load_checkpoint(model, weights, source="public")
-    return model.eval()
+
+
+def _zero_positions(state: dict, model: nn.Module, config_path: str, weights: str) -> dict:
+    """``state`` with zero position embeddings under the public key (its model adds none)."""
+    key = _public_source_names("pos_embed", state)[0]
+    if key in state:
+        raise ValueError(f"{weights}: holds {key!r}, but {config_path} sets use_abs_pos_emb false (the public "
+                         f"model then has no position embeddings)")
+    return {**state, key: torch.zeros(model.pos_embed.shape)}
 
 
 def _check_state_dict(state_dict) -> None:

@@ -107,6 +107,15 @@ def test_recursive_block_from_timm_style_blocks():
     assert block.head_layer.attn.qkv.weight.data_ptr() != blocks[0].attn.qkv.weight.data_ptr()
 
 
+def test_recursive_block_from_blocks_keeps_an_mlp_width_off_a_whole_ratio_and_relu():
+    """int(56 * (61 / 56)) is 60: the width is taken as it is, not through mlp_ratio."""
+    blocks = [Block(56, 4, mlp_hidden_dim=61, mlp_activation="relu") for _ in range(3)]
+    block = recvit.RecursiveBlock.from_blocks(*blocks, num_steps=3)
+    assert block.shared_layer.mlp.fc1.out_features == 61 and block.tail_layer.mlp.activation == "relu"
+    x = torch.randn(2, 6, 56)
+    torch.testing.assert_close(block(x, torch.full((2, 6), 3)), blocks[2](blocks[1](blocks[0](x))))
+
+
 def test_ranker_depths_and_cls():
     model = small_model()
     with torch.no_grad():
@@ -196,6 +205,28 @@ def test_bad_depths_kv_backend_and_names():
         recvit.create_model("edge_recvit_huge")
     with pytest.raises(ValueError, match="num_steps"):
         recvit.RecursiveBlock(16, 2, num_steps=1)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"img_size": 8, "patch_size": 16}, r"patch_size=16: expected an int in 1..img_size=8"),
+    ({"patch_size": 0}, r"patch_size=0: expected an int in 1..img_size=32"),
+    ({"mlp_activation": "gelu_new"}, r"activation='gelu_new': expected one of \('gelu', 'relu'\)"),
+    ({"mlp_hidden_dim": 0}, r"mlp_hidden_dim=0: expected a positive int"),
+    ({"mlp_hidden_dim": 60.5}, r"mlp_hidden_dim=60.5: expected a positive int"),
+])
+def test_bad_patch_size_and_mlp_settings(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        small_model(**overrides)
+
+
+def test_img_size_off_the_patch_grid_drops_the_remainder_as_timm_does():
+    model = small_model(img_size=30)  # patch 8: 3x3 patches from the first 24 pixel rows and columns
+    images = torch.randn(2, 3, 30, 30)
+    assert model.num_tokens == 10
+    edited = images.clone()
+    edited[..., 24:, :] = edited[..., :, 24:] = float("nan")  # pixels the convolution never reads
+    with torch.no_grad():
+        assert torch.equal(model(edited), model(images))
 
 
 def test_float64_images_run_under_a_float64_model():

@@ -4,6 +4,9 @@ recursive block (head, shared x (L-2), tail) -> final norm -> classifier on [CLS
 Two rankers (``EdgeRecViT(ranker=...)``): ``"earr"`` (default), the paper's EARR with two bias-free
 linears; ``"public_3layer"``, the router of the public Edge-RecViT code (RicardoLee510520/Edge-RecViT),
 three bias-free linears, which its checkpoints need (:func:`recvit.from_pretrained`).
+``mlp_hidden_dim`` sets the MLP width where ``int(embed_dim * mlp_ratio)`` cannot (a public config's
+``intermediate_size``); ``mlp_activation`` "gelu" (default) or "relu" (the public code's for any
+``hidden_act`` but "gelu"), see :class:`recvit.layers.Block`.
 """
 from __future__ import annotations
 
@@ -86,7 +89,8 @@ class EdgeRecViT(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 768, num_heads: int = 12,
                  mlp_ratio: float = 4.0, num_steps: int = 12, qkv_bias: bool = True, eps: float = 1e-6,
-                 kv: str = "active", backend: Optional[str] = None, ranker: str = "earr"):
+                 kv: str = "active", backend: Optional[str] = None, ranker: str = "earr",
+                 mlp_hidden_dim: Optional[int] = None, mlp_activation: str = "gelu"):
         super().__init__()
         if ranker not in RANKERS:
             raise ValueError(f"ranker={ranker!r}: expected one of {tuple(RANKERS)} ('earr': the paper's "
@@ -100,7 +104,7 @@ class EdgeRecViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
         self.ranker = RANKERS[ranker](embed_dim, num_steps)
         self.recursion = RecursiveBlock(embed_dim, num_heads, num_steps, mlp_ratio, qkv_bias, eps, kv,
-                                        backend)
+                                        backend, mlp_hidden_dim, mlp_activation)
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

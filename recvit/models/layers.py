@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import recvit_kernels as rk
 
 KV_MODES = ("active", "all")
+MLP_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 def check_kv(kv: str) -> str:
@@ -46,15 +47,19 @@ def square_size(img_size) -> int:
 
 
 class PatchEmbed(nn.Module):
-    """Image (B, 3, H, W) -> patch tokens (B, H/p * W/p, C) by a stride-p convolution (H = W = img_size)."""
+    """Image (B, 3, S, S) -> patch tokens (B, (S // p)^2, C) by a stride-p convolution.
+
+    An ``img_size`` S that is not a multiple of ``patch_size`` p leaves the last S % p pixel rows
+    and columns unread, as timm's ``PatchEmbed`` and the public Edge-RecViT code's convolution do.
+    """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768):
         super().__init__()
         img_size = square_size(img_size)
         patch_size, in_chans, embed_dim = (check_positive_int(name, value) for name, value in (
             ("patch_size", patch_size), ("in_chans", in_chans), ("embed_dim", embed_dim)))
-        if img_size % patch_size:
-            raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch_size}")
+        if patch_size > img_size:
+            raise ValueError(f"patch_size={patch_size!r}: expected an int in 1..img_size={img_size}")
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size ** 2
@@ -100,31 +105,46 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """``fc2(act(fc1(x)))``; ``activation`` "gelu" (exact, erf: timm's and the fused kernels') or
+    "relu" (what the public Edge-RecViT code applies for any ``hidden_act`` but "gelu")."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "gelu"):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        if activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}: expected one of {tuple(MLP_ACTIVATIONS)}")
+        self.activation = activation
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), MLP_ACTIVATIONS[activation](), nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer layer: ``x + attn(norm1(x))``, then ``+ mlp(norm2(.))``."""
+    """Pre-norm transformer layer: ``x + attn(norm1(x))``, then ``+ mlp(norm2(.))``.
+
+    The MLP is ``int(dim * mlp_ratio)`` wide (timm's rule) unless ``mlp_hidden_dim`` gives the
+    width; ``mlp_activation`` "gelu" or "relu" (see :class:`Mlp`). ReLU runs unfused on the kernel
+    backends (their MLP epilogues fuse GELU only): fc1, ReLU, then fc2 with the residual.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, mlp_hidden_dim: Optional[int] = None, mlp_activation: str = "gelu"):
         super().__init__()
         dim = check_positive_int("dim", dim)
-        if (isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not math.isfinite(mlp_ratio)
-                or int(dim * mlp_ratio) < 1):
+        if mlp_hidden_dim is None and (isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real)
+                                       or not math.isfinite(mlp_ratio) or int(dim * mlp_ratio) < 1):
             raise ValueError(f"mlp_ratio={mlp_ratio!r}: expected a number > 0 giving an MLP of at least one "
                              f"unit (int(dim * mlp_ratio) >= 1, dim = {dim})")
+        if mlp_hidden_dim is not None and (isinstance(mlp_hidden_dim, bool) or not isinstance(mlp_hidden_dim, int)
+                                           or mlp_hidden_dim < 1):
+            raise ValueError(f"mlp_hidden_dim={mlp_hidden_dim!r}: expected a positive int (or None: "
+                             f"int(dim * mlp_ratio))")
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
             raise ValueError(f"eps={eps!r}: expected a number >= 0 (LayerNorm's epsilon)")
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio) if mlp_hidden_dim is None else mlp_hidden_dim, mlp_activation)
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Dense layer on (B, N, C); ``key_mask`` (B, N) bool restricts the keys every query sees."""
@@ -198,6 +218,12 @@ class Block(nn.Module):
         projected = linear(attended.reshape(num_rows, dim), proj_weight, proj_bias)
         normed2, residual = rk.layer_norm(projected, norm2_weight, norm2_bias, self.norm2.eps,
                                           residual=prefix, num_rows=live, backend=backend)
+        if self.mlp.activation == "relu":  # unfused: the kernels' epilogues fuse GELU only
+            hidden = F.relu(linear(normed2, fc1_weight, fc1_bias))
+            if live is not None:
+                return linear(hidden, fc2_weight, fc2_bias, residual=residual, out=out)
+            updated = F.linear(hidden, fc2_weight, fc2_bias) + residual
+            return updated if out is None else out.copy_(updated)
         if live is None:
             return rk.mlp(normed2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=residual, out=out,
                           backend=backend)

@@ -41,24 +41,24 @@ class RecursiveBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_steps: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, eps: float = 1e-6, kv: str = "active",
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, mlp_hidden_dim: Optional[int] = None,
+                 mlp_activation: str = "gelu"):
         super().__init__()
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
             raise ValueError(f"num_steps: expected an integer >= 2 (a head and a tail step), got {num_steps!r}")
         self.num_steps, self.kv = num_steps, check_kv(kv)
         self.backend = None if backend is None else rk.resolve_backend(backend)
-        self.head_layer = Block(dim, num_heads, mlp_ratio, qkv_bias, eps)
-        self.shared_layer = Block(dim, num_heads, mlp_ratio, qkv_bias, eps)
-        self.tail_layer = Block(dim, num_heads, mlp_ratio, qkv_bias, eps)
+        layer = (dim, num_heads, mlp_ratio, qkv_bias, eps, mlp_hidden_dim, mlp_activation)
+        self.head_layer, self.shared_layer, self.tail_layer = Block(*layer), Block(*layer), Block(*layer)
 
     @classmethod
     def from_blocks(cls, head: nn.Module, shared: nn.Module, tail: nn.Module, num_steps: int = 12,
                     **kwargs) -> "RecursiveBlock":
         """Build from three timm-style ``Block`` modules (weights copied, the originals untouched)."""
         qkv = head.attn.qkv
-        dim, num_heads = qkv.in_features, head.attn.num_heads
-        mlp_ratio = head.mlp.fc1.out_features / dim
-        block = cls(dim, num_heads, num_steps, mlp_ratio, qkv.bias is not None, head.norm1.eps, **kwargs)
+        dim, num_heads, hidden = qkv.in_features, head.attn.num_heads, head.mlp.fc1.out_features
+        block = cls(dim, num_heads, num_steps, hidden / dim, qkv.bias is not None, head.norm1.eps,
+                    mlp_hidden_dim=hidden, mlp_activation=getattr(head.mlp, "activation", "gelu"), **kwargs)
         for name, source in (("head_layer", head), ("shared_layer", shared), ("tail_layer", tail)):
             state = {key: value for key, value in source.state_dict().items()}
             extra = sorted(set(state) - set(getattr(block, name).state_dict()))

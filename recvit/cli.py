@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 PAPER_ALPHA_SUMS = (8.21, 6.64)  # supplement eq. 17
 PAPER_TABLE1 = {"attention": 8.433, "mlp": 15.256}  # supplement Table 1
 MOR_PAPER_GMACS = {"MoR-B/16": 4.1, "ViT-B/16": 17.6}  # MoR-ViT paper, Table 2 "FLOPs (G)"
-SCALES = ("edge_recvit_tiny", "edge_recvit_small", "edge_recvit_base")
+SCALES = ("tiny", "small", "base")
+FAMILIES = ("edge_recvit", "mor_vit")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -50,7 +51,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     params = commands.add_parser("params", help="parameter counts (the papers' Params column)")
     params.set_defaults(handler=_params, parser=params)
-    params.add_argument("--model", default=None, help="one model (default: the three Edge-RecViT scales)")
+    params.add_argument("--model", default=None,
+                        help="one model (default: the three scales of Edge-RecViT and of MoR-ViT)")
 
     depthmap = commands.add_parser("depthmap", help="draw the per-patch depths (Edge-RecViT's ranker, "
                                    "MoR-ViT's routing) over an image")
@@ -106,6 +108,9 @@ def _quiet_broken_pipe(run):
 @_quiet_broken_pipe
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # `recvit` alone: what it can do, on stdout, exit 0 (asking is not a usage error)
+        _build_parser().print_help()
+        return 0
     if argv[:1] == ["bench"]:
         from . import bench
 
@@ -160,9 +165,11 @@ def _info(args, sub) -> int:
         except ValueError as error:
             chosen, status = f"INVALID, every forward will refuse it: {error}", 1
         print(f"RECVIT_BACKEND={os.environ['RECVIT_BACKEND']} {chosen}")
+    from .check import backend_status
+
     print("backends:")
     for name, reason in rk.available_backends().items():
-        print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+        print(f"  {name:<7} {backend_status(name, reason)}")
     return status
 
 
@@ -261,8 +268,11 @@ def _require_beta(sub, name: str) -> None:
 def _params(args, sub) -> int:
     from .flops import PARAMS_CONVENTION, count_params
 
-    names = [args.model] if args.model else list(SCALES)
-    models = [_model(sub, name) for name in names]
+    import torch
+
+    names = [args.model] if args.model else [f"{family}_{scale}" for family in FAMILIES for scale in SCALES]
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        models = [_model(sub, name) for name in names]
     print(f"Params convention (the papers' column): {PARAMS_CONVENTION}.")
     print()
     print(f"{'Model':<20}{'Params (M)':>12}{'with head (M)':>15}")

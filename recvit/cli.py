@@ -59,11 +59,13 @@ def _build_parser() -> argparse.ArgumentParser:
     depthmap.set_defaults(handler=_depthmap, parser=depthmap)
     depthmap.add_argument("image", help="image file (PNG, or any format Pillow reads)")
     depthmap.add_argument("-o", "--output", required=True, help="output figure (e.g. out.png)")
-    depthmap.add_argument("--model", default="edge_recvit_base", help="model name (default: %(default)s)")
+    depthmap.add_argument("--model", default=None,
+                          help="model name (default: the checkpoint's where it says, else edge_recvit_base)")
     depthmap.add_argument("--checkpoint", default=None,
-                          help="weights to load (a file, or a public Edge-RecViT checkpoint directory with "
-                          "config.json, which also sets the model; default: random initialisation, whose "
-                          "depths mean nothing)")
+                          help="weights to load: a `recvit train` run (its output folder, last.pt, or "
+                          "model.safetensors beside config.json) or a public Edge-RecViT checkpoint directory "
+                          "with config.json, either of which also sets the model; or a weights file for "
+                          "--model (default: random initialisation, whose depths mean nothing)")
     depthmap.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
 
     commands.add_parser("bench", add_help=False,
@@ -282,6 +284,34 @@ def _params(args, sub) -> int:
     return 0
 
 
+def _trained_run(sub, args):
+    """The model of the ``recvit train`` run ``--checkpoint`` names, its weights loaded, in eval mode
+    (``args.model`` set to the run's); None when ``--checkpoint`` is no such run."""
+    from .checkpoint import load_checkpoint
+    from .evaluate import build_model, read_run, run_conflicts
+
+    if args.checkpoint is None:
+        return None
+    try:
+        run = read_run(args.checkpoint)
+    except Exception as error:  # torch raises several types for unreadable files
+        sub.error(f"argument --checkpoint: cannot read {args.checkpoint}: {type(error).__name__}: {error}")
+    if run is None:
+        return None
+    settings = run.settings
+    model = build_model(settings["model"], len(run.classes), settings["img_size"], settings["patch_size"],
+                        settings["kv"], None, settings["ranker"])
+    conflict = run_conflicts(run, model, {"model": args.model})
+    if conflict:
+        sub.error(conflict)
+    try:
+        load_checkpoint(model, run.weights)
+    except ValueError as error:
+        sub.error(f"argument --checkpoint: {error}")
+    args.model = settings["model"]
+    return model.eval()
+
+
 def _depthmap(args, sub) -> int:
     import torch
 
@@ -304,11 +334,14 @@ def _depthmap(args, sub) -> int:
         given = f"'.{extension}'" if extension else "(no extension)"
         sub.error(f"argument -o/--output: unknown figure format {given}: expected one of "
                   f"{', '.join('.' + name for name in sorted(formats))}")
-    public = args.checkpoint is not None and os.path.isdir(args.checkpoint)
-    if args.checkpoint is not None and not (public or os.path.isfile(args.checkpoint)):
+    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
         sub.error(f"argument --checkpoint: no such file or directory: {args.checkpoint}")
     torch.manual_seed(args.seed)
-    if public:  # a public Edge-RecViT checkpoint directory: config.json + weights
+    trained = _trained_run(sub, args)
+    public = trained is None and args.checkpoint is not None and os.path.isdir(args.checkpoint)
+    if trained is not None:
+        model = trained
+    elif public:  # a public Edge-RecViT checkpoint directory: config.json + weights
         from .checkpoint import from_pretrained
 
         try:
@@ -317,11 +350,12 @@ def _depthmap(args, sub) -> int:
             sub.error(f"argument --checkpoint: {error}")
         args.model = "public Edge-RecViT"
     else:
+        args.model = args.model or "edge_recvit_base"
         model = _model(sub, args.model).eval()
     if not (hasattr(model, "ranker") or hasattr(model, "router")):
         sub.error(f"argument --model: {args.model!r} has no depth ranker or router to draw")
     decides = "ranker" if hasattr(model, "ranker") else "router"
-    if args.checkpoint is not None and not public:
+    if args.checkpoint is not None and not public and trained is None:
         from .checkpoint import load_checkpoint, no_source_prefixes
 
         try:

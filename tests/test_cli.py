@@ -5,6 +5,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 from torch import save as torch_save
 
 import recvit
@@ -166,6 +167,35 @@ def test_depthmap_checkpoint(capsys, tmp_path):
     assert "argument --checkpoint: " in err and "expected shape" in err
     assert "argument --checkpoint: no such file" in _fails(
         capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(tmp_path / "x.pt"))
+
+
+def test_depthmap_of_a_training_run(capsys, tmp_path, monkeypatch):
+    """`--checkpoint` takes a `recvit train` run (folder, last.pt, model.safetensors beside config.json)
+    without --model: the depths drawn are the trained model's; a --model that contradicts the run is refused."""
+    import matplotlib.image
+
+    from recvit import depthmap, train
+    from recvit.data import make_shapes_dataset
+
+    make_shapes_dataset(str(tmp_path / "data"), images_per_class=2, val_per_class=0, size=32, seed=5)
+    run = tmp_path / "run"
+    result = train.run(train.parse_args([
+        "--data", str(tmp_path / "data"), "--output", str(run), "--epochs", "1", "--batch-size", "8", "--no-plot",
+        "--model", "edge_recvit_tiny", "--img-size", "32", "--patch-size", "8", "--workers", "0", "--no-progress"]))
+    image = tmp_path / "in.png"
+    matplotlib.image.imsave(image, np.random.default_rng(0).random((32, 32, 3)))
+    _, pixels, _ = depthmap.load_image(str(image), 32)
+    expected = depthmap.depth_heatmap(result.model.eval(), pixels)[0]
+    drawn = {}
+    monkeypatch.setattr(depthmap, "plot_depthmap",
+                        lambda shown, depths, path, num_steps, title: drawn.update(depths=depths, title=title))
+    for checkpoint in (run, run / "last.pt", run / "model.safetensors"):
+        code, out, _ = _run(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(checkpoint))
+        assert code == 0 and "16 patches" in out and "randomly initialised" not in out
+        assert torch.equal(drawn["depths"], expected) and drawn["title"].startswith("edge_recvit_tiny ")
+    err = _fails(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(run),
+                 "--model", "edge_recvit_base")
+    assert "argument --model: edge_recvit_base contradicts the trained run, whose model is edge_recvit_tiny" in err
 
 
 def test_version(capsys):

@@ -14,7 +14,11 @@ from .losses import EdgeRecViTLoss, cce_loss, du_loss, stb_loss
 from .mor_vit import GatedRecursiveBlock, MoRViT, MoRViTLoss, MoRViTOutput, balancing_loss, router_z_loss
 from .recursion import RecursiveBlock
 
+from .timm_registry import register_when_timm_loads
+
 __version__ = "0.1.0"
+
+register_when_timm_loads()  # timm.create_model("edge_recvit_small") where timm is installed
 
 __all__ = [
     "Block", "ConvertedCheckpoint", "EdgeAwareRanker", "EdgeRecViT", "EdgeRecViTLoss",

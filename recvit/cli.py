@@ -294,8 +294,8 @@ def _trained_run(sub, args):
         return None
     try:
         run = read_run(args.checkpoint)
-    except Exception as error:  # torch raises several types for unreadable files
-        sub.error(f"argument --checkpoint: cannot read {args.checkpoint}: {type(error).__name__}: {error}")
+    except Exception:  # torch raises several types for unreadable files: load_checkpoint names the problem
+        return None
     if run is None:
         return None
     settings = run.settings

@@ -158,8 +158,7 @@ def read_run(path: str) -> Optional[TrainedRun]:
     if os.path.isdir(path):
         candidates = [os.path.join(path, name) for name in ("model.safetensors", CHECKPOINT)]
         found = sorted((file for file in candidates if os.path.isfile(file)), key=os.path.getmtime)
-        runs = [run for run in map(read_run, reversed(found)) if run is not None]
-        return runs[0] if runs else None
+        return next((run for run in map(read_run, reversed(found)) if run is not None), None)
     if not os.path.isfile(path):
         return None
     if path.endswith(".safetensors"):

@@ -196,6 +196,11 @@ def test_depthmap_of_a_training_run(capsys, tmp_path, monkeypatch):
     err = _fails(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(run),
                  "--model", "edge_recvit_base")
     assert "argument --model: edge_recvit_base contradicts the trained run, whose model is edge_recvit_tiny" in err
+    garbage = tmp_path / "garbage.pt"  # not a run, nor readable: load_checkpoint's reason, naming the file
+    garbage.write_bytes(b"garbage bytes here")
+    err = _fails(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(garbage),
+                 "--model", "edge_recvit_tiny")
+    assert f"argument --checkpoint: {garbage}: not a checkpoint file recvit can read" in err
 
 
 def test_version(capsys):

@@ -14,11 +14,7 @@ from .losses import EdgeRecViTLoss, cce_loss, du_loss, stb_loss
 from .mor_vit import GatedRecursiveBlock, MoRViT, MoRViTLoss, MoRViTOutput, balancing_loss, router_z_loss
 from .recursion import RecursiveBlock
 
-from .timm_registry import register_when_timm_loads
-
 __version__ = "0.1.0"
-
-register_when_timm_loads()  # timm.create_model("edge_recvit_small") where timm is installed
 
 __all__ = [
     "Block", "ConvertedCheckpoint", "EdgeAwareRanker", "EdgeRecViT", "EdgeRecViTLoss",
@@ -29,3 +25,7 @@ __all__ = [
     "no_source_prefixes", "plot_depthmap", "profile_flops", "register_model", "router_z_loss",
     "save_checkpoint", "stb_loss", "ThreeLayerRanker",
 ]
+
+from .timm_registry import register_when_timm_loads  # noqa: E402  (after the names it registers)
+
+register_when_timm_loads()  # timm.create_model("edge_recvit_small") where timm is installed

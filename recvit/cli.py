@@ -268,9 +268,9 @@ def _require_beta(sub, name: str) -> None:
 
 
 def _params(args, sub) -> int:
-    from .flops import PARAMS_CONVENTION, count_params
-
     import torch
+
+    from .flops import PARAMS_CONVENTION, count_params
 
     names = [args.model] if args.model else [f"{family}_{scale}" for family in FAMILIES for scale in SCALES]
     with torch.device("meta"):  # shapes only: no memory, no initialisation

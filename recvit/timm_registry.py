@@ -21,7 +21,7 @@ def timm_entrypoint(name: str) -> Callable:
     """A timm model entrypoint (``fn(pretrained=False, **kwargs)``, named ``name``) that builds recvit's ``name``."""
     def entrypoint(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
                    **kwargs):
-        from .factory import create_model
+        from . import create_model
 
         if pretrained:
             raise ValueError(f"pretrained=True: recvit publishes no pretrained weights for {name!r}; build it with "
@@ -39,7 +39,7 @@ def register() -> list:
     """Register every model of recvit's registry in timm's (imports timm); returns the names added."""
     from timm.models import register_model
 
-    from .factory import list_models
+    from . import list_models
 
     added = [name for name in list_models() if name not in _registered]
     for name in added:

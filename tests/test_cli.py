@@ -174,18 +174,23 @@ def test_depthmap_of_a_training_run(capsys, tmp_path, monkeypatch):
     without --model: the depths drawn are the trained model's; a --model that contradicts the run is refused."""
     import matplotlib.image
 
-    from recvit import depthmap, train
-    from recvit.data import make_shapes_dataset
+    from recvit import depthmap
 
-    make_shapes_dataset(str(tmp_path / "data"), images_per_class=2, val_per_class=0, size=32, seed=5)
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):  # a two-class ImageFolder of noise: enough for one optimiser step
+        (tmp_path / "data" / "train" / label).mkdir(parents=True)
+        for index in range(4):
+            matplotlib.image.imsave(tmp_path / "data" / "train" / label / f"{index}.png", rng.random((32, 32, 3)))
     run = tmp_path / "run"
-    result = train.run(train.parse_args([
-        "--data", str(tmp_path / "data"), "--output", str(run), "--epochs", "1", "--batch-size", "8", "--no-plot",
-        "--model", "edge_recvit_tiny", "--img-size", "32", "--patch-size", "8", "--workers", "0", "--no-progress"]))
+    _run(capsys, "train", "--data", str(tmp_path / "data"), "--output", str(run), "--epochs", "1", "--batch-size",
+         "8", "--no-plot", "--model", "edge_recvit_tiny", "--img-size", "32", "--patch-size", "8", "--workers", "0",
+         "--no-progress")
+    trained = recvit.create_model("edge_recvit_tiny", num_classes=2, img_size=32, patch_size=8)
+    recvit.load_checkpoint(trained, str(run / "model.safetensors"))
     image = tmp_path / "in.png"
-    matplotlib.image.imsave(image, np.random.default_rng(0).random((32, 32, 3)))
+    matplotlib.image.imsave(image, rng.random((32, 32, 3)))
     _, pixels, _ = depthmap.load_image(str(image), 32)
-    expected = depthmap.depth_heatmap(result.model.eval(), pixels)[0]
+    expected = depthmap.depth_heatmap(trained.eval(), pixels)[0]
     drawn = {}
     monkeypatch.setattr(depthmap, "plot_depthmap",
                         lambda shown, depths, path, num_steps, title: drawn.update(depths=depths, title=title))

@@ -96,7 +96,6 @@ def evaluate(model: nn.Module, loader: DataLoader, context: distributed.Context,
 # Models from the command line and from training checkpoints
 
 MODEL_SETTINGS = ("model", "img_size", "patch_size", "kv", "ranker")  # what a training checkpoint fixes
-CHECKPOINT = "last.pt"  # what ``recvit train`` writes every epoch in its output folder
 
 
 def build_model(name: str, num_classes: int, img_size: Optional[int] = None, patch_size: Optional[int] = None,
@@ -155,6 +154,8 @@ def read_run(path: str) -> Optional[TrainedRun]:
     ``model.safetensors`` beside its ``config.json``; in a folder holding both the newer of
     ``model.safetensors`` and ``last.pt`` gives the weights. None when ``path`` is none of these (a
     plain weights file, a DeiT/ViT checkpoint, a public checkpoint directory, nothing)."""
+    from .train import CHECKPOINT  # here: train imports this module
+
     if os.path.isdir(path):
         candidates = [os.path.join(path, name) for name in ("model.safetensors", CHECKPOINT)]
         found = sorted((file for file in candidates if os.path.isfile(file)), key=os.path.getmtime)
@@ -224,6 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     from .checkpoint import load_checkpoint
     from .data import find_classes, image_folder
+    from .train import CHECKPOINT
 
     if args.batch_size < 1 or args.workers < 0:
         parser.error(f"argument --batch-size / --workers: expected >= 1 / >= 0, got {args.batch_size} / {args.workers}")

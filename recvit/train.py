@@ -39,10 +39,11 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from . import distributed
 from .edge_recvit import RANKERS
-from .evaluate import CHECKPOINT, autocast, build_model, evaluate, shard_loader
+from .evaluate import autocast, build_model, evaluate, shard_loader
 from .losses import EdgeRecViTLoss
 
 FROZEN_IN_STAGE_1 = "recursion."  # head, shared and tail layers
+CHECKPOINT = "last.pt"
 # Settings a resumed run may change: they do not alter the trajectory.
 RUN_CONTROL = ("data", "output", "workers", "stop_after", "no_progress", "no_plot", "resume")
 

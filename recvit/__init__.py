@@ -26,3 +26,7 @@ __all__ = [
     "no_source_prefixes", "plot_depthmap", "profile_flops", "register_model", "router_z_loss",
     "save_checkpoint", "stb_loss", "ThreeLayerRanker",
 ]
+
+from .timm_registry import register_when_timm_loads  # noqa: E402  (after the names it registers)
+
+register_when_timm_loads()  # timm.create_model("edge_recvit_small") where timm is installed

@@ -564,6 +564,19 @@ def format_result(r: Result) -> str:
     return f"{line}  {r.note}" if r.note else line
 
 
+def backend_status(name: str, reason: Optional[str]) -> str:
+    """How ``recvit info`` and ``recvit check`` state a backend: ``available``, ``unavailable: why``,
+    or, for triton on a machine without a CUDA GPU where triton imports, ``interpreter only`` whether
+    or not ``TRITON_INTERPRET=1`` is set (``recvit check`` sets it), so both commands say the same."""
+    import torch
+
+    if name == "triton" and "triton" in sys.modules and not torch.cuda.is_available():
+        state = "set" if os.environ.get("TRITON_INTERPRET") == "1" else "not set (recvit check sets it)"
+        return (f"interpreter only: no CUDA GPU; TRITON_INTERPRET=1 is {state}: the kernels then run on the "
+                "CPU, slowly, to check them")
+    return "available" if reason is None else f"unavailable: {reason}"
+
+
 def _enable_triton_interpreter() -> Optional[str]:
     """Set ``TRITON_INTERPRET=1`` for a CPU check, which works only before the triton backend (and
     triton) load: the kernels are interpreted or compiled when their module is imported. Returns
@@ -621,7 +634,7 @@ def run(args, sub: argparse.ArgumentParser) -> int:
           f"{' (interpreter)' if env['triton_interpreter'] else ''}")
     print(f"device: {device}: {env['device_name']}")
     for name, reason in availability.items():
-        print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+        print(f"  {name:<7} {backend_status(name, reason)}")
     if interpreter_note:
         print(f"note: {interpreter_note}")
     backends = [name for name, reason in availability.items() if reason is None and name != "eager"

@@ -105,6 +105,16 @@ class ConvertedCheckpoint(NamedTuple):
     missing: list
     unused: list
 
+    def __repr__(self) -> str:
+        """Counts and the first few key names, never the tensors."""
+        def keys(names: list) -> str:
+            shown = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
+            return f"[{shown}]"
+
+        values = sum(tensor.numel() for tensor in self.state_dict.values())
+        return (f"ConvertedCheckpoint(state_dict=<{len(self.state_dict)} tensors, {values:,} values>, "
+                f"missing={keys(self.missing)}, unused={keys(self.unused)})")
+
 
 def no_source_prefixes(model: nn.Module) -> tuple:
     """Key prefixes of ``model`` that a DeiT/ViT checkpoint cannot provide: its top-level modules

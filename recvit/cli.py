@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 PAPER_ALPHA_SUMS = (8.21, 6.64)  # supplement eq. 17
 PAPER_TABLE1 = {"attention": 8.433, "mlp": 15.256}  # supplement Table 1
 MOR_PAPER_GMACS = {"MoR-B/16": 4.1, "ViT-B/16": 17.6}  # MoR-ViT paper, Table 2 "FLOPs (G)"
-SCALES = ("edge_recvit_tiny", "edge_recvit_small", "edge_recvit_base")
+SCALES = ("tiny", "small", "base")
+FAMILIES = ("edge_recvit", "mor_vit")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -50,18 +51,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
     params = commands.add_parser("params", help="parameter counts (the papers' Params column)")
     params.set_defaults(handler=_params, parser=params)
-    params.add_argument("--model", default=None, help="one model (default: the three Edge-RecViT scales)")
+    params.add_argument("--model", default=None,
+                        help="one model (default: the three scales of Edge-RecViT and of MoR-ViT)")
 
     depthmap = commands.add_parser("depthmap", help="draw the per-patch depths (Edge-RecViT's ranker, "
                                    "MoR-ViT's routing) over an image")
     depthmap.set_defaults(handler=_depthmap, parser=depthmap)
     depthmap.add_argument("image", help="image file (PNG, or any format Pillow reads)")
     depthmap.add_argument("-o", "--output", required=True, help="output figure (e.g. out.png)")
-    depthmap.add_argument("--model", default="edge_recvit_base", help="model name (default: %(default)s)")
+    depthmap.add_argument("--model", default=None,
+                          help="model name (default: the checkpoint's where it says, else edge_recvit_base)")
     depthmap.add_argument("--checkpoint", default=None,
-                          help="weights to load (a file, or a public Edge-RecViT checkpoint directory with "
-                          "config.json, which also sets the model; default: random initialisation, whose "
-                          "depths mean nothing)")
+                          help="weights to load: a `recvit train` run (its output folder, last.pt, or "
+                          "model.safetensors beside config.json) or a public Edge-RecViT checkpoint directory "
+                          "with config.json, either of which also sets the model; or a weights file for "
+                          "--model (default: random initialisation, whose depths mean nothing)")
     depthmap.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
 
     commands.add_parser("bench", add_help=False,
@@ -109,6 +113,9 @@ def _quiet_broken_pipe(run):
 @_quiet_broken_pipe
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # `recvit` alone: what it can do, on stdout, exit 0 (asking is not a usage error)
+        _build_parser().print_help()
+        return 0
     if argv[:1] == ["bench"]:
         from . import bench
 
@@ -163,9 +170,11 @@ def _info(args, sub) -> int:
         except ValueError as error:
             chosen, status = f"INVALID, every forward will refuse it: {error}", 1
         print(f"RECVIT_BACKEND={os.environ['RECVIT_BACKEND']} {chosen}")
+    from .check import backend_status
+
     print("backends:")
     for name, reason in rk.available_backends().items():
-        print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+        print(f"  {name:<7} {backend_status(name, reason)}")
     return status
 
 
@@ -262,10 +271,13 @@ def _require_beta(sub, name: str) -> None:
 
 
 def _params(args, sub) -> int:
+    import torch
+
     from .flops import PARAMS_CONVENTION, count_params
 
-    names = [args.model] if args.model else list(SCALES)
-    models = [_model(sub, name) for name in names]
+    names = [args.model] if args.model else [f"{family}_{scale}" for family in FAMILIES for scale in SCALES]
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        models = [_model(sub, name) for name in names]
     print(f"Params convention (the papers' column): {PARAMS_CONVENTION}.")
     print()
     print(f"{'Model':<20}{'Params (M)':>12}{'with head (M)':>15}")
@@ -273,6 +285,34 @@ def _params(args, sub) -> int:
         without, with_head = count_params(model) / 1e6, count_params(model, include_head=True) / 1e6
         print(f"{name:<20}{without:>12.1f}{with_head:>15.2f}")
     return 0
+
+
+def _trained_run(sub, args):
+    """The model of the ``recvit train`` run ``--checkpoint`` names, its weights loaded, in eval mode
+    (``args.model`` set to the run's); None when ``--checkpoint`` is no such run."""
+    from .checkpoint import load_checkpoint
+    from .training.evaluate import build_model, read_run, run_conflicts
+
+    if args.checkpoint is None:
+        return None
+    try:
+        run = read_run(args.checkpoint)
+    except Exception:  # torch raises several types for unreadable files: load_checkpoint names the problem
+        return None
+    if run is None:
+        return None
+    settings = run.settings
+    model = build_model(settings["model"], len(run.classes), settings["img_size"], settings["patch_size"],
+                        settings["kv"], None, settings["ranker"])
+    conflict = run_conflicts(run, model, {"model": args.model})
+    if conflict:
+        sub.error(conflict)
+    try:
+        load_checkpoint(model, run.weights)
+    except ValueError as error:
+        sub.error(f"argument --checkpoint: {error}")
+    args.model = settings["model"]
+    return model.eval()
 
 
 def _depthmap(args, sub) -> int:
@@ -297,11 +337,14 @@ def _depthmap(args, sub) -> int:
         given = f"'.{extension}'" if extension else "(no extension)"
         sub.error(f"argument -o/--output: unknown figure format {given}: expected one of "
                   f"{', '.join('.' + name for name in sorted(formats))}")
-    public = args.checkpoint is not None and os.path.isdir(args.checkpoint)
-    if args.checkpoint is not None and not (public or os.path.isfile(args.checkpoint)):
+    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
         sub.error(f"argument --checkpoint: no such file or directory: {args.checkpoint}")
     torch.manual_seed(args.seed)
-    if public:  # a public Edge-RecViT checkpoint directory: config.json + weights
+    trained = _trained_run(sub, args)
+    public = trained is None and args.checkpoint is not None and os.path.isdir(args.checkpoint)
+    if trained is not None:
+        model = trained
+    elif public:  # a public Edge-RecViT checkpoint directory: config.json + weights
         from .checkpoint import from_pretrained
 
         try:
@@ -310,11 +353,12 @@ def _depthmap(args, sub) -> int:
             sub.error(f"argument --checkpoint: {error}")
         args.model = "public Edge-RecViT"
     else:
+        args.model = args.model or "edge_recvit_base"
         model = _model(sub, args.model).eval()
     if not (hasattr(model, "ranker") or hasattr(model, "router")):
         sub.error(f"argument --model: {args.model!r} has no depth ranker or router to draw")
     decides = "ranker" if hasattr(model, "ranker") else "router"
-    if args.checkpoint is not None and not public:
+    if args.checkpoint is not None and not public and trained is None:
         from .checkpoint import load_checkpoint, no_source_prefixes
 
         try:

@@ -178,6 +178,43 @@ def test_cli_without_progress_imports_no_tqdm(capsys, monkeypatch, tmp_path):
     assert "| packed |" in out and "Ours (packed) over DeiT dense:" in out and "Noise: " in out
     assert "**cuda**: not measured" in out
     assert (next(tmp_path.iterdir()) / "results.json").is_file()
+    assert out.splitlines()[-1].startswith("Fastest: batch 1: ")  # the run ends with the plain verdict
+
+
+def _timed(name, batch, p25, p50, p75):
+    return {"scale": "tiny", "dtype": "fp32", "img_size": 32, "profile": "paper", "implementation": name,
+            "batch": batch, "status": "ok", "p25_ms": p25, "p50_ms": p50, "p75_ms": p75}
+
+
+def test_fastest_line_ranks_only_what_the_spread_separates():
+    from recvit.bench.report import fastest_line
+
+    results = {"configs": [{"scale": "tiny", "dtype": "fp32", "img_size": 32}],
+               "settings": {"headline_profile": "paper"},
+               "records": [_timed("packed", 1, 9.0, 10.0, 11.0), _timed("deit-dense", 1, 14.0, 15.0, 16.0),
+                           _timed("tome", 1, 19.0, 20.0, 21.0),
+                           _timed("packed", 8, 70.0, 80.0, 90.0), _timed("tome", 8, 85.0, 82.0, 95.0),
+                           _timed("deit-dense", 8, 100.0, 120.0, 130.0),
+                           {**_timed("cuda", 8, 0, 0, 0), "status": "unavailable"},
+                           {**_timed("packed", 1, 1.0, 1.0, 1.0), "profile": "uniform"}]}
+    assert fastest_line(results) == (
+        "Fastest: batch 1: packed, 1.50x faster than the next, deit-dense (10.00 vs 15.00 ms median); "
+        "batch 8: noise could not rank packed and tome (their p25-p75 times overlap).")
+    results["records"] = results["records"][:1]
+    assert fastest_line(results) == "Fastest: batch 1: only packed ran."
+    results["records"] = []
+    assert fastest_line(results) is None
+
+
+def test_busy_machine_is_named_before_the_run(monkeypatch):
+    from recvit.bench import settings
+
+    monkeypatch.setattr(settings.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(settings, "load_average", lambda: 0.5)
+    assert settings.busy_warning(2) is None
+    monkeypatch.setattr(settings, "load_average", lambda: 3.0)
+    assert "busy (load average 3.0 on 2 cores)" in settings.busy_warning(2)
+    assert "--threads 1" in settings.busy_warning(2) and "--threads 1" not in settings.busy_warning(1)
 
 
 def test_cli_writes_each_batch_as_it_completes(capsys, monkeypatch, tmp_path):
@@ -219,6 +256,8 @@ def test_paired_ratio_ranks_only_what_noise_cannot_flip():
     with pytest.raises(ValueError, match="rounds"):
         bench.paired_ratio([1.0], [1.0, 2.0])
     assert not bench.summarize([1.0, 1.1, 1.2])["noisy"] and bench.summarize([1.0, 1.0, 3.0, 3.0])["noisy"]
+    stats = bench.summarize([0.001 * i for i in range(1, 102)])
+    assert stats["p10_ms"] < stats["p25_ms"] < stats["p50_ms"] < stats["p75_ms"] < stats["p90_ms"]
 
 
 def test_one_timed_call_and_the_machine_record():

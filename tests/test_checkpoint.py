@@ -450,3 +450,14 @@ def test_layers_on_a_recvit_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"layers=\(3, 6, 11\): only for a timm / Hugging Face ViT"):
         load_checkpoint(small_model(), tmp_path / "m.safetensors", layers=(3, 6, 11))
     load_checkpoint(small_model(), tmp_path / "m.safetensors", layers=(0, 6, 11))  # the default: no effect
+
+
+def test_loaded_checkpoint_repr_is_short():
+    """`load_checkpoint(...)` at a prompt prints counts and a few key names, never tensor values."""
+    model = create_model("edge_recvit_tiny")
+    loaded = load_checkpoint(model, create_model("edge_recvit_tiny").state_dict(),
+                                    keep=("head.", "ranker.", "norm."))
+    text = repr(loaded)
+    assert len(text) < 300 and "tensor(" not in text and "\n" not in text
+    assert text.startswith(f"ConvertedCheckpoint(state_dict=<{len(loaded.state_dict)} tensors, ")
+    assert f"({len(loaded.missing) - 4} more)" in text and loaded.missing[0] in text

@@ -5,6 +5,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 from torch import save as torch_save
 
 import recvit
@@ -101,11 +102,20 @@ def test_flops_mor_vit_beta(capsys):
     (["depthmap", __file__, "-o", "out.xyz"], "argument -o/--output: unknown figure format '.xyz': expected one "
      "of"),
     (["depthmap", __file__, "-o", "out"], "argument -o/--output: unknown figure format (no extension)"),
-    ([], "required: COMMAND"),
 ])
 def test_bad_input_exits(capsys, argv, message):
     err = _fails(capsys, *argv)
     assert message in err and "Traceback" not in err
+
+
+def test_no_arguments_prints_the_help(capsys):
+    """`recvit` alone lists the commands on stdout and exits 0, as `recvit --help` does."""
+    code, out, err = _run(capsys)
+    assert code == 0 and err == ""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == out
+    assert out.startswith("usage: recvit") and all(name in out for name in ("info", "params", "bench", "eval"))
 
 
 def test_params(capsys):
@@ -114,6 +124,11 @@ def test_params(capsys):
     assert "except the classifier head" in out
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("edge_recvit")}
     assert rows == {"edge_recvit_tiny": "1.6", "edge_recvit_small": "6.0", "edge_recvit_base": "23.2"}
+    mor = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("mor_vit")}
+    assert list(mor) == ["mor_vit_tiny", "mor_vit_small", "mor_vit_base"]
+    tiny = recvit.create_model("mor_vit_tiny")
+    without_head = sum(p.numel() for name, p in tiny.named_parameters() if not name.startswith("head."))
+    assert mor["mor_vit_tiny"] == [f"{without_head / 1e6:.1f}", f"{sum(p.numel() for p in tiny.parameters()) / 1e6:.2f}"]
     code, out, _ = _run(capsys, "params", "--model", "edge_recvit_small")
     assert code == 0 and "edge_recvit_small" in out and "edge_recvit_base" not in out
 
@@ -154,10 +169,76 @@ def test_depthmap_checkpoint(capsys, tmp_path):
         capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(tmp_path / "x.pt"))
 
 
+def test_depthmap_of_a_training_run(capsys, tmp_path, monkeypatch):
+    """`--checkpoint` takes a `recvit train` run (folder, last.pt, model.safetensors beside config.json)
+    without --model: the depths drawn are the trained model's; a --model that contradicts the run is refused."""
+    import matplotlib.image
+
+    from recvit import depthmap
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):  # a two-class ImageFolder of noise: enough for one optimiser step
+        (tmp_path / "data" / "train" / label).mkdir(parents=True)
+        for index in range(4):
+            matplotlib.image.imsave(tmp_path / "data" / "train" / label / f"{index}.png", rng.random((32, 32, 3)))
+    run = tmp_path / "run"
+    _run(capsys, "train", "--data", str(tmp_path / "data"), "--output", str(run), "--epochs", "1", "--batch-size",
+         "8", "--no-plot", "--model", "edge_recvit_tiny", "--img-size", "32", "--patch-size", "8", "--workers", "0",
+         "--no-progress")
+    trained = recvit.create_model("edge_recvit_tiny", num_classes=2, img_size=32, patch_size=8)
+    recvit.load_checkpoint(trained, str(run / "model.safetensors"))
+    image = tmp_path / "in.png"
+    matplotlib.image.imsave(image, rng.random((32, 32, 3)))
+    _, pixels, _ = depthmap.load_image(str(image), 32)
+    expected = depthmap.depth_heatmap(trained.eval(), pixels)[0]
+    drawn = {}
+    monkeypatch.setattr(depthmap, "plot_depthmap",
+                        lambda shown, depths, path, num_steps, title: drawn.update(depths=depths, title=title))
+    for checkpoint in (run, run / "last.pt", run / "model.safetensors"):
+        code, out, _ = _run(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(checkpoint))
+        assert code == 0 and "16 patches" in out and "randomly initialised" not in out
+        assert torch.equal(drawn["depths"], expected) and drawn["title"].startswith("edge_recvit_tiny ")
+    err = _fails(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(run),
+                 "--model", "edge_recvit_base")
+    assert "argument --model: edge_recvit_base contradicts the trained run, whose model is edge_recvit_tiny" in err
+    garbage = tmp_path / "garbage.pt"  # not a run, nor readable: load_checkpoint's reason, naming the file
+    garbage.write_bytes(b"garbage bytes here")
+    err = _fails(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(garbage),
+                 "--model", "edge_recvit_tiny")
+    assert f"argument --checkpoint: {garbage}: not a checkpoint file recvit can read" in err
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"recvit {recvit.__version__}"
+
+
+def _backend_lines(out):
+    return {line.split()[0]: line.split(None, 1)[1] for line in out.splitlines() if line.startswith("  ")
+            and line.split()[0] in ("eager", "packed", "triton", "cuda")}
+
+
+@pytest.mark.parametrize("interpreter", ["1", None])
+def test_info_and_check_agree_on_triton(interpreter):
+    """`recvit check` on a CPU turns the Triton interpreter on; `recvit info` does not, yet both state the
+    same: on a GPU, triton available; without one, interpreter only."""
+    import os
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    if interpreter:
+        env["TRITON_INTERPRET"] = interpreter
+    info = subprocess.run([sys.executable, "-m", "recvit", "info"], env=env, capture_output=True, text=True)
+    check = subprocess.run([sys.executable, "-m", "recvit", "check", "--quick", "--only", "depth_sort"], env=env,
+                           capture_output=True, text=True)
+    assert info.returncode == 0 and check.returncode == 0, info.stderr + check.stderr
+    told, checked = _backend_lines(info.stdout), _backend_lines(check.stdout)
+    assert {name: line.split(":")[0] for name, line in told.items()} == \
+        {name: line.split(":")[0] for name, line in checked.items()}  # available / unavailable / interpreter only
+    import torch
+
+    if not torch.cuda.is_available():
+        assert told["triton"].startswith("interpreter only: no CUDA GPU")
 
 
 def test_invalid_recvit_backend_is_reported_by_info(capsys, monkeypatch):

@@ -9,9 +9,11 @@ any machine: bash runs each as written with a stand-in ``pip`` that records the 
 environment it was given; the benchmark harness and ``recvit check`` (minutes) have only their entry
 points checked here (``benchmarks/gpu_run.sh`` runs them on a GPU); ``torchrun ... -m recvit train``
 lines (templates that need the user's data set and GPUs) must be accepted by the training parser.
-The blocks run in a temporary directory that holds the files the README names as the user's:
-``photo.png`` (a non-square picture) and ``public_run/`` (a public Edge-RecViT checkpoint directory).
-A block or command that fits none of these fails the test.
+Each block runs in an empty temporary directory. A block that needs the user's own files is a
+template, marked in the README by ``<!-- template, needs: NAME ... -->`` on the line before it; the
+test builds stand-ins for the names it knows first: ``photo.png`` (a non-square picture) and
+``public_run/`` (a public Edge-RecViT checkpoint directory). A block or command that fits none of
+these, or a template naming another file, fails the test.
 """
 import itertools
 import json
@@ -29,6 +31,7 @@ from recvit.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+TEMPLATE = re.compile(r"^<!-- template, needs: (.+?) -->\n```\w*\n(.*?)^```", re.S | re.M)
 LONG = ("recvit bench", "python -m benchmarks.run", "pytest benchmarks/",  # minutes on a CPU
         "recvit check")  # run in full by test_check.py and .ci/run
 GPU_BUILD = ("pip install ninja", "TORCH_CUDA_ARCH_LIST=")
@@ -98,17 +101,35 @@ def ci_commands():
     return found
 
 
-@pytest.fixture
-def user_files(tmp_path, monkeypatch):
+def _photo(folder):
     import matplotlib.image
 
+    y, x = np.mgrid[0:60, 0:80] / 80.0
+    matplotlib.image.imsave(folder / "photo.png", np.stack([x, y, 1 - x], -1))
+
+
+def _public_run(folder):
     from test_public_checkpoint import write_checkpoint
 
+    (folder / "public_run").mkdir()
+    write_checkpoint(folder / "public_run")
+
+
+USER_FILES = {"photo.png": _photo, "public_run/": _public_run}
+
+
+def build_user_files(code, folder):
+    """Stand-ins for the user's files a template block names (nothing for an ordinary block)."""
+    templates = {body: names.split() for names, body in TEMPLATE.findall((ROOT / "README.md").read_text())}
+    for name in templates.get(code, ()):
+        assert name in USER_FILES, f"the README template names {name!r}; the test knows {sorted(USER_FILES)}"
+        USER_FILES[name](folder)
+
+
+@pytest.fixture
+def user_files(tmp_path, monkeypatch):
+    """An empty working directory; build_user_files puts a template's files in it."""
     monkeypatch.chdir(tmp_path)
-    y, x = np.mgrid[0:60, 0:80] / 80.0
-    matplotlib.image.imsave(tmp_path / "photo.png", np.stack([x, y, 1 - x], -1))
-    (tmp_path / "public_run").mkdir()
-    write_checkpoint(tmp_path / "public_run")
     return tmp_path
 
 
@@ -118,12 +139,14 @@ def test_the_readme_has_code_blocks():
 
 @pytest.mark.parametrize("code", [b for b in blocks("python") if "cuda" not in b.values[0]])
 def test_python_block_runs(code, user_files):
+    build_user_files(code, user_files)
     exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
 
 
 @pytest.mark.parametrize("block", [b for b in blocks("bash") if any(
     kind(" ".join(words)) in ("cli", "python") for words in block_commands(b.values[0]))])
 def test_bash_block_runs(block, user_files, capsys):
+    build_user_files(block, user_files)
     for words in block_commands(block):
         command = " ".join(words)
         if kind(command) == "cli":
@@ -199,4 +222,36 @@ def test_cuda_build_commands_reach_pip_as_written(words, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("code", [b for b in blocks("python") if "cuda" in b.values[0]])
 def test_gpu_python_block_runs(code, user_files):
+    build_user_files(code, user_files)
     exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+
+
+SWAP = re.compile(r'create_model\("(\w+)"[^\n]*?# or ([\w /]+)$', re.M)
+
+
+def suggested_swaps():
+    """(block, model named, model the comment suggests instead) for every `create_model("x", ...)  # or y / _z`
+    line of a python block; `_z` is the first name's family with that size."""
+    found = []
+    for param in blocks("python"):
+        for named, alternatives in SWAP.findall(param.values[0]):
+            names = [name.strip() for name in alternatives.split("/")]
+            family = names[0].rsplit("_", 1)[0]
+            for name in names:
+                swapped = family + name if name.startswith("_") else name
+                found.append(pytest.param(param.values[0], named, swapped, id=f"{param.id}-{swapped}"))
+    return found
+
+
+def test_the_readme_suggests_swaps():
+    assert len(suggested_swaps()) >= 4  # the API block's Edge-RecViT sizes and the MoR-ViT block's
+
+
+@pytest.mark.parametrize("code, named, swapped", suggested_swaps())
+def test_suggested_swap_runs(code, named, swapped, user_files):
+    """A model the README's comments offer in place of the block's runs the block as written."""
+    from recvit import list_models
+
+    assert swapped in list_models(), swapped
+    build_user_files(code, user_files)
+    exec(compile(code.replace(f'"{named}"', f'"{swapped}"'), "README.md", "exec"), {"__name__": "__readme__"})

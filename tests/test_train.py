@@ -221,6 +221,43 @@ def test_eval_rebuilds_the_trained_ranker(tmp_path, capsys, one_thread):
     assert train.parse_args(["--output", str(tmp_path / "run"), "--resume", str(tmp_path / "old.pt")]).ranker is None
 
 
+def test_eval_reads_a_run_without_its_settings(tmp_path, capsys, one_thread):
+    """`recvit eval --checkpoint` takes the run folder, its last.pt or its model.safetensors (beside
+    config.json) with no --model/--img-size/--patch-size, and reproduces the last validation; a flag
+    that contradicts the run is refused naming it; a folder that holds no run is refused."""
+    import shutil
+
+    data = tmp_path / "data"
+    make_shapes_dataset(str(data), images_per_class=4, val_per_class=2, size=32, seed=5)
+    run = tmp_path / "run"
+    result = train.run(train.parse_args(["--data", str(data), "--output", str(run), "--epochs", "1",
+                                         "--batch-size", "8", "--no-plot", *TINY]))
+    last = result.history[-1]
+    alone = tmp_path / "alone"  # the final weights with the run's config.json, without last.pt
+    alone.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(run / name, alone / name)
+    report = tmp_path / "eval.json"
+    for checkpoint in (run, run / "last.pt", run / "model.safetensors", alone, alone / "model.safetensors"):
+        assert cli_main(["eval", "--data", str(data), "--checkpoint", str(checkpoint), "--workers", "0",
+                         "--no-progress", "--json", str(report), "--img-size", "32"]) == 0, checkpoint
+        capsys.readouterr()
+        metrics = json.loads(report.read_text())
+        for key in ("top1", "loss", "depth_histogram"):
+            assert metrics[key] == last[f"val_{key}"], (checkpoint, key)
+    for flags, words in ((["--model", "edge_recvit_small"], "argument --model: edge_recvit_small contradicts"),
+                         (["--img-size", "64"], "argument --img-size: 64 contradicts the trained run, whose "
+                                                "img_size is 32"),
+                         (["--patch-size", "16"], "argument --patch-size: 16 contradicts"),
+                         (["--ranker", "public_3layer"], "argument --ranker: public_3layer contradicts")):
+        with pytest.raises(SystemExit):
+            cli_main(["eval", "--data", str(data), "--checkpoint", str(run), "--workers", "0", *flags])
+        assert words in capsys.readouterr().err, flags
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "--data", str(data), "--checkpoint", str(data)])
+    assert "is a folder but not a `recvit train` run" in capsys.readouterr().err
+
+
 def test_init_from_a_deit_checkpoint(tmp_path):
     from recvit.bench import DeiTDense
 

@@ -11,7 +11,7 @@ import torch
 
 from .implementations import IMPLEMENTATION_NAMES
 from .profiles import PROFILES
-from .report import headline_table, noise_summary, verdict, write_results
+from .report import fastest_line, headline_table, noise_summary, verdict, write_results
 from .runner import run
 from .settings import DTYPES, SCALES, Settings, busy_warning, cpu_name, default_settings
 
@@ -164,4 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if out is not None:
         folder = write_results(results, out, plots=not args.no_plots)
         print(f"wrote {folder}/results.json, results.md" + ("" if args.no_plots else " and PNG plots"))
+    fastest = fastest_line(results)
+    if fastest:
+        print(fastest)
     return 0

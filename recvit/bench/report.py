@@ -165,6 +165,31 @@ def verdict(results: dict, ours: str = "packed") -> Optional[str]:
     return f"Ours ({ours}) " + "; ".join(parts) + "." if parts else None
 
 
+def fastest_line(results: dict) -> Optional[str]:
+    """One plain line for the end of the quick run: at each batch of the headline configuration, the
+    implementation with the lowest median time and how much faster it is than the next; or, when the
+    p25-p75 ranges of the fastest and others overlap, that noise could not rank them."""
+    config, profile = results["configs"][0], results["settings"]["headline_profile"]
+    timed = [r for r in _records(results, config, profile) if r["status"] == "ok" and "p25_ms" in r]
+    parts = []
+    for batch in sorted({r["batch"] for r in timed}):
+        ranked = sorted((r for r in timed if r["batch"] == batch), key=lambda r: r["p50_ms"])
+        best = ranked[0]
+        if len(ranked) == 1:
+            parts.append(f"batch {batch}: only {best['implementation']} ran")
+            continue
+        tied = [r["implementation"] for r in ranked[1:] if r["p25_ms"] <= best["p75_ms"]]
+        if tied:
+            parts.append(f"batch {batch}: noise could not rank {best['implementation']} and {', '.join(tied)} "
+                         f"(their p25-p75 times overlap)")
+        else:
+            runner_up = ranked[1]
+            parts.append(f"batch {batch}: {best['implementation']}, {runner_up['p50_ms'] / best['p50_ms']:.2f}x "
+                         f"faster than the next, {runner_up['implementation']} ({_fmt(best['p50_ms'])} vs "
+                         f"{_fmt(runner_up['p50_ms'])} ms median)")
+    return "Fastest: " + "; ".join(parts) + "." if parts else None
+
+
 def markdown_report(results: dict) -> str:
     """Full Markdown report: environment, the paper profile, and one table per config and profile."""
     dev = results["device"]

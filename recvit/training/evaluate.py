@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -95,6 +96,7 @@ def evaluate(model: nn.Module, loader: DataLoader, context: distributed.Context,
 # Models from the command line and from training checkpoints
 
 MODEL_SETTINGS = ("model", "img_size", "patch_size", "kv", "ranker")  # what a training checkpoint fixes
+CHECKPOINT = "last.pt"  # the checkpoint recvit train writes in its --output folder each epoch
 
 
 def build_model(name: str, num_classes: int, img_size: Optional[int] = None, patch_size: Optional[int] = None,
@@ -142,6 +144,68 @@ def _other_label_set(path: str, model: nn.Module, layers, split: str) -> Optiona
             f"label set it was trained for, or fine-tune it on this one first (recvit train --init {path})")
 
 
+@dataclasses.dataclass
+class TrainedRun:
+    """What a ``recvit train`` run fixes: ``weights`` (a file :func:`recvit.load_checkpoint` reads),
+    ``settings`` (the :data:`MODEL_SETTINGS` its command line gave, None where the model's default),
+    ``classes`` and ``source`` (the file the settings come from)."""
+
+    weights: str
+    settings: dict
+    classes: list
+    source: str
+
+
+def _training_config(path: str) -> Optional[dict]:
+    """The ``config.json`` ``recvit train`` writes (its arguments and classes), or None when ``path``
+    is missing or another config (a public Edge-RecViT checkpoint's, say)."""
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if isinstance(config, dict) and all(key in config for key in MODEL_SETTINGS + ("classes",)):
+        return config
+    return None
+
+
+def read_run(path: str) -> Optional[TrainedRun]:
+    """The ``recvit train`` run ``path`` names: its output folder, its ``last.pt``, or its
+    ``model.safetensors`` beside its ``config.json``; in a folder holding both the newer of
+    ``model.safetensors`` and ``last.pt`` gives the weights. None when ``path`` is none of these (a
+    plain weights file, a DeiT/ViT checkpoint, a public checkpoint directory, nothing)."""
+    if os.path.isdir(path):
+        candidates = [os.path.join(path, name) for name in ("model.safetensors", CHECKPOINT)]
+        found = sorted((file for file in candidates if os.path.isfile(file)), key=os.path.getmtime)
+        return next((run for run in map(read_run, reversed(found)) if run is not None), None)
+    if not os.path.isfile(path):
+        return None
+    if path.endswith(".safetensors"):
+        config_path = os.path.join(os.path.dirname(path), "config.json")
+        config = _training_config(config_path)
+        if config is None:
+            return None
+        return TrainedRun(path, {key: config[key] for key in MODEL_SETTINGS}, list(config["classes"]), config_path)
+    state = read_training_checkpoint(path)
+    if state is None:
+        return None
+    return TrainedRun(path, {key: state["args"].get(key) for key in MODEL_SETTINGS}, list(state["classes"]), path)
+
+
+def run_conflicts(run: TrainedRun, model: nn.Module, given: dict) -> Optional[str]:
+    """Why the settings the user gave (``given``: ``model``, ``img_size``, ``patch_size``, ``ranker``;
+    None where not given) contradict the run's model (built from ``run.settings``), or None."""
+    ranker = next(name for name, cls in RANKERS.items() if type(model.ranker) is cls)
+    built = {"model": run.settings["model"], "img_size": model.patch_embed.img_size,
+             "patch_size": model.patch_embed.patch_size, "ranker": ranker}
+    for key, value in given.items():
+        if value is not None and value != built[key]:
+            flag = "--" + key.replace("_", "-")
+            return (f"argument {flag}: {value} contradicts the trained run, whose {key} is {built[key]} "
+                    f"({run.source}); drop {flag}, the run sets it")
+    return None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recvit eval", description="Accuracy, depth, GFLOPs per image and images/s of an Edge-RecViT "
@@ -149,15 +213,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="ImageFolder root holding the split folder (ROOT/val/<class>/...)")
     parser.add_argument("--split", default="val", help="split folder under --data (default: %(default)s)")
     parser.add_argument("--checkpoint", required=True,
-                        help="weights: a `recvit train` checkpoint (its model settings and classes are used), "
-                        "a recvit .safetensors, or a DeiT/ViT checkpoint")
+                        help="weights: a `recvit train` run (its output folder, last.pt, or model.safetensors "
+                        "beside config.json: its model settings and classes are used), a recvit .safetensors, "
+                        "or a DeiT/ViT checkpoint")
     parser.add_argument("--model", default=None,
-                        help="model name (default: the training checkpoint's, else edge_recvit_base)")
-    parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
-    parser.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's)")
-    parser.add_argument("--kv", choices=("active", "all"), default=None, help="attention mode (default: the model's)")
+                        help="model name (default: the trained run's, else edge_recvit_base)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="input resolution (default: the trained run's, else the model's)")
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help="patch size (default: the trained run's, else the model's)")
+    parser.add_argument("--kv", choices=("active", "all"), default=None,
+                        help="attention mode (default: the trained run's, else the model's; may differ from the run's)")
     parser.add_argument("--ranker", choices=tuple(RANKERS), default=None,
-                        help="depth ranker (default: the training checkpoint's, else the model's, earr)")
+                        help="depth ranker (default: the trained run's, else the model's, earr)")
     parser.add_argument("--layers", type=int, nargs=3, default=(0, 6, 11), metavar=("HEAD", "SHARED", "TAIL"),
                         help="source blocks of a DeiT/ViT checkpoint (default: 0 6 11)")
     parser.add_argument("--backend", default=None, help="kernel backend (default: auto)")
@@ -181,17 +249,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     split = os.path.join(args.data, args.split)
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         parser.error(f"argument --json: the folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
-    if os.path.isdir(args.checkpoint):
-        parser.error(f"argument --checkpoint: {args.checkpoint} is a directory, expected a checkpoint file")
-    if not os.path.isfile(args.checkpoint):
-        parser.error(f"argument --checkpoint: no such file: {args.checkpoint}")
+    if not os.path.exists(args.checkpoint):
+        parser.error(f"argument --checkpoint: no such file or folder: {args.checkpoint}")
     try:
-        trained = read_training_checkpoint(args.checkpoint)
+        trained = read_run(args.checkpoint)
     except ValueError as error:  # unreadable: the message names the file and why
         parser.error(f"argument --checkpoint: {error}")
-    settings = {key: getattr(args, key) for key in MODEL_SETTINGS}
+    if trained is None and os.path.isdir(args.checkpoint):
+        parser.error(f"argument --checkpoint: {args.checkpoint} is a folder but not a `recvit train` run "
+                     f"(expected {CHECKPOINT}, or model.safetensors beside the run's config.json)")
+    given = {key: getattr(args, key) for key in MODEL_SETTINGS}
+    settings = dict(given)
     if trained is not None:
-        settings = {key: trained["args"].get(key) if value is None else value for key, value in settings.items()}
+        settings = {**trained.settings, "kv": args.kv or trained.settings["kv"]}
     try:
         context = distributed.setup(args.device)
     except ValueError as error:
@@ -201,20 +271,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             classes = find_classes(split)
         except (FileNotFoundError, ValueError) as error:
             parser.error(f"argument --data/--split: {str(error).removeprefix('root: ')}")
-        if trained is not None and list(trained["classes"]) != classes:
+        if trained is not None and trained.classes != classes:
             parser.error(f"argument --data: the classes of {split} ({len(classes)}: {classes[:5]}...) differ "
-                         f"from the checkpoint's ({len(trained['classes'])}: {list(trained['classes'])[:5]}...)")
+                         f"from the checkpoint's ({len(trained.classes)}: {trained.classes[:5]}...)")
         try:
             model = build_model(settings["model"] or "edge_recvit_base", len(classes), settings["img_size"],
                                 settings["patch_size"], settings["kv"], args.backend, settings["ranker"])
         except (TypeError, ValueError) as error:
             parser.error(f"argument --model/--img-size/--patch-size/--ranker/--backend: {error}")
+        conflict = trained is not None and run_conflicts(trained, model, {key: given[key] for key in MODEL_SETTINGS if key != "kv"})
+        if conflict:
+            parser.error(conflict)
         try:
             dataset = image_folder(split, model.patch_embed.img_size, train=False)
         except (FileNotFoundError, ValueError) as error:
             parser.error(f"argument --data/--split: {str(error).removeprefix('root: ')}")
         try:
-            load_checkpoint(model, trained["model"] if trained is not None else args.checkpoint,
+            load_checkpoint(model, trained.weights if trained is not None else args.checkpoint,
                             layers=tuple(args.layers))
         except (ValueError, TypeError) as error:
             other_classes = _other_label_set(args.checkpoint, model, args.layers, split)

@@ -43,10 +43,9 @@ from . import distributed
 from ..models.edge_recvit import RANKERS
 from ..models.losses import EdgeRecViTLoss
 from .data import find_classes
-from .evaluate import autocast, build_model, evaluate, read_training_checkpoint, shard_loader
+from .evaluate import CHECKPOINT, autocast, build_model, evaluate, read_training_checkpoint, shard_loader
 
 FROZEN_IN_STAGE_1 = "recursion."  # head, shared and tail layers
-CHECKPOINT = "last.pt"
 # What a run writes into OUTPUT: an existing run is continued (--resume) or replaced (--overwrite), never mixed.
 RUN_FILES = (CHECKPOINT, "metrics.jsonl", "config.json", "plot.png", "model.safetensors")
 # Settings a resumed run may change: they do not alter the trajectory.

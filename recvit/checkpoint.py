@@ -49,7 +49,7 @@ SAFETENSORS_EXTENSIONS = (".safetensors",)
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin")
 ROLES = ("head_layer", "shared_layer", "tail_layer")
 # Model parameters (top-level names) that a ViT has too; every other top-level module has no source.
-VIT_NAMES = ("cls_token", "pos_embed", "patch_embed", "recursion", "norm", "head")
+VIT_NAMES = ("cls_token", "pos_embed", "patch_embed", "recursion", "blocks", "norm", "head")
 
 _TIMM_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _HF_BLOCK = re.compile(r"^(?:vit\.)?encoder\.layer\.(\d+)\.")
@@ -158,11 +158,16 @@ def convert_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     elif source == "public":
         names, block_of = {key: _public_source_names(key, state_dict) for key in targets}, {}
     else:
-        layers = DEFAULT_LAYERS if layers is None else layers
-        layers = _check_layers(layers, state_dict, source)
-        names = {key: _source_names(key, layers, source, state_dict) for key in targets}
         pattern = _TIMM_BLOCK if source == "timm" else _HF_BLOCK
         block_of = {key: int(m.group(1)) for key in state_dict if (m := pattern.match(key))}
+        if any(key.startswith("recursion.") for key in targets):
+            layers = _check_layers(DEFAULT_LAYERS if layers is None else layers, state_dict, source)
+        elif layers is not None and tuple(layers) != DEFAULT_LAYERS:
+            raise ValueError(f"layers={layers!r}: only for a model with a recursive block; "
+                             f"{type(model).__name__} takes every source block as its own, drop layers=")
+        else:  # the model's blocks.{i} are the source's blocks.{i}: every source block is used
+            layers = tuple(sorted(set(block_of.values())))
+        names = {key: _source_names(key, layers, source, state_dict) for key in targets}
 
     if isinstance(keep, str) or not all(isinstance(prefix, str) for prefix in keep):
         raise ValueError(f"keep={keep!r}: expected a sequence of model key prefixes, e.g. ('head.',)")
@@ -422,6 +427,8 @@ def _source_names(target: str, layers, source, state_dict) -> list:
         block = layers[ROLES.index(role)] if role in ROLES else None
         if block is None:
             return [target]
+    elif match := _TIMM_BLOCK.match(target):  # an early-exit ViT's block i: the source's block i
+        block, rest = int(match.group(1)), target[match.end():]
     if source == "timm":
         return [target if block is None else f"blocks.{block}.{rest}"]
     prefix = "vit." if any(key.startswith("vit.") for key in state_dict) else ""

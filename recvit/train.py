@@ -42,7 +42,7 @@ from .edge_recvit import RANKERS
 from .evaluate import autocast, build_model, evaluate, shard_loader
 from .losses import EdgeRecViTLoss
 
-FROZEN_IN_STAGE_1 = "recursion."  # head, shared and tail layers
+FROZEN_IN_STAGE_1 = ("recursion.", "blocks.")  # the transformer layers: head, shared and tail, or the L blocks
 CHECKPOINT = "last.pt"
 # Settings a resumed run may change: they do not alter the trajectory.
 RUN_CONTROL = ("data", "output", "workers", "stop_after", "no_progress", "no_plot", "resume")
@@ -336,7 +336,7 @@ def _train(args, context) -> TrainResult:
                        if context.distributed else model)
             wrapped_stage = stage
             if args.freeze_epochs:
-                _log(context, f"stage {stage}: " + ("head, shared and tail layers frozen" if stage == 1
+                _log(context, f"stage {stage}: " + ("the transformer layers frozen" if stage == 1
                                                       else "every layer trains"))
         trainable = [param for param in model.parameters() if param.requires_grad]
         sampler.set_epoch(epoch)

@@ -8,7 +8,9 @@ mappings drawn from deeper source layers fine-tune to consistently higher accura
 Patch embedding, [CLS], positions, final norm and classifier are mapped by name. What assigns the
 depths (Edge-RecViT's ranker, MoR-ViT's router) has no counterpart in a ViT: it keeps its
 initialisation and is reported in ``missing`` (:func:`no_source_prefixes`). The same mapping serves
-MoR-ViT, whose layers are plain ViT layers (its gated update with g = 1 is the ViT update).
+MoR-ViT, whose layers are plain ViT layers (its gated update with g = 1 is the ViT update). An
+early-exit DeiT/ViT (:class:`recvit.EarlyExitViT`) takes every source block as its own block i
+(its keys are timm's; ``layers`` does not apply, and a source with more or fewer blocks is refused).
 
 Refused, never guessed: distilled DeiT checkpoints (``dist_token``/``head_dist``; their blocks were
 trained with a second token, so dropping it changes the function; the paper starts from the

@@ -195,8 +195,9 @@ class DepthAdaptiveBlocks(DepthSteps):
     """
 
     def __init__(self, blocks: Sequence[nn.Module], kv: str = "active", backend: Optional[str] = None):
-        if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-            raise TypeError(f"blocks: expected a sequence of blocks, got one {type(blocks).__name__}")
+        if not hasattr(blocks, "__iter__") or (isinstance(blocks, nn.Module)
+                                               and not isinstance(blocks, (nn.ModuleList, nn.Sequential))):
+            raise TypeError(f"blocks: expected a sequence of blocks, got {type(blocks).__name__}")
         layers = [_as_block(block, f"blocks[{index}]") for index, block in enumerate(blocks)]
         if not layers:
             raise ValueError("blocks: expected at least one block, got none")

@@ -154,7 +154,8 @@ class _LayerScaleBlock(ReferenceBlock):
     ([], ValueError, "blocks: expected at least one block"),
     ([Block(DIM, HEADS), Block(32, HEADS)], ValueError, r"blocks: expected blocks of one width"),
     ([nn.Linear(4, 4)], TypeError, r"blocks\[0\]: expected a timm-style block"),
-    (Block(DIM, HEADS), TypeError, "blocks: expected a sequence of blocks"),
+    (Block(DIM, HEADS), TypeError, "blocks: expected a sequence of blocks, got Block"),
+    (3, TypeError, "blocks: expected a sequence of blocks, got int"),
     ([Block(DIM, HEADS), _LayerScaleBlock()], ValueError, r"blocks\[1\]: .*layer scale.*\['ls1'\]"),
 ])
 def test_bad_blocks(given, error, match):

@@ -196,3 +196,18 @@ def test_real_timm_deit_at_full_depth():
     with torch.no_grad():
         torch.testing.assert_close(model(images, depths=full_depths(model, 2), backend="packed"),
                                    source(images), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_graph_replay_equals_eager(backend):
+    """The early-exit DeiT's sync-free forward captured in one CUDA graph, replayed on new inputs."""
+    assert rk.unavailable_reason(backend) is None, rk.unavailable_reason(backend)
+    model = recvit.from_vit(deit(depth=12)).cuda()
+    images = torch.randn(3, 3, 32, 32, device="cuda")
+    graphed = recvit.compile_graph(model, images, depths=random_depths(3, 17, 12).cuda(), backend=backend)
+    for _ in range(2):
+        images, depths = torch.randn(3, 3, 32, 32, device="cuda"), random_depths(3, 17, 12).cuda()
+        with torch.no_grad():
+            expected = model(images, depths=depths, backend="eager")
+        torch.testing.assert_close(graphed(images, depths), expected, atol=1e-4, rtol=1e-4)

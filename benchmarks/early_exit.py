@@ -15,16 +15,16 @@ and reported as the median with the 25th-75th percentiles.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from typing import Optional, Sequence
 
 import torch
 
 import recvit
-from recvit.bench import (DTYPES, SCALES, DeiTDense, dense_flops, device_info, device_slug, implementations,
-                          percentile, profile_depths, time_interleaved, tome_flops)
+from recvit.bench import (DTYPES, SCALES, DeiTDense, dense_flops, device_info, implementations, profile_depths,
+                          time_interleaved, tome_flops)
 from recvit.bench.implementations import tome_r
+
+from .train_step import publish, summary
 
 NAMES = ("deit-dense", "tome", "early-exit-reference", "early-exit-packed")
 
@@ -58,9 +58,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failed = {name: repr(value) for name, value in times.items() if isinstance(value, Exception)}
     times = {name: value for name, value in times.items() if name not in failed}
 
-    def summary(values):
-        return {"median": percentile(values, 50), "p25": percentile(values, 25), "p75": percentile(values, 75)}
-
     ratios = {f"{base} / {name}": summary([b / a for a, b in zip(times[name], times[base])])
               for name in times if name.startswith("early-exit") for base in times if base != name}
     early_exit = recvit.from_vit(deit)
@@ -83,17 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lines += ["", "| speed-up (time of the first / time of the second, per round) | median | p25 | p75 |",
               "|---|---|---|---|"]
     lines += [f"| {name} | {s['median']:.2f}x | {s['p25']:.2f}x | {s['p75']:.2f}x |" for name, s in ratios.items()]
-    text = "\n".join(lines)
-    print(text)
-    if failed:
-        print("failed:", failed)
-    if args.out:
-        folder = os.path.join(args.out, device_slug(info))
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "results.json"), "w") as handle:
-            json.dump(result, handle, indent=1)
-        with open(os.path.join(folder, "results.md"), "w") as handle:
-            handle.write(text + "\n")
+    publish("\n".join(lines), result, args.out)
     return 0
 
 

@@ -478,6 +478,7 @@ def _public_source_names(target: str, state_dict) -> list:
 
 def _fit_hint(state_dict, source: str, names: dict, model: nn.Module) -> str:
     """'its shapes fit <model>, ...' from the checkpoint's width, tokens, classes and depth count."""
+    from .edge_recvit import EdgeRecViT
     from .factory import create_model, list_models
 
     def shape(target, dim):
@@ -507,7 +508,7 @@ def _fit_hint(state_dict, source: str, names: dict, model: nn.Module) -> str:
             continue
         if source == "recvit" and set(candidate.state_dict()) != set(state_dict):
             continue
-        if source == "public" and not hasattr(candidate, "ranker"):
+        if source == "public" and not isinstance(candidate, EdgeRecViT):
             continue  # the public code's model is an Edge-RecViT
         changed = {key: value for key, value in found.items() if key != "embed_dim" and (
             getattr(candidate, key, None) if key == "num_classes" else getattr(candidate.patch_embed, key)) != value}

@@ -94,9 +94,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failed = {name: repr(value) for name, value in times.items() if isinstance(value, Exception)}
     times = {name: value for name, value in times.items() if name not in failed}
 
-    def summary(values):
-        return {"median": percentile(values, 50), "p25": percentile(values, 25), "p75": percentile(values, 75)}
-
     ratios = {}
     for name in times:
         for other in times:
@@ -125,18 +122,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "|---|---|---|---|"]
     lines += [f"| {name} | {s['median']:.2f}x | {s['p25']:.2f}x | {s['p75']:.2f}x |" for name, s in ratios.items()
               if name.endswith("edge-recvit-packed")]
-    text = "\n".join(lines)
+    publish("\n".join(lines), result, args.out)
+    return 0
+
+
+def summary(values: Sequence[float]) -> dict:
+    """The median and the 25th / 75th percentiles of per-round values."""
+    return {"median": percentile(values, 50), "p25": percentile(values, 25), "p75": percentile(values, 75)}
+
+
+def publish(text: str, result: dict, out: Optional[str]) -> None:
+    """Print ``text`` (and ``result["failed"]``); with ``out``, write ``result`` as results.json and
+    ``text`` as results.md under ``out/<device>/``."""
     print(text)
-    if failed:
-        print("failed:", failed)
-    if args.out:
-        folder = os.path.join(args.out, device_slug(result["device"]))
+    if result["failed"]:
+        print("failed:", result["failed"])
+    if out:
+        folder = os.path.join(out, device_slug(result["device"]))
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "results.json"), "w") as handle:
             json.dump(result, handle, indent=1)
         with open(os.path.join(folder, "results.md"), "w") as handle:
             handle.write(text + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ mappings drawn from deeper source layers fine-tune to consistently higher accura
 Patch embedding, [CLS], positions, final norm and classifier are mapped by name. What assigns the
 depths (Edge-RecViT's ranker, MoR-ViT's router) has no counterpart in a ViT: it keeps its
 initialisation and is reported in ``missing`` (:func:`no_source_prefixes`). The same mapping serves
-MoR-ViT, whose layers are plain ViT layers (its gated update with g = 1 is the ViT update).
+MoR-ViT, whose layers are plain ViT layers (its gated update with g = 1 is the ViT update). An
+early-exit DeiT/ViT (:class:`recvit.EarlyExitViT`) takes every source block as its own block i
+(its keys are timm's; ``layers`` does not apply, and a source with more or fewer blocks is refused).
 
 Refused, never guessed: distilled DeiT checkpoints (``dist_token``/``head_dist``; their blocks were
 trained with a second token, so dropping it changes the function; the paper starts from the
@@ -53,7 +55,7 @@ PUBLIC_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_
                   "pytorch_model.bin.index.json")
 ROLES = ("head_layer", "shared_layer", "tail_layer")
 # Model parameters (top-level names) that a ViT has too; every other top-level module has no source.
-VIT_NAMES = ("cls_token", "pos_embed", "patch_embed", "recursion", "norm", "head")
+VIT_NAMES = ("cls_token", "pos_embed", "patch_embed", "recursion", "blocks", "norm", "head")
 
 _TIMM_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _HF_BLOCK = re.compile(r"^(?:vit\.)?encoder\.layer\.(\d+)\.")
@@ -178,11 +180,16 @@ def _convert_state_dict(state_dict, model, source, layers, keep, fit_hint: bool)
     elif source == "public":
         names, block_of = {key: _public_source_names(key, state_dict) for key in targets}, {}
     else:
-        layers = DEFAULT_LAYERS if layers is None else layers
-        layers = _check_layers(layers, state_dict, source)
-        names = {key: _source_names(key, layers, source, state_dict) for key in targets}
         pattern = _TIMM_BLOCK if source == "timm" else _HF_BLOCK
         block_of = {key: int(m.group(1)) for key in state_dict if (m := pattern.match(key))}
+        if any(key.startswith("recursion.") for key in targets):
+            layers = _check_layers(DEFAULT_LAYERS if layers is None else layers, state_dict, source)
+        elif layers is not None and tuple(layers) != DEFAULT_LAYERS:
+            raise ValueError(f"layers={layers!r}: only for a model with a recursive block; "
+                             f"{type(model).__name__} takes every source block as its own, drop layers=")
+        else:  # the model's blocks.{i} are the source's blocks.{i}: every source block is used
+            layers = tuple(sorted(set(block_of.values())))
+        names = {key: _source_names(key, layers, source, state_dict) for key in targets}
 
     if isinstance(keep, str) or not all(isinstance(prefix, str) for prefix in keep):
         raise ValueError(f"keep={keep!r}: expected a sequence of model key prefixes, e.g. ('head.',)")
@@ -521,6 +528,8 @@ def _source_names(target: str, layers, source, state_dict) -> list:
         block = layers[ROLES.index(role)] if role in ROLES else None
         if block is None:
             return [target]
+    elif match := _TIMM_BLOCK.match(target):  # an early-exit ViT's block i: the source's block i
+        block, rest = int(match.group(1)), target[match.end():]
     if source == "timm":
         return [target if block is None else f"blocks.{block}.{rest}"]
     prefix = "vit." if any(key.startswith("vit.") for key in state_dict) else ""
@@ -568,6 +577,7 @@ def _public_source_names(target: str, state_dict) -> list:
 
 def _fit_hint(state_dict, source: str, names: dict, model: nn.Module) -> str:
     """'its shapes fit <model>, ...' from the checkpoint's width, tokens, classes and depth count."""
+    from .models.edge_recvit import EdgeRecViT
     from .models.registry import create_model, list_models
 
     def shape(target, dim):
@@ -597,7 +607,7 @@ def _fit_hint(state_dict, source: str, names: dict, model: nn.Module) -> str:
             continue
         if source == "recvit" and set(candidate.state_dict()) != set(state_dict):
             continue
-        if source == "public" and not hasattr(candidate, "ranker"):
+        if source == "public" and not isinstance(candidate, EdgeRecViT):
             continue  # the public code's model is an Edge-RecViT
         changed = {key: value for key, value in found.items() if key != "embed_dim" and (
             getattr(candidate, key, None) if key == "num_classes" else getattr(candidate.patch_embed, key)) != value}

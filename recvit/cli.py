@@ -189,11 +189,11 @@ def _flops(args, sub) -> int:
     try:
         full_depth_flops(model)
     except TypeError as error:
-        sub.error(f"argument --model: {args.model!r}: the FLOPs accounting needs an Edge-RecViT or MoR-ViT: "
+        sub.error(f"argument --model: {args.model!r}: the FLOPs accounting needs an Edge-RecViT, MoR-ViT or early-exit DeiT: "
                   f"{str(error).removeprefix('model: ')}")
     num_steps, tokens = model.num_steps, model.num_tokens
     size, dim = model.patch_embed.img_size, model.embed_dim
-    ratio = model.recursion.head_layer.mlp.fc1.out_features / dim
+    ratio = model.recursion.layer_for_step(1).mlp.fc1.out_features / dim
     mor = hasattr(model, "router")
     expert_choice = getattr(model, "routing", None) == "expert_choice"
     if args.full_depth:

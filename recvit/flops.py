@@ -1,4 +1,7 @@
-"""FLOPs and parameter accounting for Edge-RecViT (the paper's supplement, section 3) and MoR-ViT.
+"""FLOPs and parameter accounting for Edge-RecViT (the paper's supplement, section 3), MoR-ViT and
+the early-exit DeiT/ViT (:class:`recvit.EarlyExitViT`: its L distinct blocks cost per step what
+Edge-RecViT's layers do, so the same formulas count it; with every depth L it is the dense model
+plus the ranker).
 
 Conventions: 1 MAC = 2 FLOPs; biases, softmax, normalisation layers, the GELU, MoR-ViT's sigmoid
 gates and the classifier head are ignored. With C the width, H the MLP hidden width (4C in the
@@ -36,7 +39,7 @@ import recvit_kernels as rk
 from .models.layers import check_kv
 
 PARAMS_CONVENTION = ("every parameter except the classifier head: patch embedding, [CLS], positions, "
-                     "ranker (MoR-ViT: router), the head/shared/tail layers and the final norm")
+                     "ranker (MoR-ViT: router), the head/shared/tail layers (early exit: the L blocks) and the final norm")
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ def _dims(model: nn.Module) -> _Dims:
     earr = hasattr(model, "ranker")
     return _Dims(tokens=model.patch_embed.num_patches + 1, patches=model.patch_embed.num_patches,
                  in_chans=proj.in_channels, patch_size=proj.kernel_size[0], dim=proj.out_channels,
-                 hidden=recursion.head_layer.mlp.fc1.out_features, num_steps=recursion.num_steps,
+                 hidden=recursion.layer_for_step(1).mlp.fc1.out_features, num_steps=recursion.num_steps,
                  router="earr" if earr else model.routing,
                  ranker_macs=sum(m.in_features * m.out_features for m in model.ranker.modules()
                                  if isinstance(m, nn.Linear)) if earr else 0, kv=recursion.kv)

@@ -25,8 +25,8 @@ shapes, and for a Triton kernel over the ``tl.dot`` tiles it issues (in the inte
 rows of a tile included, as a GPU computes them too). Fused aten attention (SDPA) is not counted.
 
 Run ``PYTHONPATH=$PWD python tests/launches.py [1x224 256x32 ...]`` (batch x image size) for the
-launch counts of Edge-RecViT-Base (static and packed paths, both kv modes) and of the dense DeiT-B
-baseline of ``recvit.bench``.
+launch counts of Edge-RecViT-Base and the early-exit DeiT-B (static and packed paths, both kv modes)
+and of the dense DeiT-B baseline of ``recvit.bench``.
 """
 from __future__ import annotations
 
@@ -251,16 +251,18 @@ def step_backward(layer, rows, layout, step: int, kv: str = "active", backend: s
 
 
 def launch_counts(batch: int = 1, img_size: int = 224, dtype=torch.float16) -> dict:
-    """{name: LaunchTrace} for the dense DeiT-B and Edge-RecViT-Base on the triton backend."""
+    """{name: LaunchTrace} for the dense DeiT-B, Edge-RecViT-Base and the early-exit DeiT-B
+    (``recvit.from_vit`` of that DeiT, names prefixed ``early-exit``) on the triton backend."""
     model, deit = base_models(dtype, img_size)
     images = torch.randn(batch, 3, img_size, img_size, dtype=dtype)
     traces = {"dense DeiT-B": count_forward(deit, images)}
-    for static in (True, False):
-        model.recursion.static_shapes = static
-        for kv in ("active", "all"):
-            name = f"{'static' if static else 'packed'} kv={kv}"
-            traces[name] = count_forward(model, images, kv=kv, backend="triton")
-    model.recursion.static_shapes = False
+    for prefix, dynamic in (("", model), ("early-exit ", recvit.from_vit(deit))):
+        for static in (True, False):
+            dynamic.recursion.static_shapes = static
+            for kv in ("active", "all"):
+                name = f"{prefix}{'static' if static else 'packed'} kv={kv}"
+                traces[name] = count_forward(dynamic, images, kv=kv, backend="triton")
+        dynamic.recursion.static_shapes = False
     return traces
 
 
@@ -274,7 +276,7 @@ def main(argv) -> int:
         print(f"batch {batch}, {img_size} px: launches per forward (aten + triton), host syncs, "
               f"ratio to dense")
         for name, trace in traces.items():
-            print(f"  {name:18s} {trace.count():4d} = {trace.count('aten'):3d} + "
+            print(f"  {name:29s} {trace.count():4d} = {trace.count('aten'):3d} + "
                   f"{trace.count('triton'):3d}  syncs {trace.syncs}  x{trace.count() / dense:.2f}")
     return 0
 

@@ -420,3 +420,25 @@ def test_dense_baselines_in_a_cuda_graph(kind):
             torch.testing.assert_close(graphed(fresh), model(fresh), rtol=2e-3, atol=2e-3)
         with pytest.raises(ValueError, match="images"):
             graphed(images[:2])
+
+
+@pytest.mark.parametrize("name", ["early-exit-reference", "early-exit-packed"])
+def test_early_exit_rows_compute_the_deit_with_early_exit(name):
+    """The early-exit rows run the bench's DeiT blocks with the depths timed: at every depth L the
+    DeiT itself; with mixed depths the masked reference; the ranker profile is refused."""
+    from recvit import from_vit
+
+    model = create_model("edge_recvit_tiny", img_size=32, patch_size=8, num_classes=10).eval()
+    deit = bench.DeiTDense(32, patch_size=8, embed_dim=64, num_heads=2, num_classes=10).eval()
+    images = torch.randn(2, 3, 32, 32)
+    depths = torch.randint(1, 13, (2, model.num_tokens))
+    depths[:, 0] = 12
+    impl = {i.name: i for i in bench.implementations()}[name]
+    with torch.inference_mode():
+        fn = impl.build(model, deit, images, depths)
+        torch.testing.assert_close(fn(images, torch.full_like(depths, 12)), deit(images), rtol=1e-4, atol=1e-4)
+        expected = from_vit(deit)(images, depths=depths, backend="eager")
+        torch.testing.assert_close(fn(images, depths), expected, rtol=1e-4, atol=1e-4)
+        with pytest.raises(bench.Unavailable, match="fixed depth profiles"):
+            impl.build(model, deit, images, None)
+    assert impl.flops is None  # its FLOPs are count_flops' for the depths timed, Edge-RecViT's

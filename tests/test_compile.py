@@ -96,6 +96,18 @@ def test_compiled_triton_training_gives_eager_gradients():
     _assert_training_matches_eager(tiny(backend="triton").train())
 
 
+@pytest.mark.parametrize("backend", ["packed", pytest.param("triton", marks=needs_triton)])
+def test_compiled_early_exit_deit_equals_eager_and_trains(backend):
+    """The early-exit DeiT (L distinct blocks) in one graph too: inference, then the loss's gradients."""
+    model = tiny("deit_tiny_early_exit", backend=backend).eval()
+    x = images()
+    with torch.no_grad():
+        assert model(x, return_aux=True).depths[:, 1:].unique().numel() > 1
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert_outputs_close(compiled(x, return_aux=True), model(x, return_aux=True))
+    _assert_training_matches_eager(model.train())
+
+
 @needs_triton
 def test_inductor_compiles_the_triton_model():
     """A real inductor compile (C++ for the PyTorch parts around the opaque kernels): ~25 s cold."""

@@ -51,7 +51,7 @@ def test_all_depths_L_equals_full_depth(kv):
 def _hand_count(model, depths, kv):
     """Per-image mean FLOPs by explicit loops over images, steps and tokens."""
     c, L, n0 = model.embed_dim, model.num_steps, model.num_tokens
-    hidden = model.recursion.head_layer.mlp.fc1.out_features
+    hidden = model.recursion.layer_for_step(1).mlp.fc1.out_features
     attention = mlp = 0
     for row in depths.tolist():
         for step in range(1, L + 1):
@@ -212,3 +212,23 @@ def test_mor_vit_base_against_the_paper():
     assert round(g["patch_embed"], 3) == 0.231 and round(g["ranker"], 4) == 0.0012
     dense = full_depth_flops(model).gflops()
     assert round((dense["total"] - dense["ranker"]) / 2, 1) == 17.6  # ViT-B/16 in MACs
+
+
+@pytest.mark.parametrize("kv", ["active", "all"])
+def test_early_exit_deit_counts_its_active_tokens(kv):
+    """The early-exit DeiT: the hand count of its depths, and at every depth L the dense DeiT's
+    FLOPs plus the ranker's."""
+    from recvit.bench import DeiTDense, dense_flops
+
+    model = recvit.create_model("deit_tiny_early_exit", img_size=80, num_steps=6, mlp_ratio=3.0)
+    depths = torch.randint(1, 7, (4, model.num_tokens))
+    depths[1] = 1
+    attention, mlp = _hand_count(model, depths, kv)
+    counted = count_flops(model, depths, kv=kv)
+    assert counted.attention == pytest.approx(attention, rel=1e-12)
+    assert counted.mlp == pytest.approx(mlp, rel=1e-12)
+    assert counted.ranker == 2.0 * model.num_tokens * (192 * 384 + 384 * 6)
+    deit = DeiTDense(img_size=80, embed_dim=192, num_heads=3, depth=6, mlp_ratio=3.0)
+    full = count_flops(model, torch.full((2, model.num_tokens), 6))
+    assert full.total - full.ranker == pytest.approx(dense_flops(deit), rel=1e-12)
+    assert full == full_depth_flops(model)

@@ -1,4 +1,5 @@
-"""Launch budget: kernels launched per forward by Edge-RecViT-Base vs the dense DeiT-B of
+"""Launch budget: kernels launched per forward by Edge-RecViT-Base and the early-exit DeiT-B
+(``recvit.from_vit`` of the DeiT, names prefixed ``early-exit``) vs the dense DeiT-B of
 ``recvit.bench``, traced on CPU tensors (see ``launches.py`` for what counts as a launch: aten ops
 that run a kernel on a GPU, i.e. not views, allocations or scalar reads, plus Triton launches,
 recorded by a fake launcher instead of run).
@@ -30,28 +31,31 @@ def traces():
     return launch_counts(batch=1, img_size=64)
 
 
+@pytest.mark.parametrize("model", ["", "early-exit "], ids=["edge-recvit", "early-exit"])
 @pytest.mark.parametrize("kv", ["active", "all"])
-def test_static_path_within_budget_and_sync_free(traces, kv):
+def test_static_path_within_budget_and_sync_free(traces, kv, model):
     dense = traces["dense DeiT-B"].count()
-    trace = traces[f"static kv={kv}"]
+    trace = traces[f"{model}static kv={kv}"]
     assert trace.syncs == 0
     assert trace.count() <= STATIC_BUDGET * dense, (trace.count(), dense)
 
 
+@pytest.mark.parametrize("model", ["", "early-exit "], ids=["edge-recvit", "early-exit"])
 @pytest.mark.parametrize("kv", ["active", "all"])
-def test_packed_path_within_budget(traces, kv):
+def test_packed_path_within_budget(traces, kv, model):
     dense = traces["dense DeiT-B"].count()
-    trace = traces[f"packed kv={kv}"]
+    trace = traces[f"{model}packed kv={kv}"]
     assert trace.syncs == 1  # the per-step row counts, read once per forward
     assert trace.count() <= PACKED_BUDGET * dense, (trace.count(), dense)
 
 
+@pytest.mark.parametrize("model", ["", "early-exit "], ids=["edge-recvit", "early-exit"])
 @pytest.mark.parametrize("path", ["static", "packed"])
-def test_no_aten_work_per_step(traces, path):
+def test_no_aten_work_per_step(traces, path, model):
     """Index tables, masks and merges are built once per forward: every aten op the recursion runs
     per step is one of the layer's own (GEMMs on the packed path), never table or mask work."""
     per_step_allowed = {"addmm", "mm"} if path == "packed" else set()
-    aten = collections.Counter(launch.name for launch in traces[f"{path} kv=active"].launches
+    aten = collections.Counter(launch.name for launch in traces[f"{model}{path} kv=active"].launches
                                if launch.kind == "aten")
     per_step = {name for name, count in aten.items() if count >= NUM_STEPS} - per_step_allowed
     assert not per_step, aten

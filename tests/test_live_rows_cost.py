@@ -1,5 +1,6 @@
 """Cost follows the live rows: on the sync-free static path the bytes each step writes scale with
-M_l (the step's active rows), not with the static bound B*N.
+M_l (the step's active rows), not with the static bound B*N; for Edge-RecViT and the early-exit
+DeiT (L distinct blocks) alike.
 
 Measure: the bytes written by each recursion step's kernels, traced on CPU tensors
 (``launches.trace_launches(execute=True)``): an aten op writes its outputs (or what it mutates);
@@ -31,9 +32,13 @@ from launches import step_backward, trace_launches  # noqa: E402
 BATCH, NUM_STEPS, DIM = 2, 4, 64
 
 
-def step_bytes(depths, kv, monkeypatch):
-    """[bytes written by step 1, ..., step L] of one static-path forward with these depths."""
-    model = recvit.create_model("edge_recvit_tiny", img_size=32, patch_size=8, num_classes=10,
+MODELS = ["edge_recvit_tiny", "deit_tiny_early_exit"]  # one shared layer; L distinct blocks
+
+
+def step_bytes(depths, kv, monkeypatch, name="edge_recvit_tiny"):
+    """[bytes written by step 1, ..., step L] of one static-path forward of model ``name`` with these
+    depths."""
+    model = recvit.create_model(name, img_size=32, patch_size=8, num_classes=10,
                                 embed_dim=DIM, num_heads=2, num_steps=NUM_STEPS).eval()
     model.recursion.static_shapes = True
     spans, original = [], Block.forward_static
@@ -62,10 +67,11 @@ DEPTHS = {
 }
 
 
+@pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("profile", sorted(DEPTHS))
-def test_static_step_bytes_are_proportional_to_live_rows(profile, monkeypatch):
+def test_static_step_bytes_are_proportional_to_live_rows(profile, name, monkeypatch):
     depths = DEPTHS[profile]()
-    written, rows = step_bytes(depths, "active", monkeypatch), live_rows(depths)
+    written, rows = step_bytes(depths, "active", monkeypatch, name), live_rows(depths)
     per_row = written[0] / rows[0]  # step 1: every row live
     assert per_row > 0
     for step, (bytes_, live) in enumerate(zip(written, rows), start=1):
@@ -74,11 +80,12 @@ def test_static_step_bytes_are_proportional_to_live_rows(profile, monkeypatch):
     assert written[-1] * depths.numel() == written[0] * rows[-1]
 
 
-def test_static_step_bytes_with_all_keys(monkeypatch):
+@pytest.mark.parametrize("name", MODELS)
+def test_static_step_bytes_with_all_keys(name, monkeypatch):
     """kv="all": a fixed part (LayerNorm of every row and its keys and values, B*N*(C + 2C)
     elements) plus a part proportional to M_l."""
     depths = DEPTHS["mixed"]()
-    written, rows = step_bytes(depths, "all", monkeypatch), live_rows(depths)
+    written, rows = step_bytes(depths, "all", monkeypatch, name), live_rows(depths)
     fixed = depths.numel() * 3 * DIM * 4  # fp32
     per_row = (written[0] - fixed) / rows[0]
     for step, (bytes_, live) in enumerate(zip(written, rows), start=1):
@@ -109,9 +116,9 @@ def test_kernels_store_only_live_rows(live):
     assert stored == [int(m) * 2 * 16 * 4 for m in layout.step_rows]
 
 
-def step_backward_costs(depths, backend):
+def step_backward_costs(depths, backend, name="edge_recvit_tiny"):
     """[(bytes written, token-wise GEMM FLOPs, launches) of step l's backward for l = 1..L]."""
-    model = recvit.create_model("edge_recvit_tiny", img_size=32, patch_size=8, num_classes=10,
+    model = recvit.create_model(name, img_size=32, patch_size=8, num_classes=10,
                                 embed_dim=DIM, num_heads=2, num_steps=NUM_STEPS)
     layout = rk.depth_sort(depths, NUM_STEPS)
     rows = torch.randn(depths.numel(), DIM)
@@ -124,14 +131,15 @@ def step_backward_costs(depths, backend):
     return costs
 
 
-def test_static_step_backward_follows_live_rows():
+@pytest.mark.parametrize("name", MODELS)
+def test_static_step_backward_follows_live_rows(name):
     """Triton: bytes_l = fixed + c * M_l over four distinct M_l, GEMM FLOPs proportional to the live
     rows rounded up to the interpreter's 32-row tiles, fewer bytes than the eager backward at every
     step; eager: the same bytes and FLOPs at every step, whatever M_l."""
     depths = DEPTHS["mixed"]()
     rows = live_rows(depths)
     assert len(set(rows)) == NUM_STEPS
-    triton, eager = step_backward_costs(depths, "triton"), step_backward_costs(depths, "eager")
+    triton, eager = step_backward_costs(depths, "triton", name), step_backward_costs(depths, "eager", name)
     written = [bytes_ for bytes_, _, _ in triton]
     per_row = (written[0] - written[-1]) / (rows[0] - rows[-1])
     fixed = written[0] - per_row * rows[0]

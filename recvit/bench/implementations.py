@@ -2,7 +2,9 @@
 built per model by :class:`Implementation`'s ``build``, or :class:`Unavailable` with the reason.
 
 Report order: the baselines a user has (DeiT dense, eager and in a CUDA graph; ToMe at Edge-RecViT's
-FLOPs), Edge-RecViT as the public code runs it, the per-step ways to write it by hand, then ours.
+FLOPs), Edge-RecViT as the public code runs it, the per-step ways to write it by hand, then ours, then
+the early-exit DeiT (the same DeiT's 12 distinct blocks with per-token depth, :func:`recvit.from_vit`)
+on the same depths: it does the same FLOPs as Edge-RecViT.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 
 import recvit_kernels as rk
 
+from ..models.early_exit import from_vit
 from ..flops import count_flops
 from .baselines import (DeiTDense, Unavailable, capture_graph, dense_flops, gather_scatter_step,
                         nested_attend, packed_step, probe, recvit_forward, varlen_attn_attend)
@@ -64,6 +67,23 @@ def _graph_impl(backend: str):
         from ..models.graph import compile_graph
 
         return compile_graph(model, images, depths=depths, backend=backend)
+    return build
+
+
+def _early_exit_impl(backend: str, graph: bool):
+    """The DeiT's blocks with per-token early exit on ``backend`` (optionally one CUDA graph)."""
+    def build(model, deit, images, depths):
+        _backend_impl(backend)(model, deit, images, depths)
+        if depths is None:
+            raise Unavailable("timed on fixed depth profiles: its own (untrained) ranker would pick other "
+                              "depths than the FLOPs recorded for Edge-RecViT's ranker")
+        early_exit = from_vit(deit)
+        if not graph:
+            return lambda x, d: early_exit(x, depths=d, backend=backend)
+        _graph_impl(backend)(model, deit, images, depths)  # refuses without a GPU
+        from ..models.graph import compile_graph
+
+        return compile_graph(early_exit, images, depths=depths, backend=backend)
     return build
 
 
@@ -142,6 +162,15 @@ def implementations(force_compile: bool = False) -> list[Implementation]:
                                     _backend_impl(backend)))
         impls.append(Implementation(f"{backend}+graph", f"ours: backend='{backend}', whole forward "
                                     "captured in one CUDA graph (recvit.models.graph)", _graph_impl(backend)))
+    impls.append(Implementation("early-exit-reference", "early-exit DeiT masked: every token through all "
+                                "12 blocks, updates gated (backend='eager')", _early_exit_impl("eager", False)))
+    for backend in ("packed", "triton", "cuda"):
+        impls.append(Implementation(f"early-exit-{backend}", "early-exit DeiT (recvit.from_vit, the DeiT's 12 "
+                                    f"distinct blocks) on the depth-sorted prefix layout, backend='{backend}'",
+                                    _early_exit_impl(backend, False)))
+    for backend in ("triton", "cuda"):
+        impls.append(Implementation(f"early-exit-{backend}+graph", f"early-exit DeiT, backend='{backend}', "
+                                    "whole forward captured in one CUDA graph", _early_exit_impl(backend, True)))
     impls += [
         Implementation("deit-dense+compile", "DeiT dense through torch.compile",
                        _compile_impl("dense", force_compile), flops=dense, headline_only=True),

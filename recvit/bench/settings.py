@@ -18,9 +18,9 @@ from .profiles import PROFILES
 SCALES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What a user compares ours against, and ours, in the quick run (`recvit bench`).
-QUICK_CPU = ["deit-dense", "tome", "reference", "packed", "triton", "cuda"]
+QUICK_CPU = ["deit-dense", "tome", "reference", "packed", "triton", "cuda", "early-exit-packed"]
 QUICK_GPU = ["deit-dense", "deit-dense+graph", "tome", "tome+graph", "reference", "packed", "packed+graph",
-             "triton", "triton+graph", "cuda", "cuda+graph"]
+             "triton", "triton+graph", "cuda", "cuda+graph", "early-exit-cuda+graph"]
 
 
 @dataclass

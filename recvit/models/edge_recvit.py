@@ -6,7 +6,7 @@ linears; ``"public_3layer"``, the router of the public Edge-RecViT code (Ricardo
 three bias-free linears, which its checkpoints need (:func:`recvit.from_pretrained`).
 ``mlp_hidden_dim`` sets the MLP width where ``int(embed_dim * mlp_ratio)`` cannot (a public config's
 ``intermediate_size``); ``mlp_activation`` "gelu" (default) or "relu" (the public code's for any
-``hidden_act`` but "gelu"), see :class:`recvit.layers.Block`.
+``hidden_act`` but "gelu"), see :class:`recvit.models.layers.Block`.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""CUDA-graph capture of a whole Edge-RecViT forward (ranker to classifier) on the triton backend.
+"""CUDA-graph capture of a whole Edge-RecViT (or early-exit DeiT) forward (ranker to classifier) on
+the triton backend.
 
 ``compile_graph(model, example_images, depths=None)`` runs the model's sync-free path
-(``RecursiveBlock.static_shapes``: every step on all B*N rows, M_l kept on the device), warms it up
+(``DepthSteps.static_shapes``: every step on all B*N rows, M_l kept on the device), warms it up
 on a side stream, captures one inference forward (``torch.no_grad``) into a ``torch.cuda.CUDAGraph``
 and returns a :class:`GraphedForward`. Calling it copies the new images (and depths) into the static
 input buffers, replays the graph and returns a copy of the logits. Inputs must match the example's
@@ -60,8 +61,9 @@ def compile_graph(model: nn.Module, example_images: torch.Tensor, depths: Option
                   *, backend: str = "triton", warmup: int = 3) -> GraphedForward:
     """Capture ``model(images, depths, backend=backend)`` (inference) in a CUDA graph.
 
-    ``model`` is an Edge-RecViT-style module with a ``recursion`` :class:`~recvit.RecursiveBlock`;
-    its ``static_shapes`` flag is set for the warm-up and the capture and restored afterwards.
+    ``model`` is an Edge-RecViT-style module with a ``recursion`` (:class:`~recvit.RecursiveBlock`,
+    or an early-exit DeiT's :class:`~recvit.DepthAdaptiveBlocks`); its ``static_shapes`` flag is set
+    for the warm-up and the capture and restored afterwards.
     """
     if not isinstance(example_images, torch.Tensor):
         raise TypeError(f"example_images: expected a torch.Tensor, got {type(example_images).__name__}")
@@ -73,7 +75,7 @@ def compile_graph(model: nn.Module, example_images: torch.Tensor, depths: Option
         raise ValueError(f"depths: expected a tensor on {example_images.device}")
     recursion = getattr(model, "recursion", None)
     if recursion is None or not hasattr(recursion, "static_shapes"):
-        raise TypeError("model: expected a model with a `recursion` RecursiveBlock (e.g. EdgeRecViT)")
+        raise TypeError("model: expected a model with a `recursion` (e.g. EdgeRecViT, EarlyExitViT)")
     static_images = example_images.clone()
     static_depths = None if depths is None else depths.clone()
     previous = recursion.static_shapes

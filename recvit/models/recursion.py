@@ -1,8 +1,13 @@
-"""The recursive block: a head layer, ONE shared layer reused at steps 2..L-1, and a tail layer.
+"""Per-token depth over L steps: each token runs steps 1..d, step l with its own layer.
 
 At step l (1-based) the active tokens are those with depth >= l; they are updated by the step's
 layer while the others keep their state. With ``kv="active"`` attention runs over the active tokens
 only; with ``kv="all"`` active queries attend to every token, exited ones with their frozen states.
+
+:class:`DepthSteps` is the machinery, for any ``layer_for_step(l)``. Two structures use it:
+:class:`RecursiveBlock` (Edge-RecViT, MoR-ViT), a head layer, ONE shared layer reused at steps
+2..L-1 and a tail layer; :class:`DepthAdaptiveBlocks`, L distinct layers (an early-exit ViT: a
+token of depth d runs the first d blocks).
 
 Backends: ``eager`` is the masked reference (every token computed at every step, updates gated);
 ``packed``, ``triton``, ``cuda`` and ``auto`` sort the tokens by depth once and run each step on
@@ -11,7 +16,7 @@ the active row prefix with that backend's ops.
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,8 +27,10 @@ from recvit_kernels._checks import tracing, values_checkable
 from .layers import Block, check_kv
 
 
-class RecursiveBlock(nn.Module):
-    """Drop-in fast recursive block: (B, N, C) token states and (B, N) depths in 1..L -> new states.
+class DepthSteps(nn.Module):
+    """Per-token depth over ``num_steps`` steps: (B, N, C) token states and (B, N) depths in 1..L ->
+    new states, step l run by ``layer_for_step(l)`` (a :class:`~recvit.models.layers.Block`) on the tokens
+    with depth >= l. Subclasses say which layer runs each step.
 
     ``static_shapes = True`` makes the packed path free of host syncs (for CUDA-graph capture):
     every step launches over a static bound of B*N rows with M_l kept on the device. On ``triton``
@@ -39,43 +46,18 @@ class RecursiveBlock(nn.Module):
 
     static_shapes = False
 
-    def __init__(self, dim: int, num_heads: int, num_steps: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, eps: float = 1e-6, kv: str = "active",
-                 backend: Optional[str] = None, mlp_hidden_dim: Optional[int] = None,
-                 mlp_activation: str = "gelu"):
+    def __init__(self, dim: int, num_steps: int, kv: str = "active", backend: Optional[str] = None):
         super().__init__()
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-            raise ValueError(f"num_steps: expected an integer >= 2 (a head and a tail step), got {num_steps!r}")
-        self.num_steps, self.kv = num_steps, check_kv(kv)
+        self.dim, self.num_steps, self.kv = dim, num_steps, check_kv(kv)
         self.backend = None if backend is None else rk.resolve_backend(backend)
-        layer = (dim, num_heads, mlp_ratio, qkv_bias, eps, mlp_hidden_dim, mlp_activation)
-        self.head_layer, self.shared_layer, self.tail_layer = Block(*layer), Block(*layer), Block(*layer)
-
-    @classmethod
-    def from_blocks(cls, head: nn.Module, shared: nn.Module, tail: nn.Module, num_steps: int = 12,
-                    **kwargs) -> "RecursiveBlock":
-        """Build from three timm-style ``Block`` modules (weights copied, the originals untouched)."""
-        qkv = head.attn.qkv
-        dim, num_heads, hidden = qkv.in_features, head.attn.num_heads, head.mlp.fc1.out_features
-        block = cls(dim, num_heads, num_steps, hidden / dim, qkv.bias is not None, head.norm1.eps,
-                    mlp_hidden_dim=hidden, mlp_activation=getattr(head.mlp, "activation", "gelu"), **kwargs)
-        for name, source in (("head_layer", head), ("shared_layer", shared), ("tail_layer", tail)):
-            state = {key: value for key, value in source.state_dict().items()}
-            extra = sorted(set(state) - set(getattr(block, name).state_dict()))
-            if extra:
-                raise ValueError(f"{name}: the source block has parameters this layer lacks "
-                                 f"(layer scale or qk-norm are not supported): {extra}")
-            getattr(block, name).load_state_dict(copy.deepcopy(state))
-        return block
 
     def layer_for_step(self, step: int) -> Block:
-        if step == 1:
-            return self.head_layer
-        return self.tail_layer if step == self.num_steps else self.shared_layer
+        """The layer that runs step ``step`` (1..L)."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, depths: torch.Tensor, kv: Optional[str] = None,
                 backend: Optional[str] = None) -> torch.Tensor:
-        dim = self.head_layer.norm1.normalized_shape[0]
+        dim = self.dim
         if x.dim() != 3 or x.shape[-1] != dim:
             raise ValueError(f"x: expected shape (batch, tokens, {dim}) for this block's dim={dim}, got "
                              f"{tuple(x.shape)}")
@@ -167,6 +149,104 @@ class RecursiveBlock(nn.Module):
             else:
                 layer.forward_static(rows, layout, step, kv, backend, out=rows)
         return rows
+
+
+class RecursiveBlock(DepthSteps):
+    """Drop-in fast recursive block: the head layer at step 1, the shared layer at steps 2..L-1, the
+    tail layer at step L (:class:`DepthSteps` for the forward, its backends and paths)."""
+
+    def __init__(self, dim: int, num_heads: int, num_steps: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, eps: float = 1e-6, kv: str = "active",
+                 backend: Optional[str] = None, mlp_hidden_dim: Optional[int] = None,
+                 mlp_activation: str = "gelu"):
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+            raise ValueError(f"num_steps: expected an integer >= 2 (a head and a tail step), got {num_steps!r}")
+        super().__init__(dim, num_steps, kv, backend)
+        layer = (dim, num_heads, mlp_ratio, qkv_bias, eps, mlp_hidden_dim, mlp_activation)
+        self.head_layer, self.shared_layer, self.tail_layer = Block(*layer), Block(*layer), Block(*layer)
+
+    @classmethod
+    def from_blocks(cls, head: nn.Module, shared: nn.Module, tail: nn.Module, num_steps: int = 12,
+                    **kwargs) -> "RecursiveBlock":
+        """Build from three timm-style ``Block`` modules (weights copied, the originals untouched); the
+        MLP keeps the source's width and activation as they are."""
+        qkv = head.attn.qkv
+        dim, num_heads, hidden = qkv.in_features, head.attn.num_heads, head.mlp.fc1.out_features
+        block = cls(dim, num_heads, num_steps, hidden / dim, qkv.bias is not None, head.norm1.eps,
+                    mlp_hidden_dim=hidden, mlp_activation=getattr(head.mlp, "activation", "gelu"), **kwargs)
+        for name, source in (("head_layer", head), ("shared_layer", shared), ("tail_layer", tail)):
+            _copy_weights(source, getattr(block, name), name)
+        return block
+
+    def layer_for_step(self, step: int) -> Block:
+        if step == 1:
+            return self.head_layer
+        return self.tail_layer if step == self.num_steps else self.shared_layer
+
+
+class DepthAdaptiveBlocks(DepthSteps):
+    """L distinct layers with per-token depth (an early-exit ViT): a token of depth d runs blocks
+    1..d, step l is ``self[l - 1]`` (:class:`DepthSteps` for the forward, its backends and paths).
+
+    ``blocks``: L >= 1 timm-style blocks of one width. A :class:`recvit.models.layers.Block` is used as it
+    is (its parameters shared); any other (timm's ``Block``) becomes one with its weights copied,
+    the original untouched (ValueError if it has parameters a Block lacks: layer scale, qk-norm).
+    The blocks are this module's children ``0``..``L-1``: under a model attribute ``blocks`` the
+    state-dict keys are timm's ``blocks.{i}.*``.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], kv: str = "active", backend: Optional[str] = None):
+        if not hasattr(blocks, "__iter__") or (isinstance(blocks, nn.Module)
+                                               and not isinstance(blocks, (nn.ModuleList, nn.Sequential))):
+            raise TypeError(f"blocks: expected a sequence of blocks, got {type(blocks).__name__}")
+        layers = [_as_block(block, f"blocks[{index}]") for index, block in enumerate(blocks)]
+        if not layers:
+            raise ValueError("blocks: expected at least one block, got none")
+        widths = sorted({layer.norm1.normalized_shape[0] for layer in layers})
+        if len(widths) != 1:
+            raise ValueError(f"blocks: expected blocks of one width (one row buffer), got widths {widths}")
+        super().__init__(widths[0], len(layers), kv, backend)
+        for index, layer in enumerate(layers):
+            self.add_module(str(index), layer)
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __iter__(self) -> Iterator[Block]:
+        return iter(self._modules.values())
+
+    def __getitem__(self, index: int) -> Block:
+        return list(self._modules.values())[index]
+
+    def layer_for_step(self, step: int) -> Block:
+        return self._modules[str(step - 1)]
+
+
+def _as_block(source: nn.Module, name: str) -> Block:
+    """``source`` if it is a :class:`Block`, else a Block of its shape holding a copy of its weights."""
+    if isinstance(source, Block):
+        return source
+    attn, mlp, norm1 = (getattr(source, part, None) for part in ("attn", "mlp", "norm1"))
+    if not isinstance(source, nn.Module) or not all(
+            hasattr(part, attr) for part, attr in ((attn, "qkv"), (attn, "num_heads"), (mlp, "fc1"), (norm1, "eps"))):
+        raise TypeError(f"{name}: expected a timm-style block (norm1, attn.qkv, attn.num_heads, attn.proj, "
+                        f"norm2, mlp.fc1, mlp.fc2), got {type(source).__name__}")
+    dim, hidden = attn.qkv.in_features, mlp.fc1.out_features
+    block = Block(dim, attn.num_heads, hidden / dim, attn.qkv.bias is not None, norm1.eps,
+                  mlp_hidden_dim=hidden, mlp_activation=getattr(mlp, "activation", "gelu"))
+    _copy_weights(source, block, name)
+    return block.to(device=attn.qkv.weight.device, dtype=attn.qkv.weight.dtype)
+
+
+def _copy_weights(source: nn.Module, target: Block, name: str) -> None:
+    """Load a copy of a timm-style block's weights into ``target``; ValueError naming ``name`` if the
+    source has parameters the target lacks."""
+    state = dict(source.state_dict())
+    extra = sorted(set(state) - set(target.state_dict()))
+    if extra:
+        raise ValueError(f"{name}: the source block has parameters this layer lacks "
+                         f"(layer scale or qk-norm are not supported): {extra}")
+    target.load_state_dict(copy.deepcopy(state))
 
 
 def kernel_autocast_dtype(x: torch.Tensor, backend: str) -> Optional[torch.dtype]:

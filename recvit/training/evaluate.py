@@ -101,13 +101,15 @@ CHECKPOINT = "last.pt"  # the checkpoint recvit train writes in its --output fol
 
 def build_model(name: str, num_classes: int, img_size: Optional[int] = None, patch_size: Optional[int] = None,
                 kv: Optional[str] = None, backend: Optional[str] = None, ranker: Optional[str] = None) -> nn.Module:
-    """An Edge-RecViT from the registry (``ValueError`` naming the setting that does not fit); a setting
-    left None is the model's."""
+    """An Edge-RecViT or early-exit DeiT from the registry (``ValueError`` naming the setting that does
+    not fit); a setting left None is the model's."""
     from ..models.registry import create_model, list_models
 
-    if name not in list_models() or not name.startswith("edge_recvit"):
-        models = [model for model in list_models() if model.startswith("edge_recvit")]
-        raise ValueError(f"model={name!r}: the recipe trains Edge-RecViT; expected one of {models}")
+    models = [model for model in list_models()
+              if model.startswith("edge_recvit") or model.endswith("_early_exit")]
+    if name not in models:
+        raise ValueError(f"model={name!r}: the recipe trains Edge-RecViT and early-exit DeiT; expected one of "
+                         f"{models}")
     overrides = {key: value for key, value in (("img_size", img_size), ("patch_size", patch_size),
                                                ("kv", kv), ("backend", backend), ("ranker", ranker))
                  if value is not None}

@@ -45,7 +45,7 @@ from ..models.losses import EdgeRecViTLoss
 from .data import find_classes
 from .evaluate import CHECKPOINT, autocast, build_model, evaluate, read_training_checkpoint, shard_loader
 
-FROZEN_IN_STAGE_1 = "recursion."  # head, shared and tail layers
+FROZEN_IN_STAGE_1 = ("recursion.", "blocks.")  # the transformer layers: head, shared and tail, or the L blocks
 # What a run writes into OUTPUT: an existing run is continued (--resume) or replaced (--overwrite), never mixed.
 RUN_FILES = (CHECKPOINT, "metrics.jsonl", "config.json", "plot.png", "model.safetensors")
 # Settings a resumed run may change: they do not alter the trajectory.
@@ -379,7 +379,7 @@ def _train(args, context) -> TrainResult:
                        if context.distributed else model)
             wrapped_stage = stage
             if args.freeze_epochs:
-                _log(context, f"stage {stage}: " + ("head, shared and tail layers frozen" if stage == 1
+                _log(context, f"stage {stage}: " + ("the transformer layers frozen" if stage == 1
                                                       else "every layer trains"))
         trainable = [param for param in model.parameters() if param.requires_grad]
         sampler.set_epoch(epoch)

@@ -1,0 +1,121 @@
+"""Early-exit ViT: a DeiT/ViT whose L blocks run with per-token depth from a ranker.
+
+patch embedding + [CLS] + learned positions -> ranker (per-token depth d in 1..L) -> the L distinct
+blocks (:class:`recvit.DepthAdaptiveBlocks`: a token of depth d runs blocks 1..d and keeps its state
+after; [CLS] runs all L) -> final norm -> classifier on [CLS]. With every depth L it is the dense
+model. The ranker, the output (:class:`recvit.RecViTOutput`), the losses (:class:`recvit.EdgeRecViTLoss`)
+and the backends are Edge-RecViT's; only the layers differ (L distinct blocks instead of head, shared
+and tail).
+
+The state-dict keys are timm's (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.{i}.*``,
+``norm``, ``head``) plus ``ranker.*``, so a DeiT checkpoint loads unchanged (:func:`recvit.load_checkpoint`
+maps Hugging Face names too); :func:`from_vit` wraps a built timm or Hugging Face ViT.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .edge_recvit import RANKERS, EdgeRecViT, _init_weights
+from .layers import Block, PatchEmbed
+from .recursion import DepthAdaptiveBlocks
+
+
+class EarlyExitViT(nn.Module):
+    """A ViT with per-token early exit; the module docstring says what it computes."""
+
+    # The embedding, the forward and the depth-override check are Edge-RecViT's: they read
+    # ``recursion``, here the L blocks.
+    embed = EdgeRecViT.embed
+    forward = EdgeRecViT.forward
+    _check_depth_override = EdgeRecViT._check_depth_override
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 768, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, num_steps: int = 12, qkv_bias: bool = True, eps: float = 1e-6,
+                 kv: str = "active", backend: Optional[str] = None, ranker: str = "earr"):
+        super().__init__()
+        if ranker not in RANKERS:
+            raise ValueError(f"ranker={ranker!r}: expected one of {tuple(RANKERS)}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps={num_steps!r}: expected the number of blocks, an int >= 1")
+        self.num_steps, self.num_classes, self.embed_dim = num_steps, num_classes, embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.num_tokens = self.patch_embed.num_patches + 1
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
+        self.ranker = RANKERS[ranker](embed_dim, num_steps)
+        self.blocks = DepthAdaptiveBlocks([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps)
+                                           for _ in range(num_steps)], kv, backend)
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    @property
+    def recursion(self) -> DepthAdaptiveBlocks:
+        """The L blocks under the name Edge-RecViT's code paths use (forward, FLOPs, CUDA graphs)."""
+        return self.blocks
+
+
+def from_vit(vit: nn.Module, ranker: str = "earr", kv: str = "active",
+             backend: Optional[str] = None) -> EarlyExitViT:
+    """An :class:`EarlyExitViT` with the weights of ``vit`` (copied; ``vit`` is untouched) and a new
+    ``ranker`` ("earr" or "public_3layer", initialised, to be trained with :class:`recvit.EdgeRecViTLoss`).
+
+    ``vit``: a timm ``VisionTransformer`` with class-token pooling (DeiT, ViT), or a Hugging Face
+    ``ViTForImageClassification`` / ``ViTModel``. Refused with a ValueError naming what does not
+    fit: distillation or register tokens, average pooling, layer scale, qk-norm, a pre-norm.
+    """
+    config = _hf_config(vit) if hasattr(vit, "config") else _timm_config(vit)
+    model = EarlyExitViT(**config, kv=kv, backend=backend, ranker=ranker)
+    from ..checkpoint import convert_state_dict
+
+    converted = convert_state_dict(vit.state_dict(), model, source="hf" if hasattr(vit, "config") else "timm")
+    model.load_state_dict(converted.state_dict, strict=False)
+    weight = next(vit.parameters())
+    return model.to(device=weight.device, dtype=weight.dtype).train(vit.training)
+
+
+def _timm_config(vit: nn.Module) -> dict:
+    parts = [getattr(vit, name, None) for name in ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")]
+    if not isinstance(vit, nn.Module) or any(part is None for part in parts) or not hasattr(vit.patch_embed, "proj"):
+        raise TypeError(f"vit: expected a timm VisionTransformer (patch_embed.proj, cls_token, pos_embed, "
+                        f"blocks, norm, head) or a Hugging Face ViT, got {type(vit).__name__}")
+    unsupported = [what for what, present in (
+        ("a distillation token (distilled DeiT)", getattr(vit, "dist_token", None) is not None),
+        ("register tokens", getattr(vit, "reg_token", None) is not None),
+        (f"global_pool={getattr(vit, 'global_pool', 'token')!r} (class-token pooling only)",
+         getattr(vit, "global_pool", "token") != "token"),
+        ("no_embed_class", getattr(vit, "no_embed_class", False)),
+        ("a pre-norm (norm_pre)", not isinstance(getattr(vit, "norm_pre", nn.Identity()), nn.Identity)),
+        ("an fc_norm", not isinstance(getattr(vit, "fc_norm", nn.Identity()), nn.Identity)),
+    ) if present]
+    if unsupported:
+        raise ValueError(f"vit: {', '.join(unsupported)}: not supported")
+    proj, first, head = vit.patch_embed.proj, vit.blocks[0], getattr(vit, "head", nn.Identity())
+    dim = proj.out_channels
+    grid = vit.pos_embed.shape[1] - 1
+    side = round(grid ** 0.5)
+    return dict(img_size=side * proj.kernel_size[0], patch_size=proj.kernel_size[0], in_chans=proj.in_channels,
+                num_classes=head.out_features if isinstance(head, nn.Linear) else 0, embed_dim=dim,
+                num_heads=first.attn.num_heads, mlp_ratio=first.mlp.fc1.out_features / dim,
+                num_steps=len(vit.blocks), qkv_bias=first.attn.qkv.bias is not None, eps=vit.norm.eps)
+
+
+def _hf_config(vit: nn.Module) -> dict:
+    config = vit.config
+    if getattr(config, "model_type", None) != "vit":
+        raise ValueError(f"vit: a Hugging Face model of type {getattr(config, 'model_type', None)!r}; "
+                         f"expected a ViT (model_type 'vit')")
+    if getattr(config, "hidden_act", "gelu") != "gelu":
+        raise ValueError(f"vit: hidden_act {config.hidden_act!r}: only 'gelu' is supported")
+    classifier = getattr(vit, "classifier", None)
+    dim = config.hidden_size
+    return dict(img_size=config.image_size, patch_size=config.patch_size, in_chans=config.num_channels,
+                num_classes=classifier.out_features if isinstance(classifier, nn.Linear) else 0, embed_dim=dim,
+                num_heads=config.num_attention_heads, mlp_ratio=config.intermediate_size / dim,
+                num_steps=config.num_hidden_layers, qkv_bias=config.qkv_bias, eps=config.layer_norm_eps)

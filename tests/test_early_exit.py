@@ -9,7 +9,7 @@ import torch.nn as nn
 import recvit
 import recvit_kernels as rk
 from deit_reference import VisionTransformer
-from recvit import train
+from recvit.training import train
 from recvit.checkpoint import load_checkpoint
 from recvit.training.data import make_shapes_dataset
 from test_checkpoint import to_hf

@@ -167,20 +167,20 @@ def test_gpu_real_sizes(rows, k_dim, n_out, fraction, dtype):
 def test_tiles_follow_the_shape_and_the_fp32_policy(monkeypatch, set_allow_tf32):
     """Few rows get small tiles (enough programs for about one wave), many rows the largest; fp32
     takes the TF32 tiles when torch allows TF32, else the IEEE (FMA) ones."""
-    pl = pytest.importorskip("recvit_kernels.triton.prefix_linear")
+    pl = pytest.importorskip("recvit_kernels.triton.prefix_gemm")
     from recvit_kernels.triton._common import dot_precision
 
     monkeypatch.setattr(pl, "interpreting", lambda: False)
-    tiles = pl._TILES["16-bit"]
-    assert pl._config(256 * 197, 768, torch.bfloat16) == tiles[0]
-    small = pl._config(197, 3072, torch.float16)  # batch-1 fc1
-    assert small != tiles[0] and triton_programs(197, 3072, small) >= pl._MIN_PROGRAMS
-    assert pl._config(197, 768, torch.bfloat16) == tiles[-1]  # batch-1 proj: the smallest tile
+    tiles = pl.TILES["16-bit"]
+    assert pl.config(256 * 197, 768, torch.bfloat16) == tiles[0]
+    small = pl.config(197, 3072, torch.float16)  # batch-1 fc1
+    assert small != tiles[0] and triton_programs(197, 3072, small) >= pl.MIN_PROGRAMS
+    assert pl.config(197, 768, torch.bfloat16) == tiles[-1]  # batch-1 proj: the smallest tile
     for allow_tf32, precision in ((False, "ieee"), (True, "tf32")):
         set_allow_tf32(allow_tf32)
         assert dot_precision(torch.float32) == precision
         assert dot_precision(torch.bfloat16) == "tf32"
-        assert pl._config(256 * 197, 768, torch.float32) == pl._TILES[precision][0]
+        assert pl.config(256 * 197, 768, torch.float32) == pl.TILES[precision][0]
 
 
 def triton_programs(rows, n_out, tile):

@@ -180,7 +180,7 @@ _TOKENWISE_BACKWARD_SCRIPT = textwrap.dedent("""
     from recvit_kernels.triton.layer_norm import MAX_WIDTH
     from recvit_kernels.triton.layer_norm_backward import layer_norm_backward
     from recvit_kernels.triton.mlp_epilogue_backward import epilogue_backward
-    from recvit_kernels.triton.prefix_linear import _launch
+    from recvit_kernels.triton.prefix_gemm import launch as _launch
     from recvit_kernels.triton.prefix_linear_backward import prefix_linear_backward
 
     # (in, out, GELU, residual) of QKV, proj, fc1, fc2

@@ -21,6 +21,7 @@ import torch.nn as nn
 from .edge_recvit import RANKERS, EdgeRecViT, _init_weights
 from .layers import Block, PatchEmbed
 from .recursion import DepthAdaptiveBlocks
+from .registry import register_model
 
 
 class EarlyExitViT(nn.Module):
@@ -119,3 +120,18 @@ def _hf_config(vit: nn.Module) -> dict:
                 num_classes=classifier.out_features if isinstance(classifier, nn.Linear) else 0, embed_dim=dim,
                 num_heads=config.num_attention_heads, mlp_ratio=config.intermediate_size / dim,
                 num_steps=config.num_hidden_layers, qkv_bias=config.qkv_bias, eps=config.layer_norm_eps)
+
+
+@register_model
+def deit_tiny_early_exit(**overrides) -> EarlyExitViT:
+    return EarlyExitViT(**{"embed_dim": 192, "num_heads": 3, **overrides})
+
+
+@register_model
+def deit_small_early_exit(**overrides) -> EarlyExitViT:
+    return EarlyExitViT(**{"embed_dim": 384, "num_heads": 6, **overrides})
+
+
+@register_model
+def deit_base_early_exit(**overrides) -> EarlyExitViT:
+    return EarlyExitViT(**{"embed_dim": 768, "num_heads": 12, **overrides})

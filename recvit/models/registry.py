@@ -1,11 +1,11 @@
-"""Model registry: ``create_model(name, **overrides)`` in timm's manner."""
+"""Model registry: ``create_model(name, **overrides)`` in timm's manner. Edge-RecViT's models are
+registered here; MoR-ViT's and the early-exit DeiT's in their own modules."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch.nn as nn
 
-from .early_exit import EarlyExitViT
 from .edge_recvit import EdgeRecViT
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -40,18 +40,3 @@ def edge_recvit_small(**overrides) -> EdgeRecViT:
 @register_model
 def edge_recvit_base(**overrides) -> EdgeRecViT:
     return EdgeRecViT(**{"embed_dim": 768, "num_heads": 12, **overrides})
-
-
-@register_model
-def deit_tiny_early_exit(**overrides) -> EarlyExitViT:
-    return EarlyExitViT(**{"embed_dim": 192, "num_heads": 3, **overrides})
-
-
-@register_model
-def deit_small_early_exit(**overrides) -> EarlyExitViT:
-    return EarlyExitViT(**{"embed_dim": 384, "num_heads": 6, **overrides})
-
-
-@register_model
-def deit_base_early_exit(**overrides) -> EarlyExitViT:
-    return EarlyExitViT(**{"embed_dim": 768, "num_heads": 12, **overrides})

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import prefix_linear as forward  # its GEMM kernel computes dX; a module import: they import each other
+from . import prefix_gemm  # its GEMM kernel computes dX
 from ._common import dot_precision, interpreting, on_device, unit_columns
 
 
@@ -92,15 +92,15 @@ def _prefix_linear_dweight_kernel(D, X, DW, DB, NUM_ROWS, rows, n_out, k_dim, sd
 
 def _dweight_config(n_out, k_dim, dtype):
     """(BLOCK_N, BLOCK_K, BLOCK_M (the reduction over rows), num_warps, num_stages) of the
-    (n_out, k_dim) weight gradient: the forward's tiles (``prefix_linear._TILES``, each compiling
+    (n_out, k_dim) weight gradient: the forward's tiles (``prefix_gemm.TILES``, each compiling
     without a spill here too: tests/test_triton_compile.py) over the output's N and K, the largest
     that still gives about one wave of programs. Not tuned on a GPU; no split over the rows yet, so
     a small weight (few tiles) reduces long row loops in few programs."""
     if interpreting():
         return 32, 32, 32, 4, 1
-    tiles = forward._TILES["16-bit" if dtype != torch.float32 else dot_precision(dtype)]
+    tiles = prefix_gemm.TILES["16-bit" if dtype != torch.float32 else dot_precision(dtype)]
     for tile in tiles:
-        if triton.cdiv(n_out, tile[0]) * triton.cdiv(k_dim, tile[1]) >= forward._MIN_PROGRAMS:
+        if triton.cdiv(n_out, tile[0]) * triton.cdiv(k_dim, tile[1]) >= prefix_gemm.MIN_PROGRAMS:
             return tile
     return tiles[-1]
 
@@ -133,7 +133,7 @@ def prefix_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
                     d.stride(0), r.stride(0), GELU=pre is not None, HAS_DRES=needs_residual,
                     BLOCK_ROWS=32, BLOCK_COLS=block_cols)
     if needs_x:
-        dx = forward._launch(dpre, weight.t(), None, num_rows, None, None,
+        dx = prefix_gemm.launch(dpre, weight.t(), None, num_rows, None, None,
                              torch.empty((rows, k_dim), dtype=x.dtype, device=x.device), zero_dead=True)
     if needs_weight:
         dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)

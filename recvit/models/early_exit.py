@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .edge_recvit import RANKERS, EdgeRecViT, _init_weights
-from .layers import Block, PatchEmbed
+from .layers import Block, add_token_embedding
 from .recursion import DepthAdaptiveBlocks
 from .registry import register_model
 
@@ -43,10 +43,7 @@ class EarlyExitViT(nn.Module):
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps={num_steps!r}: expected the number of blocks, an int >= 1")
         self.num_steps, self.num_classes, self.embed_dim = num_steps, num_classes, embed_dim
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.num_tokens = self.patch_embed.num_patches + 1
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
+        add_token_embedding(self, img_size, patch_size, in_chans, embed_dim)
         self.ranker = RANKERS[ranker](embed_dim, num_steps)
         self.blocks = DepthAdaptiveBlocks([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps)
                                            for _ in range(num_steps)], kv, backend)

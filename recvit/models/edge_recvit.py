@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import recvit_kernels as rk
 from recvit_kernels._checks import values_checkable
 
-from .layers import PatchEmbed, check_kv, check_positive_int
+from .layers import add_token_embedding, check_kv, check_positive_int
 from .recursion import RecursiveBlock
 
 
@@ -98,10 +98,7 @@ class EdgeRecViT(nn.Module):
         check_positive_int("num_classes", num_classes, minimum=0)  # 0: no classifier (features only)
         check_positive_int("num_steps", num_steps, minimum=2)  # a head and a tail step
         self.num_steps, self.num_classes, self.embed_dim = num_steps, num_classes, embed_dim
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.num_tokens = self.patch_embed.num_patches + 1
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
+        add_token_embedding(self, img_size, patch_size, in_chans, embed_dim)
         self.ranker = RANKERS[ranker](embed_dim, num_steps)
         self.recursion = RecursiveBlock(embed_dim, num_heads, num_steps, mlp_ratio, qkv_bias, eps, kv,
                                         backend, mlp_hidden_dim, mlp_activation)

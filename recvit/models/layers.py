@@ -84,6 +84,16 @@ class PatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
+def add_token_embedding(model: nn.Module, img_size, patch_size: int, in_chans: int, embed_dim: int) -> None:
+    """Give ``model`` a ViT's token embedding under timm's names: ``patch_embed``, ``cls_token``
+    (1, 1, C) and ``pos_embed`` (1, N, C) (zeros; the model initialises them), and ``num_tokens`` N =
+    patches + 1."""
+    model.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+    model.num_tokens = model.patch_embed.num_patches + 1
+    model.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+    model.pos_embed = nn.Parameter(torch.zeros(1, model.num_tokens, embed_dim))
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()

@@ -55,7 +55,7 @@ import recvit_kernels as rk
 
 from .edge_recvit import EdgeRecViT, RecViTOutput, _init_weights
 from .registry import register_model
-from .layers import PatchEmbed, check_kv, check_positive_int
+from .layers import add_token_embedding, check_kv, check_positive_int
 from .recursion import RecursiveBlock, _write_prefix, kernel_autocast_dtype
 
 ROUTINGS = ("expert_choice", "token_choice")
@@ -104,10 +104,7 @@ class MoRViT(nn.Module):
         check_positive_int("num_classes", num_classes, minimum=0)  # 0: no classifier (features only)
         check_positive_int("num_steps", num_steps, minimum=2)  # a head and a tail step
         self.num_steps, self.num_classes, self.embed_dim = num_steps, num_classes, embed_dim
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.num_tokens = self.patch_embed.num_patches + 1
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
+        add_token_embedding(self, img_size, patch_size, in_chans, embed_dim)
         self.router = nn.Linear(embed_dim, num_steps)  # row l-1: the router of step l
         self.recursion = GatedRecursiveBlock(embed_dim, num_heads, num_steps, mlp_ratio, qkv_bias, eps,
                                              kv, backend)

@@ -95,7 +95,7 @@ def test_flops_mor_vit_beta(capsys):
     (["flops", "--alpha-sums", "13", "12"], "argument --alpha-sums: "),
     (["flops", "--alpha-sums", "8", "x"], "argument --alpha-sums: invalid float"),
     (["flops", "--img-size", "0"], "argument --img-size: "),
-    (["flops", "--img-size", "100"], "argument --img-size 100: "),
+    (["flops", "--img-size", "8"], "argument --img-size 8: "),  # smaller than a patch
     (["flops", "--full-depth", "--alpha-sums", "1", "1"], "not allowed with"),
     (["params", "--model", "nope"], "argument --model: unknown model"),
     (["depthmap", "missing.png", "-o", "out.png"], "argument image: no such file"),

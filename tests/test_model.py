@@ -209,7 +209,7 @@ def test_bad_depths_kv_backend_and_names():
 
 @pytest.mark.parametrize("overrides,match", [
     ({"img_size": 8, "patch_size": 16}, r"patch_size=16: expected an int in 1..img_size=8"),
-    ({"patch_size": 0}, r"patch_size=0: expected an int in 1..img_size=32"),
+    ({"patch_size": 0}, r"patch_size=0: expected an integer >= 1"),
     ({"mlp_activation": "gelu_new"}, r"activation='gelu_new': expected one of \('gelu', 'relu'\)"),
     ({"mlp_hidden_dim": 0}, r"mlp_hidden_dim=0: expected a positive int"),
     ({"mlp_hidden_dim": 60.5}, r"mlp_hidden_dim=60.5: expected a positive int"),

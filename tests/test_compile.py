@@ -18,6 +18,16 @@ TRITON = rk.unavailable_reason("triton")
 needs_triton = pytest.mark.skipif(TRITON is not None, reason=f"triton backend unavailable: {TRITON}")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: dynamo's caches, and its limit of 8 recompiles of one code
+    object, last the whole process, and this file compiles the same forward for many models."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+
+
 def tiny(name="edge_recvit_tiny", **settings):
     """A Tiny model at 32 px, patch 8 (17 tokens), 4 recursion steps, 10 classes, fixed weights."""
     torch.manual_seed(0)

@@ -31,7 +31,7 @@ def test_timm_create_model_builds_recvit_models(order):
     code = (f"import sys; {order}\n"
             "model = timm.create_model('edge_recvit_small', pretrained=False, num_classes=10)\n"
             "print(type(model).__name__, model.num_classes, type(timm.create_model('mor_vit_tiny')).__name__)\n"
-            "print(*timm.list_models('edge_recvit_*'), *timm.list_models('mor_vit_*'))")
+            "print(*timm.list_models('edge_recvit_*'), *timm.list_models('mor_vit_*'), *timm.list_models('deit_*_early_exit'))")
     timm_imported, built, classes, mor, *names = _python(code)
     assert (timm_imported, built, classes, mor) == ("False", "EdgeRecViT", "10", "MoRViT")
     assert sorted(names) == recvit.list_models()

@@ -32,21 +32,21 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, act_layer=nn.GELU):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), act_layer(), nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, mlp_hidden_dim=None, act_layer=nn.GELU):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio) if mlp_hidden_dim is None else mlp_hidden_dim, act_layer)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -54,15 +54,17 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """timm's ``VisionTransformer`` with class-token pooling (DeiT), no dropout."""
+    """timm's ``VisionTransformer`` with class-token pooling (DeiT), no dropout; ``mlp_hidden_dim`` and
+    ``act_layer`` as timm's ``Mlp`` takes them (``hidden_features``, ``act_layer``)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
-                 num_heads=12, mlp_ratio=4.0, qkv_bias=True):
+                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, mlp_hidden_dim=None, act_layer=nn.GELU):
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, embed_dim) * 0.02)
-        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, qkv_bias, mlp_hidden_dim, act_layer)
+                                      for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
 

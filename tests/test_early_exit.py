@@ -74,13 +74,15 @@ class HFViT(nn.Module):
     """What from_vit reads of a Hugging Face ViTForImageClassification: its ``config`` and its state
     dict's keys (``vit.embeddings.*``, ``vit.encoder.layer.{i}.*`` with q, k, v split, ``classifier``)."""
 
-    def __init__(self, source):
+    def __init__(self, source, hidden_act="gelu"):
         super().__init__()
         self.classifier = source.head
-        self.config = SimpleNamespace(model_type="vit", hidden_act="gelu", image_size=32, patch_size=8,
-                                      num_channels=3, hidden_size=64, num_attention_heads=2,
-                                      intermediate_size=256, num_hidden_layers=len(source.blocks),
-                                      qkv_bias=True, layer_norm_eps=1e-6)
+        first = source.blocks[0]
+        self.config = SimpleNamespace(model_type="vit", hidden_act=hidden_act, image_size=32, patch_size=8,
+                                      num_channels=3, hidden_size=source.cls_token.shape[-1],
+                                      num_attention_heads=first.attn.num_heads,
+                                      intermediate_size=first.mlp.fc1.out_features,
+                                      num_hidden_layers=len(source.blocks), qkv_bias=True, layer_norm_eps=1e-6)
         self._hf_state = to_hf(source.state_dict())
 
     def state_dict(self, *args, **kwargs):
@@ -96,6 +98,34 @@ def test_from_hugging_face_vit_equals_the_dense_deit():
                                    atol=1e-5, rtol=1e-5)
 
 
+# 112 * (61 / 112) = 60.99..: a width read back through mlp_ratio = hidden / dim builds 60 units
+ODD_WIDTH = dict(embed_dim=112, num_heads=7, mlp_hidden_dim=61)  # head_dim 16
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("hf", [False, True], ids=["timm", "hf"])
+def test_odd_mlp_width_and_relu_convert_exactly(hf, activation, backend):
+    """A ViT whose MLP width is no int(dim * ratio) of its width, with GELU or ReLU (HF hidden_act
+    "relu"), converts to the same function: from_vit, and a state dict into a registered model."""
+    if rk.unavailable_reason(backend) is not None:
+        pytest.skip(f"{backend} backend unavailable: {rk.unavailable_reason(backend)}")
+    source = deit(act_layer=ACTIVATIONS[activation], **ODD_WIDTH)
+    converted = recvit.from_vit(HFViT(source, hidden_act=activation) if hf else source)
+    registered = recvit.create_model("deit_tiny_early_exit", **{**SMALL, **ODD_WIDTH}, num_steps=4,
+                                     mlp_activation=activation).eval()
+    load_checkpoint(registered, to_hf(source.state_dict()) if hf else source.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = source(images)
+        for model in (converted, registered):
+            mlp = model.blocks[3].mlp
+            assert (mlp.fc1.out_features, mlp.activation) == (61, activation)
+            torch.testing.assert_close(model(images, depths=full_depths(model, 2), backend=backend), expected,
+                                       atol=1e-5, rtol=1e-5)
+
+
 def test_from_vit_refuses_what_it_cannot_run():
     distilled = deit()
     distilled.dist_token = nn.Parameter(torch.zeros(1, 1, 64))
@@ -109,6 +139,11 @@ def test_from_vit_refuses_what_it_cannot_run():
     scaled.blocks[1].ls1 = nn.Parameter(torch.ones(64))
     with pytest.raises(ValueError, match=r"blocks\.1\.ls1"):
         recvit.from_vit(scaled)
+    tanh = deit(act_layer=lambda: nn.GELU(approximate="tanh"))
+    with pytest.raises(ValueError, match=r"vit: the MLP activation GELU\(approximate='tanh'\)"):
+        recvit.from_vit(tanh)
+    with pytest.raises(ValueError, match="vit: hidden_act 'gelu_new': only 'gelu' and 'relu'"):
+        recvit.from_vit(HFViT(deit(), hidden_act="gelu_new"))
     with pytest.raises(TypeError, match="vit: expected a timm VisionTransformer"):
         recvit.from_vit(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="layers=.*drop layers="):

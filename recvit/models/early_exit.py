@@ -5,7 +5,8 @@ blocks (:class:`recvit.DepthAdaptiveBlocks`: a token of depth d runs blocks 1..d
 after; [CLS] runs all L) -> final norm -> classifier on [CLS]. With every depth L it is the dense
 model. The ranker, the output (:class:`recvit.RecViTOutput`), the losses (:class:`recvit.EdgeRecViTLoss`)
 and the backends are Edge-RecViT's; only the layers differ (L distinct blocks instead of head, shared
-and tail).
+and tail). ``mlp_hidden_dim`` and ``mlp_activation`` are Edge-RecViT's too: the MLP width of a source
+whose width is no ``int(embed_dim * mlp_ratio)``, and "gelu" (exact) or "relu".
 
 The state-dict keys are timm's (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.{i}.*``,
 ``norm``, ``head``) plus ``ranker.*``, so a DeiT checkpoint loads unchanged (:func:`recvit.load_checkpoint`
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .edge_recvit import RANKERS, EdgeRecViT, _init_weights
-from .layers import Block, add_token_embedding
+from .layers import MLP_ACTIVATIONS, Block, add_token_embedding
 from .recursion import DepthAdaptiveBlocks
 from .registry import register_model
 
@@ -36,7 +37,8 @@ class EarlyExitViT(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 768, num_heads: int = 12,
                  mlp_ratio: float = 4.0, num_steps: int = 12, qkv_bias: bool = True, eps: float = 1e-6,
-                 kv: str = "active", backend: Optional[str] = None, ranker: str = "earr"):
+                 kv: str = "active", backend: Optional[str] = None, ranker: str = "earr",
+                 mlp_hidden_dim: Optional[int] = None, mlp_activation: str = "gelu"):
         super().__init__()
         if ranker not in RANKERS:
             raise ValueError(f"ranker={ranker!r}: expected one of {tuple(RANKERS)}")
@@ -45,8 +47,8 @@ class EarlyExitViT(nn.Module):
         self.num_steps, self.num_classes, self.embed_dim = num_steps, num_classes, embed_dim
         add_token_embedding(self, img_size, patch_size, in_chans, embed_dim)
         self.ranker = RANKERS[ranker](embed_dim, num_steps)
-        self.blocks = DepthAdaptiveBlocks([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps)
-                                           for _ in range(num_steps)], kv, backend)
+        self.blocks = DepthAdaptiveBlocks([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps, mlp_hidden_dim,
+                                                 mlp_activation) for _ in range(num_steps)], kv, backend)
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -95,13 +97,22 @@ def _timm_config(vit: nn.Module) -> dict:
     if unsupported:
         raise ValueError(f"vit: {', '.join(unsupported)}: not supported")
     proj, first, head = vit.patch_embed.proj, vit.blocks[0], getattr(vit, "head", nn.Identity())
-    dim = proj.out_channels
     grid = vit.pos_embed.shape[1] - 1
     side = round(grid ** 0.5)
     return dict(img_size=side * proj.kernel_size[0], patch_size=proj.kernel_size[0], in_chans=proj.in_channels,
-                num_classes=head.out_features if isinstance(head, nn.Linear) else 0, embed_dim=dim,
-                num_heads=first.attn.num_heads, mlp_ratio=first.mlp.fc1.out_features / dim,
-                num_steps=len(vit.blocks), qkv_bias=first.attn.qkv.bias is not None, eps=vit.norm.eps)
+                num_classes=head.out_features if isinstance(head, nn.Linear) else 0, embed_dim=proj.out_channels,
+                num_heads=first.attn.num_heads, mlp_hidden_dim=first.mlp.fc1.out_features,
+                mlp_activation=_timm_activation(first.mlp.act), num_steps=len(vit.blocks),
+                qkv_bias=first.attn.qkv.bias is not None, eps=vit.norm.eps)
+
+
+def _timm_activation(act: nn.Module) -> str:
+    """The :class:`recvit.models.layers.Mlp` activation that computes timm's ``mlp.act`` exactly."""
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return "gelu"
+    if isinstance(act, nn.ReLU):
+        return "relu"
+    raise ValueError(f"vit: the MLP activation {act!r}: only the exact GELU (nn.GELU()) and ReLU are supported")
 
 
 def _hf_config(vit: nn.Module) -> dict:
@@ -109,13 +120,15 @@ def _hf_config(vit: nn.Module) -> dict:
     if getattr(config, "model_type", None) != "vit":
         raise ValueError(f"vit: a Hugging Face model of type {getattr(config, 'model_type', None)!r}; "
                          f"expected a ViT (model_type 'vit')")
-    if getattr(config, "hidden_act", "gelu") != "gelu":
-        raise ValueError(f"vit: hidden_act {config.hidden_act!r}: only 'gelu' is supported")
+    activation = getattr(config, "hidden_act", "gelu")
+    if activation not in MLP_ACTIVATIONS:  # Hugging Face's "gelu" is the exact (erf) GELU
+        raise ValueError(f"vit: hidden_act {activation!r}: only {' and '.join(map(repr, MLP_ACTIVATIONS))} "
+                         f"are supported")
     classifier = getattr(vit, "classifier", None)
-    dim = config.hidden_size
     return dict(img_size=config.image_size, patch_size=config.patch_size, in_chans=config.num_channels,
-                num_classes=classifier.out_features if isinstance(classifier, nn.Linear) else 0, embed_dim=dim,
-                num_heads=config.num_attention_heads, mlp_ratio=config.intermediate_size / dim,
+                num_classes=classifier.out_features if isinstance(classifier, nn.Linear) else 0,
+                embed_dim=config.hidden_size, num_heads=config.num_attention_heads,
+                mlp_hidden_dim=config.intermediate_size, mlp_activation=activation,
                 num_steps=config.num_hidden_layers, qkv_bias=config.qkv_bias, eps=config.layer_norm_eps)
 
 

@@ -31,8 +31,9 @@ shards an index lists (:func:`read_sharded_state_dict`).
 
 Every key and shape is checked before anything is copied: a checkpoint that does not fit raises a
 ValueError naming the keys and shapes (and, for another model size, the model its shapes fit),
-and the model is left untouched. Files are read by their bytes, not their name: safetensors, or a
-torch file (zip or legacy pickle) read with ``weights_only=True``.
+and the model is left untouched. Files are read by their bytes, not their name: safetensors, a
+torch file (zip or legacy pickle) read with ``weights_only=True``, or a sharded checkpoint's index
+(JSON) with its shards beside it.
 """
 from __future__ import annotations
 
@@ -249,9 +250,10 @@ def _convert_state_dict(state_dict, model, source, layers, keep, fit_hint: bool)
 
 
 def read_state_dict(path: Union[str, os.PathLike]) -> dict:
-    """Tensors from a safetensors file or a torch file (``weights_only``), told apart by their
-    bytes, with a top-level ``"state_dict"`` / ``"model"`` entry unwrapped and a DDP ``"module."``
-    prefix removed. Errors name the file and what was expected."""
+    """Tensors from a safetensors file, a torch file (``weights_only``) or a sharded checkpoint's
+    index (:func:`read_sharded_state_dict`), told apart by their bytes, with a top-level
+    ``"state_dict"`` / ``"model"`` entry unwrapped and a DDP ``"module."`` prefix removed. Errors
+    name the file and what was expected."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"path={path!r}: a directory, expected a checkpoint file (a public "
@@ -259,6 +261,8 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path={path!r}: no such checkpoint file")
     kind = file_format(path)
+    if kind == "index":
+        return read_sharded_state_dict(path)
     if kind == "safetensors":
         from safetensors.torch import load_file
         try:
@@ -302,10 +306,10 @@ def read_torch_file(path: str):
 
 
 def file_format(path: Union[str, os.PathLike]) -> str:
-    """'safetensors' or 'torch' from the file's first bytes (never its name); ValueError naming the
-    file otherwise. safetensors: an 8-byte little-endian header length (at most 100 MB), then a
-    JSON header; torch:
-    a zip archive (``torch.save``'s default) or a legacy pickle (protocol byte 0x80)."""
+    """'safetensors', 'torch' or 'index' from the file's first bytes (never its name); ValueError
+    naming the file otherwise. safetensors: an 8-byte little-endian header length (at most 100 MB),
+    then a JSON header; torch: a zip archive (``torch.save``'s default) or a legacy pickle (protocol
+    byte 0x80); index: a JSON object (a sharded checkpoint's ``*.index.json``)."""
     path = os.fspath(path)
     with open(path, "rb") as file:
         head = file.read(9)
@@ -315,17 +319,20 @@ def file_format(path: Union[str, os.PathLike]) -> str:
         return "safetensors"
     if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         return "torch"
+    if head.lstrip()[:1] == b"{":
+        return "index"
     raise ValueError(f"{path}: not a checkpoint file recvit can read: expected safetensors (an 8-byte header "
-                     f"length, then a JSON header) or a torch file (a zip archive or a pickle), but the file "
-                     f"({size} bytes) starts with {head[:8]!r}")
+                     f"length, then a JSON header), a torch file (a zip archive or a pickle) or a sharded "
+                     f"checkpoint's index (JSON), but the file ({size} bytes) starts with {head[:8]!r}")
 
 
 def load_checkpoint(model: nn.Module, path_or_state_dict, source: str = "auto",
                     layers: Optional[Sequence[int]] = None, keep: Sequence[str] = ()) -> ConvertedCheckpoint:
     """Convert (see :func:`convert_state_dict`), check every key and shape, then copy into ``model``.
 
-    ``path_or_state_dict``: a safetensors / torch file path (the format is read from the file's
-    bytes) or a state dict. Returns the :class:`ConvertedCheckpoint` (its ``missing`` lists what
+    ``path_or_state_dict``: a safetensors / torch file path, or a sharded checkpoint's
+    ``*.index.json`` with its shards beside it (the format is read from the file's bytes; see
+    :func:`read_state_dict`), or a state dict. Returns the :class:`ConvertedCheckpoint` (its ``missing`` lists what
     kept its initialisation).
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
@@ -410,7 +417,7 @@ def from_pretrained(path: Union[str, os.PathLike], kv: str = "all", backend: Opt
     weights = next((name for name in candidates if os.path.isfile(name)), None)
     if weights is None:
         raise FileNotFoundError(f"path={path!r}: no weights: expected one of {', '.join(PUBLIC_WEIGHTS)} there")
-    state = read_sharded_state_dict(weights) if weights.endswith(".index.json") else read_state_dict(weights)
+    state = read_state_dict(weights)
     if not config["use_abs_pos_emb"]:
         state = _zero_positions(state, model, config_path, weights)
     try:
@@ -447,6 +454,8 @@ def read_sharded_state_dict(index_path: Union[str, os.PathLike]) -> dict:
         shard_path = os.path.join(folder, shard)
         if not os.path.isfile(shard_path):
             raise FileNotFoundError(f"{index_path}: lists the shard {shard!r}, which {folder or '.'} lacks")
+        if file_format(shard_path) == "index":
+            raise ValueError(f"{index_path}: lists the shard {shard!r}, which is an index itself, not weights")
         tensors = read_state_dict(shard_path)
         listed = {key for key, name in weight_map.items() if name == shard}
         absent, unlisted = sorted(listed - set(tensors)), sorted(set(tensors) - listed)

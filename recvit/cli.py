@@ -363,7 +363,7 @@ def _depthmap(args, sub) -> int:
 
         try:
             loaded = load_checkpoint(model, args.checkpoint)
-        except ValueError as error:  # unreadable or mismatched: the message names the file and why
+        except (OSError, ValueError) as error:  # unreadable, mismatched, a shard missing: names the file
             sub.error(f"argument --checkpoint: {error}")
         if any(key.startswith(no_source_prefixes(model)) for key in loaded.missing):
             print(f"note: the checkpoint has no {decides} weights, so the {decides} keeps its random "

@@ -377,6 +377,32 @@ def test_format_comes_from_the_bytes_not_the_name(tmp_path):
         assert torch.equal(target.pos_embed, source.pos_embed)
 
 
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_sharded_checkpoint_loads_from_its_index(tmp_path, weights):
+    """load_checkpoint takes a sharded checkpoint's index (from_pretrained's shard reader), by its
+    bytes: under any name too. A missing shard is named, and the model is left untouched."""
+    from test_public_checkpoint import write_sharded
+
+    state = timm_state()
+    write_sharded(tmp_path, state, weights)
+    index = tmp_path / f"{weights}.index.json"
+    expected, loaded = small_model(), small_model()
+    load_checkpoint(expected, state)
+    (tmp_path / "renamed").write_bytes(index.read_bytes())
+    for path in (index, str(index), tmp_path / "renamed"):
+        converted = load_checkpoint(loaded, path)
+        assert converted.missing == RANKER and len(converted.unused) == 9 * len(Block(DIM, HEADS).state_dict())
+        assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in expected.state_dict().items()
+                   if key not in RANKER)
+    shard = weights.replace(".", "-00002-of-00003.")
+    (tmp_path / shard).unlink()
+    untouched = small_model()
+    before = snapshot(untouched)
+    with pytest.raises(FileNotFoundError, match=rf"{index}: lists the shard '{shard}', which {tmp_path} lacks"):
+        load_checkpoint(untouched, index)
+    assert_unchanged(untouched, before)
+
+
 def test_save_refuses_an_unknown_extension(tmp_path):
     with pytest.raises(ValueError, match=r"path=.*m.ckpt.*expected the extension .safetensors .* \.pt, \.pth, \.bin"):
         save_checkpoint(small_model(), tmp_path / "m.ckpt")
@@ -396,6 +422,8 @@ def _write_bad_file(tmp_path, kind):
         save_checkpoint(small_model(), tmp_path / "full.pth")
         path.write_bytes((tmp_path / "full.pth").read_bytes()[:2000])
     elif kind == "text":
+        path.write_text("weights: [1, 2, 3]")
+    elif kind == "json":  # JSON: read as a sharded checkpoint's index, which this is not
         path.write_text('{"weights": [1, 2, 3]}')
     elif kind == "empty":
         path.write_bytes(b"")
@@ -411,7 +439,9 @@ def _write_bad_file(tmp_path, kind):
 @pytest.mark.parametrize("kind,match", [
     ("truncated-safetensors", "a safetensors file that cannot be read"),
     ("truncated-torch", "a torch file that cannot be read"),
-    ("text", r"not a checkpoint file recvit can read: expected safetensors .* or a torch file .* starts with b'\{"),
+    ("text", r"not a checkpoint file recvit can read: expected safetensors .*, a torch file .* or a sharded "
+             r"checkpoint's index \(JSON\), but .* starts with b'weights"),
+    ("json", r"expected a shard index, a JSON object whose 'weight_map' maps parameter names to shard file names"),
     ("empty", r"not a checkpoint file .*\(0 bytes\)"),
     ("huge-header", "not a checkpoint file recvit can read"),
     ("pickled-object", r"a torch file holding more than tensors.*save model.state_dict\(\) instead.*_NotAStateDict"),

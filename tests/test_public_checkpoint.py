@@ -221,6 +221,8 @@ def _shard_problem(kind):
             index.write_text("{not json")
         elif kind == "no-weight-map":
             index.write_text(json.dumps({"metadata": {}}))
+        elif kind == "index-as-shard":  # read as weights, it would read itself again and again
+            index.write_text(json.dumps({"weight_map": {"mor_vit.layernorm.bias": index.name}}))
         elif kind == "outside":
             index.write_text(json.dumps({"weight_map": {"mor_vit.layernorm.bias": "../model.safetensors"}}))
     return setup
@@ -232,6 +234,8 @@ def _shard_problem(kind):
                                      r"but not in the shard: \['classifier.bias'\]"),
     ("not-json", ValueError, r"model.safetensors.index.json: not a JSON file"),
     ("no-weight-map", ValueError, r"index.json: expected a shard index, a JSON object whose 'weight_map'"),
+    ("index-as-shard", ValueError, r"index.json: lists the shard 'model.safetensors.index.json', which is an "
+                                   r"index itself, not weights"),
     ("outside", ValueError, r"shard '../model.safetensors': expected a file name beside the index"),
 ])
 def test_bad_sharded_checkpoint_names_the_file(tmp_path, kind, error, match):

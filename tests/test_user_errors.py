@@ -276,6 +276,35 @@ def test_eval_of_a_truncated_safetensors_file(shapes, tmp_path, capsys):
     assert f"argument --checkpoint: {path}: a safetensors file that cannot be read" in err, err
 
 
+@pytest.mark.parametrize("command", ["eval", "train", "depthmap"])
+def test_sharded_checkpoint_with_a_missing_shard(shapes, tmp_path, capsys, command):
+    """eval, train --init and depthmap take a sharded checkpoint's index; a shard it lists that is
+    missing is named in one line (a FileNotFoundError, which these commands passed on as a traceback)."""
+    from test_public_checkpoint import write_sharded
+
+    model = recvit.create_model("edge_recvit_tiny", img_size=32, patch_size=8, num_classes=4)
+    write_sharded(tmp_path, model.state_dict())
+    (tmp_path / "model-00003-of-00003.safetensors").unlink()
+    index = tmp_path / "model.safetensors.index.json"
+    said = f"{index}: lists the shard 'model-00003-of-00003.safetensors', which {tmp_path} lacks"
+    if command == "train":
+        assert cli_main(["train", "--data", str(shapes), "--output", str(tmp_path / "run"), "--init", str(index),
+                         *TINY]) == 2
+        err = capsys.readouterr().err
+        assert f"recvit train: error: {said}" in err and "Traceback" not in err, err
+        return
+    if command == "eval":
+        argv = ["eval", "--data", str(shapes), "--workers", "0", "--img-size", "32", "--patch-size", "8"]
+    else:
+        pytest.importorskip("matplotlib")
+        from PIL import Image
+
+        Image.effect_noise((32, 32), 40).convert("RGB").save(tmp_path / "image.png")
+        argv = ["depthmap", str(tmp_path / "image.png"), "-o", str(tmp_path / "out.png")]
+    err = _cli_error(capsys, *argv, "--checkpoint", str(index), "--model", "edge_recvit_tiny")
+    assert f"argument --checkpoint: {said}" in err, err
+
+
 def test_output_and_json_paths_are_checked_first(shapes, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     err = _cli_error(capsys, "train", "--data", str(shapes), "--output", str(tmp_path / "file"), *TINY)

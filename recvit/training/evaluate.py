@@ -291,7 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             load_checkpoint(model, trained.weights if trained is not None else args.checkpoint,
                             layers=tuple(args.layers))
-        except (ValueError, TypeError) as error:
+        except (OSError, ValueError, TypeError) as error:  # OSError: a shard its index lists is missing
             other_classes = _other_label_set(args.checkpoint, model, args.layers, split)
             parser.error(f"argument --checkpoint: {other_classes or error}")
         model.to(context.device)

@@ -527,7 +527,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except ValueError as error:  # data or checkpoint that does not fit: one line, no traceback
+    except (FileNotFoundError, ValueError) as error:  # data or checkpoint that does not fit (or a missing shard)
         print(f"recvit train: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -272,6 +272,13 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
                              f"{type(error).__name__}: {error}") from None
     else:
         state = read_torch_file(path)
+    return unwrap_state_dict(state, path)
+
+
+def unwrap_state_dict(state, path: str) -> dict:
+    """The state dict in what was read from ``path``: a top-level ``"state_dict"`` / ``"model"``
+    entry unwrapped (a training checkpoint's model), a DDP ``"module."`` prefix removed; a
+    ValueError naming ``path`` for anything but a mapping."""
     for wrapper in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]

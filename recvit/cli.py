@@ -290,7 +290,6 @@ def _params(args, sub) -> int:
 def _trained_run(sub, args):
     """The model of the ``recvit train`` run ``--checkpoint`` names, its weights loaded, in eval mode
     (``args.model`` set to the run's); None when ``--checkpoint`` is no such run."""
-    from .checkpoint import load_checkpoint
     from .training.evaluate import build_model, read_run, run_conflicts
 
     if args.checkpoint is None:
@@ -308,7 +307,7 @@ def _trained_run(sub, args):
     if conflict:
         sub.error(conflict)
     try:
-        load_checkpoint(model, run.weights)
+        run.load(model)
     except ValueError as error:
         sub.error(f"argument --checkpoint: {error}")
     args.model = settings["model"]

@@ -175,6 +175,7 @@ def test_depthmap_of_a_training_run(capsys, tmp_path, monkeypatch):
     import matplotlib.image
 
     from recvit import depthmap
+    from test_train import count_torch_loads
 
     rng = np.random.default_rng(0)
     for label in ("a", "b"):  # a two-class ImageFolder of noise: enough for one optimiser step
@@ -194,9 +195,13 @@ def test_depthmap_of_a_training_run(capsys, tmp_path, monkeypatch):
     drawn = {}
     monkeypatch.setattr(depthmap, "plot_depthmap",
                         lambda shown, depths, path, num_steps, title: drawn.update(depths=depths, title=title))
+    reads = count_torch_loads(monkeypatch)
     for checkpoint in (run, run / "last.pt", run / "model.safetensors"):
+        reads.clear()
         code, out, _ = _run(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(checkpoint))
         assert code == 0 and "16 patches" in out and "randomly initialised" not in out
+        last_reads = reads.count(str(run / "last.pt"))  # read once: the run's settings and weights
+        assert last_reads == 1 if checkpoint == run / "last.pt" else last_reads <= 1, (checkpoint, reads)
         assert torch.equal(drawn["depths"], expected) and drawn["title"].startswith("edge_recvit_tiny ")
     err = _fails(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(run),
                  "--model", "edge_recvit_base")

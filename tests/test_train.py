@@ -221,10 +221,23 @@ def test_eval_rebuilds_the_trained_ranker(tmp_path, capsys, one_thread):
     assert train.parse_args(["--output", str(tmp_path / "run"), "--resume", str(tmp_path / "old.pt")]).ranker is None
 
 
-def test_eval_reads_a_run_without_its_settings(tmp_path, capsys, one_thread):
+def count_torch_loads(monkeypatch) -> list:
+    """The files torch.load reads from now on (their paths, in call order)."""
+    reads, load = [], torch.load
+
+    def counting_load(file, *args, **kwargs):
+        reads.append(str(getattr(file, "name", file)))
+        return load(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    return reads
+
+
+def test_eval_reads_a_run_without_its_settings(tmp_path, capsys, one_thread, monkeypatch):
     """`recvit eval --checkpoint` takes the run folder, its last.pt or its model.safetensors (beside
-    config.json) with no --model/--img-size/--patch-size, and reproduces the last validation; a flag
-    that contradicts the run is refused naming it; a folder that holds no run is refused."""
+    config.json) with no --model/--img-size/--patch-size, and reproduces the last validation, reading
+    last.pt once (the settings and the weights from the same read); a flag that contradicts the run
+    is refused naming it; a folder that holds no run is refused."""
     import shutil
 
     data = tmp_path / "data"
@@ -238,10 +251,14 @@ def test_eval_reads_a_run_without_its_settings(tmp_path, capsys, one_thread):
     for name in ("model.safetensors", "config.json"):
         shutil.copy(run / name, alone / name)
     report = tmp_path / "eval.json"
+    reads = count_torch_loads(monkeypatch)
     for checkpoint in (run, run / "last.pt", run / "model.safetensors", alone, alone / "model.safetensors"):
+        reads.clear()
         assert cli_main(["eval", "--data", str(data), "--checkpoint", str(checkpoint), "--workers", "0",
                          "--no-progress", "--json", str(report), "--img-size", "32"]) == 0, checkpoint
         capsys.readouterr()
+        last_reads = reads.count(str(run / "last.pt"))  # the folder reads it if it is newer than model.safetensors
+        assert last_reads == 1 if checkpoint == run / "last.pt" else last_reads <= 1, (checkpoint, reads)
         metrics = json.loads(report.read_text())
         for key in ("top1", "loss", "depth_histogram"):
             assert metrics[key] == last[f"val_{key}"], (checkpoint, key)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import distributed
 from ..bench.timer import timed_call
+from ..checkpoint import DEFAULT_LAYERS, load_checkpoint, unwrap_state_dict
 from ..models.edge_recvit import RANKERS
 from ..flops import count_flops
 
@@ -150,12 +151,24 @@ def _other_label_set(path: str, model: nn.Module, layers, split: str) -> Optiona
 class TrainedRun:
     """What a ``recvit train`` run fixes: ``weights`` (a file :func:`recvit.load_checkpoint` reads),
     ``settings`` (the :data:`MODEL_SETTINGS` its command line gave, None where the model's default),
-    ``classes`` and ``source`` (the file the settings come from)."""
+    ``classes``, ``source`` (the file the settings come from) and ``state``: the weights' state dict
+    where reading the settings read it already (``last.pt``), else None."""
 
     weights: str
     settings: dict
     classes: list
     source: str
+    state: Optional[dict] = None
+
+    def load(self, model: nn.Module, layers: Sequence[int] = DEFAULT_LAYERS):
+        """:func:`recvit.load_checkpoint` of the run's weights into ``model``, reading ``weights`` only
+        if ``state`` does not hold them; errors name ``weights``."""
+        if self.state is None:
+            return load_checkpoint(model, self.weights, layers=layers)
+        try:
+            return load_checkpoint(model, self.state, layers=layers)
+        except ValueError as error:
+            raise ValueError(f"{self.weights}: {error}") from None
 
 
 def _training_config(path: str) -> Optional[dict]:
@@ -191,7 +204,8 @@ def read_run(path: str) -> Optional[TrainedRun]:
     state = read_training_checkpoint(path)
     if state is None:
         return None
-    return TrainedRun(path, {key: state["args"].get(key) for key in MODEL_SETTINGS}, list(state["classes"]), path)
+    return TrainedRun(path, {key: state["args"].get(key) for key in MODEL_SETTINGS}, list(state["classes"]), path,
+                      unwrap_state_dict(state, path))
 
 
 def run_conflicts(run: TrainedRun, model: nn.Module, given: dict) -> Optional[str]:
@@ -243,7 +257,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    from ..checkpoint import load_checkpoint
     from .data import find_classes, image_folder
 
     if args.batch_size < 1 or args.workers < 0:
@@ -289,8 +302,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (FileNotFoundError, ValueError) as error:
             parser.error(f"argument --data/--split: {str(error).removeprefix('root: ')}")
         try:
-            load_checkpoint(model, trained.weights if trained is not None else args.checkpoint,
-                            layers=tuple(args.layers))
+            if trained is not None:
+                trained.load(model, tuple(args.layers))
+            else:
+                load_checkpoint(model, args.checkpoint, layers=tuple(args.layers))
         except (OSError, ValueError, TypeError) as error:  # OSError: a shard its index lists is missing
             other_classes = _other_label_set(args.checkpoint, model, args.layers, split)
             parser.error(f"argument --checkpoint: {other_classes or error}")

@@ -375,6 +375,12 @@ def _depthmap(args, sub) -> int:
         side = min(height, width)
         print(f"note: the {width}x{height} image was centre-cropped to {side}x{side} (as for evaluation), "
               f"then resized to {model.patch_embed.img_size}x{model.patch_embed.img_size}")
+    embed = model.patch_embed
+    covered = embed.grid_size * embed.patch_size
+    if covered != embed.img_size:  # the patches leave the last rows and columns unread: not drawn either
+        shown = shown[:covered, :covered]
+        print(f"note: img_size {embed.img_size} is off the {embed.patch_size}-pixel patch grid: the model reads "
+              f"the top-left {covered}x{covered} pixels only, and the figure shows those")
     if decides == "ranker":
         depths = depth_heatmap(model, pixels)[0]
     else:  # MoR-ViT: the depths its routing gives in the forward

@@ -77,8 +77,10 @@ def depth_heatmap(model: nn.Module, image_tensor: torch.Tensor) -> torch.Tensor:
 
 
 def plot_depthmap(image, depths, path: str, num_steps: int = 12, title: str = "") -> None:
-    """Save a figure to ``path``: ``image`` (H, W, 3) in [0, 1] (or a (3, H, W) tensor); the depth
-    of every patch (``depths`` (grid, grid) in 1..L) drawn opaque, one colour per depth with its
+    """Save a figure to ``path``: ``image`` (H, W, 3) in [0, 1] (or a (3, H, W) tensor), the pixels
+    the patches cover (with an image size off the patch grid, the top-left grid * patch_size of
+    them: the grid is drawn over the whole image); the depth of every patch (``depths`` (grid, grid)
+    in 1..L) drawn opaque, one colour per depth with its
     number, beside the colour bar, so a colour reads as exactly one depth; the same colours over a
     grayscale copy of the image (a colour image under a translucent map would shift the colours);
     and a histogram of the depths.

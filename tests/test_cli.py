@@ -303,6 +303,27 @@ def test_depthmap_of_a_public_checkpoint_directory(capsys, tmp_path):
                                                "--checkpoint", str(tmp_path))
 
 
+def test_depthmap_off_the_patch_grid_shows_the_pixels_the_patches_cover(capsys, tmp_path, monkeypatch):
+    """image_size 30 with 8-pixel patches: the model reads the top-left 24x24 pixels (3x3 patches), so
+    the figure shows those, each depth over its own 8x8 patch, not the 3x3 grid stretched over 30x30."""
+    import matplotlib.image
+
+    from recvit import depthmap
+    from test_public_checkpoint import PATCH, public_config, public_state, write_checkpoint
+
+    write_checkpoint(tmp_path, public_state(tokens=10), public_config(image_size=30))
+    image = tmp_path / "in.png"
+    matplotlib.image.imsave(image, np.random.default_rng(0).random((30, 30, 3)))
+    drawn = {}
+    monkeypatch.setattr(depthmap, "plot_depthmap",
+                        lambda shown, depths, path, num_steps, title: drawn.update(shown=shown, depths=depths))
+    code, out, _ = _run(capsys, "depthmap", str(image), "-o", str(tmp_path / "o.png"), "--checkpoint", str(tmp_path))
+    assert code == 0 and "9 patches" in out and drawn["depths"].shape == (3, 3) and 3 * PATCH == 24
+    whole = depthmap.load_image(str(image), 30).shown
+    np.testing.assert_array_equal(drawn["shown"], whole[:24, :24])
+    assert "the model reads the top-left 24x24 pixels only" in out, out
+
+
 def test_bench_passes_arguments_through(monkeypatch):
     seen = []
     fake = types.ModuleType("recvit.bench")

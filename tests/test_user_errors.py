@@ -1,6 +1,7 @@
 """What a new user hits (issue 20, section 4): each mistake gets a clear error naming the argument or
 file, before any work starts where possible; never a raw traceback from deep inside, never silence."""
 import os
+import sys
 
 import pytest
 import torch
@@ -210,11 +211,57 @@ def test_an_unreadable_image_in_a_loader_worker_keeps_its_one_line_message(tmp_p
     assert str(info.value).startswith(f"{bad}: cannot read this image") and "\n" not in str(info.value)
 
 
-def test_train_refuses_a_class_folder_without_images(shapes, tmp_path, capsys):
+def fake_torchvision(monkeypatch) -> list:
+    """torchvision as recvit meets it, where it cannot import (no CPU build here): transforms that do
+    nothing, and an ImageFolder that refuses a class folder without images as torchvision's does
+    (its make_dataset: a FileNotFoundError "Found no valid file for the classes ..."). Returns the
+    roots the ImageFolder was built on."""
+    import types
+
+    from recvit.training.data import IMG_EXTENSIONS
+
+    built = []
+
+    class ImageFolder:
+        def __init__(self, root, transform=None, loader=None):
+            built.append(root)
+            classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+            empty = [name for name in classes if not any(file.lower().endswith(IMG_EXTENSIONS) for _, _, files
+                                                         in os.walk(os.path.join(root, name)) for file in files)]
+            if empty:
+                raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. Supported "
+                                        f"extensions are: {', '.join(IMG_EXTENSIONS)}")
+
+    transforms = types.ModuleType("torchvision.transforms")
+    for name in ("RandomResizedCrop", "RandomHorizontalFlip", "Resize", "CenterCrop", "ToTensor", "Normalize",
+                 "Compose"):
+        setattr(transforms, name, lambda *args, **kwargs: None)
+    datasets = types.ModuleType("torchvision.datasets")
+    datasets.ImageFolder = ImageFolder
+    torchvision = types.ModuleType("torchvision")
+    torchvision.transforms, torchvision.datasets = transforms, datasets
+    for name, module in (("torchvision", torchvision), ("torchvision.transforms", transforms),
+                         ("torchvision.datasets", datasets)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return built
+
+
+@pytest.mark.parametrize("loader", ["pillow", "torchvision"])
+def test_train_refuses_a_class_folder_without_images(shapes, tmp_path, capsys, monkeypatch, loader):
+    """recvit's error with either loader; torchvision (faked here, see fake_torchvision) is handed a
+    folder only once recvit has checked it, and gets the folders that pass."""
+    from recvit.training.data import have_torchvision, image_folder
+
+    built = fake_torchvision(monkeypatch) if loader == "torchvision" else []
+    assert have_torchvision() == (loader == "torchvision")
     (shapes / "train" / "empty-class").mkdir()
     assert cli_main(["train", "--data", str(shapes), "--output", str(tmp_path / "run"), *TINY]) == 2
     err = capsys.readouterr().err
     assert f"class folder(s) of {shapes / 'train'} without images" in err and "empty-class" in err, err
+    assert "Found no valid file" not in err and built == []
+    if loader == "torchvision":
+        dataset = image_folder(str(shapes / "val"), 32, train=False)
+        assert built == [str(shapes / "val")] and type(dataset).__module__ == __name__
 
 
 def test_train_refuses_one_class(tmp_path, capsys):

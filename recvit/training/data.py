@@ -72,25 +72,33 @@ def find_classes(root: str) -> list[str]:
     return classes
 
 
+def find_samples(root: str, classes: Sequence[str]) -> list[tuple[str, int]]:
+    """(image path, class index) of every image under ``root/<class>/`` (torchvision's order and
+    extensions); a ValueError naming ``root`` when there is none, or naming the class folders
+    without images (torchvision's ImageFolder refuses them too: a class without images cannot be learnt)."""
+    samples = []
+    for index, name in enumerate(classes):
+        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            samples.extend((os.path.join(folder, file), index) for file in sorted(files)
+                           if file.lower().endswith(IMG_EXTENSIONS))
+    if not samples:
+        raise ValueError(f"root: no images ({', '.join(IMG_EXTENSIONS)}) under {root}")
+    found = {target for _, target in samples}
+    empty = [name for index, name in enumerate(classes) if index not in found]
+    if empty:
+        raise ValueError(f"root: class folder(s) of {root} without images ({', '.join(IMG_EXTENSIONS)}): "
+                         f"{', '.join(empty)}")
+    return samples
+
+
 class ImageFolder(Dataset):
     """Pillow-only ImageFolder: ``root/<class>/**/<image>`` -> (transform(RGB image), class index)."""
 
     def __init__(self, root: str, transform: Optional[Callable] = None):
         self.root, self.transform = root, transform
         self.classes = find_classes(root)
-        self.samples = []
-        for index, name in enumerate(self.classes):
-            for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-                self.samples.extend((os.path.join(folder, file), index) for file in sorted(files)
-                                    if file.lower().endswith(IMG_EXTENSIONS))
-        if not self.samples:
-            raise ValueError(f"root: no images ({', '.join(IMG_EXTENSIONS)}) under {root}")
+        self.samples = find_samples(root, self.classes)
         self.targets = [target for _, target in self.samples]
-        found = set(self.targets)
-        empty = [name for index, name in enumerate(self.classes) if index not in found]
-        if empty:  # as torchvision's ImageFolder refuses them: a class without images cannot be learnt
-            raise ValueError(f"root: class folder(s) of {root} without images ({', '.join(IMG_EXTENSIONS)}): "
-                             f"{', '.join(empty)}")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -204,7 +212,7 @@ def image_folder(root: str, img_size: int, train: bool, min_scale: float = 0.08,
     if torchvision:
         from torchvision.datasets import ImageFolder as TorchvisionImageFolder
 
-        find_classes(root)  # the same error messages with either loader
+        find_samples(root, find_classes(root))  # recvit's errors with either loader (the folder is listed twice)
         return TorchvisionImageFolder(root, transform=transform, loader=load_rgb)
     return ImageFolder(root, transform)
 

@@ -67,8 +67,10 @@ def from_vit(vit: nn.Module, ranker: str = "earr", kv: str = "active",
     ``ranker`` ("earr" or "public_3layer", initialised, to be trained with :class:`recvit.EdgeRecViTLoss`).
 
     ``vit``: a timm ``VisionTransformer`` with class-token pooling (DeiT, ViT), or a Hugging Face
-    ``ViTForImageClassification`` / ``ViTModel``. Refused with a ValueError naming what does not
-    fit: distillation or register tokens, average pooling, layer scale, qk-norm, a pre-norm.
+    ``ViTForImageClassification`` / ``ViTModel``. The MLP width is the source's (any width) and its
+    activation exact GELU or ReLU (timm's ``nn.GELU()`` / ``nn.ReLU``, Hugging Face's ``hidden_act``
+    "gelu" / "relu"). Refused with a ValueError naming what does not fit: distillation or register
+    tokens, average pooling, layer scale, qk-norm, a pre-norm, another activation (tanh GELU, "gelu_new").
     """
     config = _hf_config(vit) if hasattr(vit, "config") else _timm_config(vit)
     model = EarlyExitViT(**config, kv=kv, backend=backend, ranker=ranker)

@@ -1,8 +1,9 @@
 """Every Triton kernel variant the model launches, compiled ahead of time for sm_80 and sm_90.
 
-``python -m benchmarks.triton_variants`` runs Edge-RecViT-Base (batch 1 and 256; bf16, fp16,
-fp32, fp32 with TF32 allowed; the static and the packed path; kv "active" and "all"; random
-depths, two draws at batch 1 and one at 256) on CPU tensors under a fake Triton driver, collects
+``python -m benchmarks.triton_variants`` runs Edge-RecViT-Base (batch 1, 8 and 256: the GPU run's
+headline batches, each of which picks its own GEMM tiles; bf16, fp16, fp32, fp32 with TF32
+allowed; the static and the packed path; kv "active" and "all"; random depths, two draws at batch 1
+and one at 8 and 256) on CPU tensors under a fake Triton driver, collects
 every distinct specialisation the Triton launches ask for, compiles each with ``triton.compile``
 for ``GPUTarget("cuda", 80, 32)`` and ``GPUTarget("cuda", 90, 32)`` and writes
 ``benchmarks/triton_variants.md`` and ``.json``:
@@ -53,13 +54,13 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # name -> (dtype, torch.backends.cuda.matmul.allow_tf32): fp32 GEMMs and attention follow that flag.
 DTYPES = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "fp32": (torch.float32, False),
           "fp32-tf32": (torch.float32, True)}
-BATCHES = (1, 256)
+BATCHES = (1, 8, 256)  # benchmarks/gpu_run.sh's headline batches (tests/test_triton_compile.py)
 PATHS = ("static", "packed")
 KV_MODES = ("active", "all")
 # Depth draws per batch size. Two at batch 1, where one draw's 12 live counts could miss a case;
-# one at batch 256, whose 12 steps already alternate the alignment of the length slices and vary
-# the live counts' residues mod 16 (a second draw there would double the trace's cost).
-DRAWS = {1: (0, 1), 256: (0,)}
+# one at batch 8 and 256, whose 12 steps already alternate the alignment of the length slices and
+# vary the live counts' residues mod 16 (a second draw there would double the trace's cost).
+DRAWS = {1: (0, 1), 8: (0,), 256: (0,)}
 # Options a launch passes that change the compiled code (the rest are Triton's defaults).
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
@@ -415,10 +416,10 @@ def _table(entry: dict) -> list:
 def markdown(results: dict) -> str:
     lines = ["# Triton kernel variants launched by Edge-RecViT-Base", "",
              "Written by `python -m benchmarks.triton_variants` (no GPU needed; see its docstring): "
-             f"Edge-RecViT-Base at batch {' and '.join(map(str, BATCHES))}, {', '.join(DTYPES)} "
+             f"Edge-RecViT-Base at batch {', '.join(map(str, BATCHES))}, {', '.join(DTYPES)} "
              "(fp32-tf32: fp32 with `torch.backends.cuda.matmul.allow_tf32 = True`), the static "
              "(`RecursiveBlock.static_shapes`) and packed paths, kv active and all, random depths "
-             "(two draws at batch 1, one at 256), on the triton backend. Every distinct "
+             "(two draws at batch 1, one at 8 and 256), on the triton backend. Every distinct "
              "specialisation the launches ask for is "
              "compiled with `triton.compile` for sm_80 and sm_90. regs / spill B (per-thread stack) from "
              "`cuobjdump -res-usage`, smem B from the kernel's metadata, mma from the PTX "

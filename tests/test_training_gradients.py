@@ -73,8 +73,10 @@ def test_autocast_training_step_on_triton(device, dtype, static_shapes):
     """Under autocast the triton backend runs the steps in the autocast dtype (its kernels take one
     dtype a call, where autocast would mix fp32 LayerNorm with 16-bit GEMMs). Logits and every
     gradient against the fp64 eager reference: at most twice eager-under-autocast's error, plus a
-    floor of 1e-3 of the largest entry (about a 16-bit rounding: here the residual stream is 16-bit,
-    autocast's stays fp32)."""
+    floor of one rounding of the dtype (its eps) of the largest entry: here the residual stream is
+    16-bit, autocast's stays fp32. bf16's eps is 8x fp16's (7.8e-3 against 9.8e-4): a floor of 1e-3
+    fits fp16 only (the same step emulated in bf16 on the CPU, eager ops on the rows cast to bf16 with
+    fused prefix-linear epilogues, broke it on 11 of 12 seeds, by up to 1.7x)."""
     if rk.unavailable_reason("triton") is not None:
         pytest.skip(rk.unavailable_reason("triton"))
     model = recvit.create_model("edge_recvit_tiny", **SMALL).to(device).train()
@@ -91,6 +93,7 @@ def test_autocast_training_step_on_triton(device, dtype, static_shapes):
     pairs += [(name, ours[1][name], theirs[1][name], grad) for name, grad in reference[1].items()]
     for name, mine, eager, exact in pairs:
         try:
-            assert_flash_rule(mine.float(), eager.float(), exact, 1e-3 * float(exact.abs().max()))
+            assert_flash_rule(mine.float(), eager.float(), exact,
+                              torch.finfo(dtype).eps * float(exact.abs().max()))
         except AssertionError as error:
             raise AssertionError(f"{name}: {error}") from None

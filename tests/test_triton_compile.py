@@ -2,13 +2,15 @@
 no variant is compiled twice for data, and the committed variant table is current.
 
 One subprocess (the Triton compiler, not its interpreter) runs ``python -m benchmarks.triton_variants``:
-it traces Base at batch 1 and 256 in bf16/fp16/fp32/fp32-tf32, on the static and packed paths with
-kv active and all, random depths (two draws at batch 1, one at 256), under a fake Triton driver,
+it traces Base at batch 1, 8 and 256 (the GPU run's headline batches) in bf16/fp16/fp32/fp32-tf32, on
+the static and packed paths with kv active and all, random depths (two draws at batch 1, one at 8
+and 256), under a fake Triton driver,
 and compiles each distinct launched variant for both architectures (see that module). No GPU
 needed; about 90 s of CPU on a clean Triton cache.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -52,7 +54,7 @@ def entry(tmp_path_factory):
 
 def test_every_setting_was_traced(entry):
     launched = {name for row in entry["variants"] for name in row["launched_by"]}
-    expected = {f"{d}/b{b}/{p}/kv={kv}" for d in ("bf16", "fp16", "fp32", "fp32-tf32") for b in (1, 256)
+    expected = {f"{d}/b{b}/{p}/kv={kv}" for d in ("bf16", "fp16", "fp32", "fp32-tf32") for b in (1, 8, 256)
                 for p in ("static", "packed") for kv in ("active", "all")}
     assert launched == expected
     assert {row["kernel"] for row in entry["variants"]} >= set(DOT_KERNELS)
@@ -112,6 +114,27 @@ def test_no_variant_is_compiled_for_data(entry):
     forks = {key: [(r["constexprs"], r["attrs"]) for r in rows]
              for key, rows in groups.items() if len(rows) > 1}
     assert not forks, forks
+
+
+def headline_batches() -> list[int]:
+    """The batch sizes of benchmarks/gpu_run.sh's headline (Edge-RecViT-Base, bf16, on the GPU)."""
+    script = (ROOT / "benchmarks" / "gpu_run.sh").read_text()
+    words = re.search(r"^HEADLINE=\((.*)\)$", script, re.M).group(1).split()
+    after = words[words.index("--batch-sizes") + 1:]
+    return [int(word) for word in after[:next((i for i, w in enumerate(after) if w.startswith("--")), len(after))]]
+
+
+def test_committed_table_covers_the_headline_batches():
+    """Each batch size picks its own GEMM tiles (batch 8's 64x128 appears at neither 1 nor 256), so
+    the table must trace every batch the GPU run's headline times: a variant first compiled there
+    is unchecked for spills and shared memory. No compile: reads the committed table."""
+    batches = headline_batches()
+    assert batches and 8 in batches, batches
+    for version, table in json.loads(COMMITTED.read_text()).items():
+        launched = {name for row in table["variants"] for name in row["launched_by"]}
+        missing = [f"bf16/b{b}/{path}/kv={kv}" for b in batches for path in ("static", "packed")
+                   for kv in ("active", "all") if f"bf16/b{b}/{path}/kv={kv}" not in launched]
+        assert not missing, f"triton {version}: {missing}"
 
 
 def test_committed_table_is_current(entry):

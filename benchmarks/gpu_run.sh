@@ -118,12 +118,15 @@ step() {
     return $rc
 }
 
-# gpu_step NAME CAP CMD...: a step that needs the GPU machine; --dry-run shows it instead.
+# gpu_step NAME CAP CMD...: a step that needs the GPU machine; --dry-run shows it instead, each word
+# quoted as bash would need it (tests/test_gpu_run.py reads the ncu lines back).
 gpu_step() {
+    local shown
     if ((DRY)); then
         AT=$((AT + $2))
         record "$1" "$2" "$AT" - "dry run: not run"
-        echo "== $1 (dry run, not run): ${*:3}" | tee -a "$LOGS/dry-run.log"
+        printf -v shown ' %q' "${@:3}"
+        echo "== $1 (dry run, not run):$shown" | tee -a "$LOGS/dry-run.log"
         return 0
     fi
     step "$@"
@@ -288,13 +291,14 @@ lane_sanitizers() {
 }
 
 # bench_step NAME CAP ARGS...: recvit bench --full with ARGS, results under results/NAME/<device>/,
-# rewritten after each batch; --dry-run: Tiny at 32 px, batch 2, one thread, two implementations.
+# rewritten after each batch; --dry-run: Tiny at 32 px, batch 1 and 2, one thread, DeiT, ToMe, the
+# reference and packed (what benchmarks/gpu_results.py's targets can compare on a CPU).
 bench_step() {
     local name=$1 cap=$2
     shift 2
     if ((DRY)); then
-        set -- --cpu --scales tiny --dtypes fp32 --img-sizes 32 --batch-sizes 2 --profiles paper \
-            --implementations deit-dense packed --target-s 0.01 --threads 1 --no-plots
+        set -- --cpu --scales tiny --dtypes fp32 --img-sizes 32 --batch-sizes 1 2 --profiles paper \
+            --implementations deit-dense tome reference packed --target-s 0.01 --threads 1 --no-plots
     fi
     step "$name" "$cap" "$PY" -m recvit bench --full --no-progress "$@" --out "$WORK/results/$name"
 }

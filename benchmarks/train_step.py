@@ -12,6 +12,9 @@ are taken within a round (so a change of machine load reaches both sides), and r
 median with the 25th-75th percentiles. ``--dtype bf16`` runs forward and loss under bf16 autocast
 (weights and optimizer in fp32, as the recipe trains on GPUs).
 
+With ``--out``, ``results.json`` and ``results.md`` are rewritten after each timed round (marked
+partial until the last), so a run cut off keeps the rounds it timed.
+
 Memory, per implementation: the activations autograd saves for the backward in one forward (the
 distinct non-parameter storages, counted with ``saved_tensors_hooks``; any device), and on a GPU the
 peak allocated memory of one step.

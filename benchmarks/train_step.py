@@ -45,7 +45,7 @@ def _step_fn(model, optimizer, loss_fn, autocast):
     return step
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
     parser.add_argument("--scale", default="small", choices=sorted(SCALES))
     parser.add_argument("--batch", type=int, default=8)
@@ -57,7 +57,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--backends", nargs="+", default=None,
                         help="Edge-RecViT backends (default: packed eager, and triton on a GPU)")
     parser.add_argument("--out", default=None, help="write results.json and results.md under OUT/<device>/")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

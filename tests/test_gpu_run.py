@@ -145,16 +145,53 @@ def test_ncu_summary_reads_ncu_csv(tmp_path):
     assert any("no ncu CSV rows" in line for line in ncu_summary([empty]))
 
 
-def shown_steps(out, stage):
-    """{step: its words} of the steps the dry run showed rather than ran (logs/dry-run.log)."""
+def shown_steps(out, stage, how="dry run, not run"):
+    """{step: its words} of the steps the dry run showed rather than ran (logs/dry-run.log); with
+    how="on the GPU", of the GPU commands of the steps it ran as toys."""
     with tarfile.open(out / f"gpu_run-{stage}.tar.gz") as tar:
         shown = tar.extractfile(f"gpu_run-{stage}/logs/dry-run.log").read().decode()
     found = {}
     for line in shown.splitlines():
-        match = re.match(r"== (\S+) \(dry run, not run\): (.*)", line)
+        match = re.match(rf"== (\S+) \({how}\): (.*)", line)
         if match:
             found[match.group(1)] = shlex.split(match.group(2))
     return found
+
+
+# the steps the dry run runs as toys in place of their GPU commands
+TOYS = {"first": {"check", "headline"}, "check": {"check"}, "bench": {"headline", "compile"},
+        "sweep": {"sweep-scales", "train-step", "sweep-fp16"}, "profile": {"torch-profiler"}}
+
+
+@pytest.mark.parametrize("stage", sorted(STEPS))
+def test_gpu_commands_of_every_stage_parse(dry_run, stage, monkeypatch):
+    """Each step the dry run times as a toy has its GPU command line in dry-run.log, and that line is
+    taken by its program's parser as the GPU run gives it (recvit bench's settings checked as on a
+    GPU: the implementations, batch and image sizes), so that a GPU session meets no usage error."""
+    import torch
+
+    from benchmarks import profile_forward, train_step
+    from recvit import bench
+    from recvit.cli import _build_parser
+
+    result, out = dry_run(stage)
+    assert result.returncode == 0, result.stdout[-4000:]
+    commands = shown_steps(out, stage, "on the GPU")
+    assert set(commands) == TOYS[stage]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, words in commands.items():
+        assert words[:2] == [sys.executable, "-m"], words
+        module, args = words[2], words[3:]
+        if module == "recvit" and args[0] == "bench":
+            settings = bench.settings_from_args(bench.cli._parser().parse_args(args[1:]))
+            assert settings.device == "cuda" and "--full" in args and "--cpu" not in args
+        elif module == "recvit":
+            assert _build_parser().parse_args(args).device == "cuda"
+        elif module == "benchmarks.train_step":
+            train_step._parser().parse_args(args)
+        else:
+            assert module == "benchmarks.profile_forward", words
+            assert profile_forward._parser().parse_args(args).device == "cuda"
 
 
 def test_profile_stage_ncu_commands_are_well_formed_and_bounded(dry_run):

@@ -26,7 +26,8 @@
 # bench-STAGE.json / .md; all refreshed after each step or group of steps, so a killed call returns
 # what was done.
 # --dry-run: the same plan on this machine's CPU at toy sizes; the steps that need the GPU machine
-# (the build, compute-sanitizer, ncu) are shown, not run. CI runs it (tests/test_gpu_run.py).
+# (the build, compute-sanitizer, ncu) are shown, not run, and so are the GPU command lines of the
+# steps run as toys (logs/dry-run.log). CI runs it (tests/test_gpu_run.py, which parses those lines).
 # Environment: OUT (default: a new temporary folder), PYTHON (default python3), GPU_RUN_BUDGET_S,
 # RECVIT_COMMIT (recorded in the summary: the device machine's copy has no .git), CUDA_HOME (else
 # found as csrc/check_compile.sh finds it).
@@ -118,15 +119,27 @@ step() {
     return $rc
 }
 
-# gpu_step NAME CAP CMD...: a step that needs the GPU machine; --dry-run shows it instead.
+# gpu_step NAME CAP CMD...: a step that needs the GPU machine; --dry-run shows it instead, each word
+# quoted as bash would need it (tests/test_gpu_run.py reads the ncu lines back).
 gpu_step() {
+    local shown
     if ((DRY)); then
         AT=$((AT + $2))
         record "$1" "$2" "$AT" - "dry run: not run"
-        echo "== $1 (dry run, not run): ${*:3}" | tee -a "$LOGS/dry-run.log"
+        printf -v shown ' %q' "${@:3}"
+        echo "== $1 (dry run, not run):$shown" | tee -a "$LOGS/dry-run.log"
         return 0
     fi
     step "$@"
+}
+
+# gpu_args NAME CMD...: --dry-run: the command step NAME runs on the GPU machine, quoted as bash would
+# need it, into logs/dry-run.log (the dry run times a toy in its place; tests/test_gpu_run.py
+# parses each with its program's parser).
+gpu_args() {
+    local shown
+    printf -v shown ' %q' "${@:2}"
+    echo "== $1 (on the GPU):$shown" >> "$LOGS/dry-run.log"
 }
 
 # skip NAME CAP WHY: a planned step that does not run.
@@ -213,6 +226,7 @@ build() {
 # recvit check, the table streamed to its log; CHECK_ARGS and CHECK_CAP per stage.
 lane_check() {
     if ((DRY)); then
+        gpu_args check "$PY" -m recvit check --device cuda "${CHECK_ARGS[@]}" --json "$WORK/check.json"
         step check "$CHECK_CAP" "$PY" -m recvit check --device cpu --quick --only depth_sort pack --dtypes fp32 \
             --json "$WORK/check.json"
     else
@@ -288,13 +302,15 @@ lane_sanitizers() {
 }
 
 # bench_step NAME CAP ARGS...: recvit bench --full with ARGS, results under results/NAME/<device>/,
-# rewritten after each batch; --dry-run: Tiny at 32 px, batch 2, one thread, two implementations.
+# rewritten after each batch; --dry-run: Tiny at 32 px, batch 1 and 2, one thread, DeiT, ToMe, the
+# reference and packed (what benchmarks/gpu_results.py's targets can compare on a CPU).
 bench_step() {
     local name=$1 cap=$2
     shift 2
     if ((DRY)); then
-        set -- --cpu --scales tiny --dtypes fp32 --img-sizes 32 --batch-sizes 2 --profiles paper \
-            --implementations deit-dense packed --target-s 0.01 --threads 1 --no-plots
+        gpu_args "$name" "$PY" -m recvit bench --full --no-progress "$@" --out "$WORK/results/$name"
+        set -- --cpu --scales tiny --dtypes fp32 --img-sizes 32 --batch-sizes 1 2 --profiles paper \
+            --implementations deit-dense tome reference packed --target-s 0.01 --threads 1 --no-plots
     fi
     step "$name" "$cap" "$PY" -m recvit bench --full --no-progress "$@" --out "$WORK/results/$name"
 }
@@ -433,10 +449,10 @@ sweep)
         ${FAST[0]:+--implementations "${FAST[@]}"}
     checkpoint
     # a training step (forward + backward + AdamW), Base, bf16 autocast: packed, triton, eager, DeiT-B
+    TRAIN=(--scale base --batch 64 --dtype bf16 --rounds 7 --out "$WORK/results/train-step-base-224")
     if ((DRY)); then
+        gpu_args train-step "$PY" -m benchmarks.train_step "${TRAIN[@]}"
         TRAIN=(--scale tiny --img-size 32 --batch 2 --rounds 1 --backends packed --out "$WORK/results/train-step-tiny-32")
-    else
-        TRAIN=(--scale base --batch 64 --dtype bf16 --rounds 7 --out "$WORK/results/train-step-base-224")
     fi
     step train-step 70 "$PY" -m benchmarks.train_step "${TRAIN[@]}"
     checkpoint
@@ -447,18 +463,20 @@ profile)
     build "$(native_arch)"
     checkpoint
     PROFILE=("$PY" -m benchmarks.profile_forward --out "$WORK/profile")
+    ON_GPU=(--device cuda --scale base --dtype bf16 --batch 8)
     if ((DRY)); then
+        gpu_args torch-profiler "${PROFILE[@]}" "${ON_GPU[@]}"
         step torch-profiler 170 "${PROFILE[@]}" --device cpu --scale tiny --dtype fp32 --batch 1 --img-size 32 \
             --repeats 2 --top 10 --threads 1 --implementations reference packed
     else
-        step torch-profiler 170 "${PROFILE[@]}" --device cuda --scale base --dtype bf16 --batch 8
+        step torch-profiler 170 "${PROFILE[@]}" "${ON_GPU[@]}"
     fi
     checkpoint
     METRICS=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed
     for impl in triton cuda; do
         gpu_step "ncu-$impl" 70 ncu --profile-from-start off --clock-control none --launch-count 300 \
             --metrics "$METRICS" --csv --log-file "$LOGS/ncu-$impl.csv" \
-            "${PROFILE[@]}" --ncu --device cuda --scale base --dtype bf16 --batch 8 --implementations "$impl"
+            "${PROFILE[@]}" --ncu "${ON_GPU[@]}" --implementations "$impl"
     done
     CSVS=("$LOGS"/ncu-*.csv)
     if [[ -e ${CSVS[0]} ]]; then

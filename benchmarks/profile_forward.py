@@ -168,8 +168,9 @@ def _number(text: str) -> float:
         return 0.0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_forward",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
     parser.add_argument("--scale", choices=sorted(SCALES), default="base")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
@@ -183,6 +184,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "--ncu-summary, the Markdown file")
     parser.add_argument("--ncu", action="store_true", help="one forward between cudaProfilerStart/Stop")
     parser.add_argument("--ncu-summary", nargs="+", type=Path, default=None, metavar="CSV")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.ncu_summary is not None:
         args.out.write_text("\n".join(ncu_summary(args.ncu_summary)) + "\n")

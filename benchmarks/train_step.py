@@ -12,6 +12,9 @@ are taken within a round (so a change of machine load reaches both sides), and r
 median with the 25th-75th percentiles. ``--dtype bf16`` runs forward and loss under bf16 autocast
 (weights and optimizer in fp32, as the recipe trains on GPUs).
 
+With ``--out``, ``results.json`` and ``results.md`` are rewritten after each timed round (marked
+partial until the last), so a run cut off keeps the rounds it timed.
+
 Memory, per implementation: the activations autograd saves for the backward in one forward (the
 distinct non-parameter storages, counted with ``saved_tensors_hooks``; any device), and on a GPU the
 peak allocated memory of one step.
@@ -42,7 +45,7 @@ def _step_fn(model, optimizer, loss_fn, autocast):
     return step
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
     parser.add_argument("--scale", default="small", choices=sorted(SCALES))
     parser.add_argument("--batch", type=int, default=8)
@@ -54,7 +57,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--backends", nargs="+", default=None,
                         help="Edge-RecViT backends (default: packed eager, and triton on a GPU)")
     parser.add_argument("--out", default=None, help="write results.json and results.md under OUT/<device>/")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -89,40 +96,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 peak_mib[name] = peak_memory(fns[name], (images, targets, depths), device) / 2 ** 20
         except Exception as error:  # noqa: BLE001  (the timing run records it as failed)
             print(f"{name}: memory not measured: {error!r}")
-    times = time_interleaved(fns, [(images, targets, depths)], device, warmup=2, min_repeats=args.rounds,
-                             max_repeats=args.rounds, target_s=0.0)
-    failed = {name: repr(value) for name, value in times.items() if isinstance(value, Exception)}
-    times = {name: value for name, value in times.items() if name not in failed}
-
-    ratios = {}
-    for name in times:
-        for other in times:
-            if name != other:
-                ratios[f"{other} / {name}"] = summary([b / a for a, b in zip(times[name], times[other])])
     flops = recvit.count_flops(base, depths if depths is not None else base(images, return_aux=True).depths)
-    result = {"device": device_info(device), "settings": vars(args), "failed": failed,
-              "forward_gflops_per_image": {"edge-recvit": flops.total / 1e9},
-              "seconds_per_step": {name: summary(values) for name, values in times.items()},
-              "saved_activations_mib": saved_mib, "peak_memory_mib": peak_mib,
-              "raw_seconds": times, "speedup": ratios}
-    lines = [f"Training step (forward + backward + AdamW), {args.scale}, batch {args.batch}, {args.img_size} px, "
-             f"{args.dtype}, depth profile {args.profile!r}, {args.rounds} interleaved rounds on "
-             f"{result['device']['name']} ({result['device']['torch_threads']} threads), commit "
-             f"{result['device']['git_commit'][:10]}.", "",
-             "| implementation | s/step median | p25 | p75 | saved activations MiB | peak MiB |",
-             "|---|---|---|---|---|---|"]
 
-    def memory(name):
-        return (f"{saved_mib[name]:.1f}" if name in saved_mib else "-") + " | " + \
-            (f"{peak_mib[name]:.0f}" if name in peak_mib else "-")
+    def report(times: dict, complete: bool) -> None:
+        failed = {name: repr(value) for name, value in times.items() if isinstance(value, Exception)}
+        times = {name: value for name, value in times.items() if name not in failed}
+        rounds = min((len(values) for values in times.values()), default=0)
+        ratios = {}
+        for name in times:
+            for other in times:
+                if name != other:
+                    ratios[f"{other} / {name}"] = summary([b / a for a, b in zip(times[name], times[other])])
+        result = {"device": info, "settings": vars(args), "complete": complete, "failed": failed,
+                  "forward_gflops_per_image": {"edge-recvit": flops.total / 1e9},
+                  "seconds_per_step": {name: summary(values) for name, values in times.items()},
+                  "saved_activations_mib": saved_mib, "peak_memory_mib": peak_mib,
+                  "raw_seconds": times, "speedup": ratios}
+        lines = [] if complete else [f"**Partial**: {rounds} of {args.rounds} rounds timed when this was written.", ""]
+        lines += [f"Training step (forward + backward + AdamW), {args.scale}, batch {args.batch}, {args.img_size} px, "
+                  f"{args.dtype}, depth profile {args.profile!r}, {rounds} interleaved rounds on "
+                  f"{info['name']} ({info['torch_threads']} threads), commit {info['git_commit'][:10]}.", "",
+                  "| implementation | s/step median | p25 | p75 | saved activations MiB | peak MiB |",
+                  "|---|---|---|---|---|---|"]
 
-    lines += [f"| {name} | {s['median']:.3f} | {s['p25']:.3f} | {s['p75']:.3f} | {memory(name)} |"
-              for name, s in result["seconds_per_step"].items()]
-    lines += ["", "| speed-up (time of the second / time of the first, per round) | median | p25 | p75 |",
-              "|---|---|---|---|"]
-    lines += [f"| {name} | {s['median']:.2f}x | {s['p25']:.2f}x | {s['p75']:.2f}x |" for name, s in ratios.items()
-              if name.endswith("edge-recvit-packed")]
-    publish("\n".join(lines), result, args.out)
+        def memory(name):
+            return (f"{saved_mib[name]:.1f}" if name in saved_mib else "-") + " | " + \
+                (f"{peak_mib[name]:.0f}" if name in peak_mib else "-")
+
+        lines += [f"| {name} | {s['median']:.3f} | {s['p25']:.3f} | {s['p75']:.3f} | {memory(name)} |"
+                  for name, s in result["seconds_per_step"].items()]
+        lines += ["", "| speed-up (time of the second / time of the first, per round) | median | p25 | p75 |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {s['median']:.2f}x | {s['p25']:.2f}x | {s['p75']:.2f}x |" for name, s in ratios.items()
+                  if name.endswith("edge-recvit-packed")]
+        if not complete:
+            print(f"timed round {rounds} of {args.rounds}", flush=True)
+        publish("\n".join(lines), result, args.out, quiet=not complete)
+
+    info = device_info(device)
+    times = time_interleaved(fns, [(images, targets, depths)], device, warmup=2, min_repeats=args.rounds,
+                             max_repeats=args.rounds, target_s=0.0,
+                             on_round=lambda so_far: report(so_far, complete=False))
+    report(times, complete=True)
     return 0
 
 
@@ -131,19 +146,22 @@ def summary(values: Sequence[float]) -> dict:
     return {"median": percentile(values, 50), "p25": percentile(values, 25), "p75": percentile(values, 75)}
 
 
-def publish(text: str, result: dict, out: Optional[str]) -> None:
-    """Print ``text`` (and ``result["failed"]``); with ``out``, write ``result`` as results.json and
-    ``text`` as results.md under ``out/<device>/``."""
-    print(text)
-    if result["failed"]:
-        print("failed:", result["failed"])
+def publish(text: str, result: dict, out: Optional[str], quiet: bool = False) -> None:
+    """Print ``text`` (and ``result["failed"]``) unless ``quiet``; with ``out``, write ``result`` as
+    results.json and ``text`` as results.md under ``out/<device>/``, each whole under a temporary
+    name, then renamed: a run killed while writing leaves the previous version, never half a file."""
+    if not quiet:
+        print(text)
+        if result["failed"]:
+            print("failed:", result["failed"])
     if out:
         folder = os.path.join(out, device_slug(result["device"]))
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "results.json"), "w") as handle:
-            json.dump(result, handle, indent=1)
-        with open(os.path.join(folder, "results.md"), "w") as handle:
-            handle.write(text + "\n")
+        for name, content in (("results.json", json.dumps(result, indent=1)), ("results.md", text + "\n")):
+            partial = os.path.join(folder, f".{name}.partial")
+            with open(partial, "w") as handle:
+                handle.write(content)
+            os.replace(partial, os.path.join(folder, name))
 
 
 if __name__ == "__main__":

@@ -244,6 +244,44 @@ def test_cli_writes_each_batch_as_it_completes(capsys, monkeypatch, tmp_path):
     assert f"batch 1: 2 records in {folder}/results.json" in capsys.readouterr().out
 
 
+def test_train_step_writes_each_round_as_it_completes(monkeypatch, tmp_path, capsys):
+    """benchmarks/train_step.py cut off during its second timed round (here a step raises, as a kill
+    would stop it) has written the first round of each implementation, marked partial; a whole run
+    rewrites it complete."""
+    from benchmarks import train_step
+
+    argv = ["--scale", "tiny", "--img-size", "32", "--batch", "2", "--rounds", "3", "--backends", "packed",
+            "--out", str(tmp_path)]
+    calls, step_fn = [], train_step._step_fn
+
+    def cut_off_in_the_second_round(*args):
+        step = step_fn(*args)
+
+        def counted(*inputs):
+            calls.append(1)
+            if len(calls) == 2 * 2 + 2 + 1:  # 2 warm-up rounds, 1 timed round of the 2 implementations
+                raise KeyboardInterrupt
+            return step(*inputs)
+        return counted
+
+    monkeypatch.setattr(train_step, "_step_fn", cut_off_in_the_second_round)
+    with pytest.raises(KeyboardInterrupt):
+        train_step.main(argv)
+    folder = next(tmp_path.iterdir())
+    result = json.loads((folder / "results.json").read_text())
+    assert result["complete"] is False and sorted(result["raw_seconds"]) == ["deit-dense", "edge-recvit-packed"]
+    assert all(len(seconds) == 1 and seconds[0] > 0 for seconds in result["raw_seconds"].values())
+    assert "**Partial**: 1 of 3 rounds" in (folder / "results.md").read_text()
+    assert sorted(p.name for p in folder.iterdir()) == ["results.json", "results.md"]  # no half-written file
+    assert "timed round 1 of 3" in capsys.readouterr().out
+
+    monkeypatch.setattr(train_step, "_step_fn", step_fn)
+    assert train_step.main(argv) == 0
+    result = json.loads((folder / "results.json").read_text())
+    assert result["complete"] is True and all(len(s) == 3 for s in result["raw_seconds"].values())
+    assert "Partial" not in (folder / "results.md").read_text()
+
+
 # ----------------------------------------------------------------------------------------------
 # Spread
 
@@ -284,6 +322,87 @@ def test_report_marks_what_noise_cannot_rank():
     record.update(speedup_vs_deit_p10=1.01, speedup_vs_deit_ranked=True)
     assert ratio_cell(record, "vs_deit") == "1.05x (1.01-1.20)"
     assert ratio_cell({"status": "ok", "speedup_vs_deit": 1.3}, "vs_deit") == "1.30x"  # old results
+
+
+def _record(name, batch, p50_ms=10.0, **speedups):
+    """A timed record of a Base bf16 run; speedups: label -> (median, p10, p90)."""
+    record = {"scale": "base", "dtype": "bf16", "img_size": 224, "tokens": 197, "profile": "paper",
+              "implementation": name, "batch": batch, "status": "ok", "flops_per_image": 24e9, "p10_ms": p50_ms * 0.9,
+              "p50_ms": p50_ms, "p90_ms": p50_ms * 1.1, "images_per_s": batch * 1e3 / p50_ms, "noisy": False}
+    for label, (value, low, high) in speedups.items():
+        record.update({f"speedup_{label}": value, f"speedup_{label}_p10": low, f"speedup_{label}_p90": high})
+    return record
+
+
+def _results(records, latency_batches=(1, 8), device_type="cuda"):
+    return {"device": {"name": "NVIDIA H200", "device_type": device_type},
+            "settings": {"headline_profile": "paper", "latency_batches": list(latency_batches),
+                         "batch_sizes": [1, 8, 256] if latency_batches else [2, 4]},
+            "configs": [{"scale": "base", "dtype": "bf16", "img_size": 224}], "records": records}
+
+
+def test_targets_table_holds_each_of_ours_to_each_target():
+    """Each target at its batch (throughput: the largest, 256; latency: the first latency batch, 1),
+    each of ours against the baseline of that target; met / not met by the median, ~ where the
+    p10-p90 range contains the target; a side not measured says so."""
+    from recvit.bench.report import targets_table
+
+    records = [_record("deit-dense", 256), _record("tome", 256), _record("reference", 256),
+               _record("varlen_attn", 256), _record("deit-dense+graph", 1),
+               _record("packed", 256, vs_deit=(1.40, 1.37, 1.45), vs_tome=(1.04, 1.01, 1.07),
+                       vs_reference=(1.6, 1.5, 1.7)),
+               _record("triton", 256, vs_deit=(1.30, 1.25, 1.33), vs_tome=(0.9, 0.8, 1.0),
+                       vs_reference=(1.2, 1.1, 1.3), vs_varlen_attn=(0.95, 0.85, 1.02)),
+               {**_record("cuda", 256), "status": "failed", "reason": "RuntimeError: boom"},
+               _record("triton+graph", 1, vs_deit_graph=(1.10, 1.05, 1.2)),
+               _record("cuda+graph", 1, vs_deit_graph=(0.97, 0.95, 0.99)),
+               _record("packed", 1, vs_deit=(9.0, 9.0, 9.0))]  # batch 1: not a throughput figure
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in targets_table(_results(records)).splitlines()
+            if line.startswith("| ") and "@ b=" in line}
+    assert rows["throughput vs DeiT (both eager) @ b=256"] == [
+        ">= 1.35x", "1.40x (1.37-1.45) met", "1.30x (1.25-1.33) not met", "not measured: failed |"]
+    assert rows["throughput vs ToMe at the same FLOPs (both eager) @ b=256"][1:3] == [
+        "1.04x (1.01-1.07) not met ~", "0.90x (0.80-1.00) not met"]
+    assert rows["p50 latency vs DeiT, CUDA graph on both sides (latency <= 1.0x) @ b=1"] == [
+        ">= 1.00x", "not measured: not in this run", "1.10x (1.05-1.20) met", "0.97x (0.95-0.99) not met |"]
+    assert rows["throughput vs the public code's execution (`reference`) @ b=256"][1] == "1.60x (1.50-1.70) met ~"
+    assert rows["throughput vs torch `varlen_attn` per step (whole forward, not attention alone) @ b=256"] == [
+        ">= 0.90x", "-", "0.95x (0.85-1.02) met ~", "- |"]
+    assert "this run is not that one" not in targets_table(_results(records))
+    stopped = [r for r in records if r["batch"] != 256]  # a run stopped before its largest batch
+    assert "| throughput vs DeiT (both eager) @ b=256 | >= 1.35x | not measured: not in this run |" \
+        in targets_table(_results(stopped))
+    without_tome = [r for r in records if r["implementation"] != "tome"]
+    assert "| no tome: not in this run |" in targets_table(_results(without_tome))
+    assert "this run is not that one" in targets_table(_results(records, device_type="cpu"))
+
+
+def test_records_pair_with_the_targets_baselines(monkeypatch):
+    """Every record gets its per-round speed-up over DeiT in a CUDA graph and over torch's varlen_attn
+    (the targets' baselines), beside those over DeiT, ToMe and the reference."""
+    stand_ins = [bench.Implementation(name, name, lambda model, deit, images, depths: (lambda x, d: deit(x)))
+                 for name in ("deit-dense+graph", "varlen_attn")]
+    monkeypatch.setattr(bench.runner, "select", lambda names, force=False: [
+        *stand_ins, *(i for i in bench.implementations() if i.name in ("deit-dense", "packed"))])
+    settings = bench.Settings("cpu", ["tiny"], ["fp32"], [32], [2], ["paper"], [2], latency_batches=[],
+                              warmup=1, min_repeats=3, max_repeats=3, target_s=0.0, rotate=1, threads=1)
+    packed = next(r for r in bench.run(settings, progress=False)["records"] if r["implementation"] == "packed")
+    for label in ("vs_deit_graph", "vs_varlen_attn"):
+        low, mid, high = (packed[f"speedup_{label}{s}"] for s in ("_p10", "", "_p90"))
+        assert 0 < low <= mid <= high and packed[f"speedup_{label}_ranked"] in (True, False)
+
+
+def test_plots_of_a_run_without_latency_batches(tmp_path):
+    """--batch-sizes without 1 or 8 leaves no latency batch: the latency plot shows the smallest
+    batch instead of failing after the whole run."""
+    from recvit.bench.plot import plot
+
+    records = [_record("deit-dense", 2, vs_deit=(1.0, 1.0, 1.0)), _record("packed", 2, vs_deit=(1.2, 1.1, 1.3)),
+               _record("packed", 4, vs_deit=(1.3, 1.2, 1.4))]
+    paths = plot({**_results(records, latency_batches=()), "implementations": {"deit-dense": "", "packed": ""}},
+                 tmp_path)
+    assert sorted(p.name for p in paths) == ["latency.png", "speedup.png", "throughput.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """benchmarks/gpu_run.sh: the dry run of every stage runs on the CPU and packs what a GPU run would
 bring back, its plan fits one call of the device tool, and first's pytest runs no sanitizer; the
-ncu summary reads ncu's CSV."""
+profile stage's ncu command lines are well formed and bounded; the ncu summary reads ncu's CSV;
+benchmarks/gpu_results.py makes the result folder and the README's table of what `first` brings back."""
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -140,3 +143,169 @@ def test_ncu_summary_reads_ncu_csv(tmp_path):
     empty = tmp_path / "ncu-cuda.csv"
     empty.write_text("==ERROR== the profiler failed\n")
     assert any("no ncu CSV rows" in line for line in ncu_summary([empty]))
+
+
+def shown_steps(out, stage, how="dry run, not run"):
+    """{step: its words} of the steps the dry run showed rather than ran (logs/dry-run.log); with
+    how="on the GPU", of the GPU commands of the steps it ran as toys."""
+    with tarfile.open(out / f"gpu_run-{stage}.tar.gz") as tar:
+        shown = tar.extractfile(f"gpu_run-{stage}/logs/dry-run.log").read().decode()
+    found = {}
+    for line in shown.splitlines():
+        match = re.match(rf"== (\S+) \({how}\): (.*)", line)
+        if match:
+            found[match.group(1)] = shlex.split(match.group(2))
+    return found
+
+
+# the steps the dry run runs as toys in place of their GPU commands
+TOYS = {"first": {"check", "headline"}, "check": {"check"}, "bench": {"headline", "compile"},
+        "sweep": {"sweep-scales", "train-step", "sweep-fp16"}, "profile": {"torch-profiler"}}
+
+
+@pytest.mark.parametrize("stage", sorted(STEPS))
+def test_gpu_commands_of_every_stage_parse(dry_run, stage, monkeypatch):
+    """Each step the dry run times as a toy has its GPU command line in dry-run.log, and that line is
+    taken by its program's parser as the GPU run gives it (recvit bench's settings checked as on a
+    GPU: the implementations, batch and image sizes), so that a GPU session meets no usage error."""
+    import torch
+
+    from benchmarks import profile_forward, train_step
+    from recvit import bench
+    from recvit.cli import _build_parser
+
+    result, out = dry_run(stage)
+    assert result.returncode == 0, result.stdout[-4000:]
+    commands = shown_steps(out, stage, "on the GPU")
+    assert set(commands) == TOYS[stage]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, words in commands.items():
+        assert words[:2] == [sys.executable, "-m"], words
+        module, args = words[2], words[3:]
+        if module == "recvit" and args[0] == "bench":
+            settings = bench.settings_from_args(bench.cli._parser().parse_args(args[1:]))
+            assert settings.device == "cuda" and "--full" in args and "--cpu" not in args
+        elif module == "recvit":
+            assert _build_parser().parse_args(args).device == "cuda"
+        elif module == "benchmarks.train_step":
+            train_step._parser().parse_args(args)
+        else:
+            assert module == "benchmarks.profile_forward", words
+            assert profile_forward._parser().parse_args(args).device == "cuda"
+
+
+def test_profile_stage_ncu_commands_are_well_formed_and_bounded(dry_run):
+    """Each ncu line: counters only between the program's cudaProfilerStart/Stop (one warmed-up
+    forward), at most a few hundred kernel launches (a Base batch-8 triton forward launches about
+    150), the clocks left alone, the metrics the summary reads, CSV into the log folder that
+    ncu-summary globs; the program's own arguments are profile_forward's, one implementation on cuda;
+    each step capped well inside the budget."""
+    from benchmarks.profile_forward import NCU_METRICS, _parser
+
+    result, out = dry_run("profile")
+    assert result.returncode == 0, result.stdout[-4000:]
+    shown = shown_steps(out, "profile")
+    caps = step_table((out / "summary-profile.txt").read_text())
+    for impl in ("triton", "cuda"):
+        words = shown[f"ncu-{impl}"]
+        assert words[0] == "ncu", words
+        program = words.index(sys.executable)
+        assert words[1:program].count("--csv") == 1, words  # the one option without a value
+        rest = [w for w in words[1:program] if w != "--csv"]
+        options = dict(zip(rest[::2], rest[1::2]))
+        assert sorted(options) == ["--clock-control", "--launch-count", "--log-file", "--metrics",
+                                   "--profile-from-start"], options
+        assert options["--profile-from-start"] == "off" and options["--clock-control"] == "none"
+        assert 150 <= int(options["--launch-count"]) <= 1000
+        assert tuple(options["--metrics"].split(",")) == NCU_METRICS
+        assert options["--log-file"].endswith(f"/gpu_run-profile/logs/ncu-{impl}.csv")
+        assert words[program + 1:program + 3] == ["-m", "benchmarks.profile_forward"]
+        args = _parser().parse_args(words[program + 3:])
+        assert args.ncu and args.device == "cuda" and args.implementations == [impl] and args.batch >= 1
+        cap, _ends, status = caps[f"ncu-{impl}"]
+        assert status == "dry run: not run" and cap <= 120
+
+
+def test_gpu_results_from_the_dry_run_of_first(dry_run, tmp_path, capsys):
+    """What `first` brings back (here its dry run's files) becomes RESULTS/<device>/ with the JSON,
+    the report, the plots, the summary and the check, the commit filled in; the README's table between
+    its markers is rendered from that JSON, the targets' table with it, the rest of the README kept."""
+    from benchmarks.gpu_results import main as gpu_results
+    from recvit.bench import device_slug
+    from recvit.bench.report import TARGETS
+
+    result, out = dry_run("first")
+    assert result.returncode == 0, result.stdout[-4000:]
+    readme = tmp_path / "README.md"
+    shutil.copyfile(ROOT / "README.md", readme)
+    results_root = tmp_path / "benchmarks" / "results"
+    assert gpu_results([str(out), "--commit", "0123abc", "--results", str(results_root),
+                        "--readme", str(readme)]) == 0
+    bench = json.loads((out / "bench-first.json").read_text())
+    folder = results_root / device_slug(bench["device"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([
+        "results.json", "results.md", "throughput.png", "latency.png", "speedup.png", "summary.txt", "check.json"])
+    results = json.loads((folder / "results.json").read_text())
+    assert results["device"]["git_commit"] == "0123abc" and results["device"]["git_dirty"] is None
+    assert results["records"] == bench["records"]
+    assert (folder / "summary.txt").read_text() == (out / "summary-first.txt").read_text()
+    assert json.loads((folder / "check.json").read_text())["passed"]
+    assert all((folder / plot).stat().st_size > 1000 for plot in ("throughput.png", "latency.png", "speedup.png"))
+    assert "## Targets" in (folder / "results.md").read_text()
+
+    text, original = readme.read_text(), (ROOT / "README.md").read_text()
+    start, end = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+    assert text.split(start)[0] == original.split(start)[0] and text.split(end)[1] == original.split(end)[1]
+    table = text.split(start)[1].split(end)[0]
+    assert "commit 0123abc" in table and "| packed |" in table
+    assert f"Source: `benchmarks/results/{folder.name}/results.json`" in table
+    packed = next(r for r in bench["records"] if r["implementation"] == "packed" and r["batch"] == 2)
+    for target in TARGETS[:2] + TARGETS[3:4]:  # DeiT, ToMe, the reference: all timed in the dry run
+        value, low, high = (packed[f"speedup_{target.label}{s}"] for s in ("", "_p10", "_p90"))
+        cell = f"{value:.2f}x ({low:.2f}-{high:.2f}) " + ("met" if value >= target.at_least else "not met")
+        assert f"| {target.what} @ b=2 | >= {target.at_least:.2f}x | {cell}" in table, (cell, table)
+    assert "| p50 latency vs DeiT, CUDA graph on both sides (latency <= 1.0x) @ b=1 |" in table
+    assert "this run is not that one" in table  # a CPU's toy run, not the targets' GPU run
+    assert f"wrote {folder}" in capsys.readouterr().out
+
+    # again, from a run that recorded its commit (RECVIT_COMMIT) and has no check: none stays behind
+    again = tmp_path / "again"
+    again.mkdir()
+    summary = (out / "summary-first.txt").read_text()
+    assert ", commit unknown (set RECVIT_COMMIT)" in summary
+    (again / "summary-first.txt").write_text(summary.replace(", commit unknown (set RECVIT_COMMIT)",
+                                                             ", commit 4567def"))
+    bench["device"]["git_commit"] = "unknown"  # as on the device machine: no .git there
+    (again / "bench-first.json").write_text(json.dumps(bench))
+    assert gpu_results([str(again), "--results", str(results_root), "--readme", str(readme)]) == 0
+    assert json.loads((folder / "results.json").read_text())["device"]["git_commit"] == "4567def"
+    assert not (folder / "check.json").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no folder", "folder: no such folder"),
+    ("no bench", "bench-first.json: no such file"),
+    ("no commit", "the run recorded no commit (RECVIT_COMMIT was not set): pass --commit"),
+    ("bad commit", "argument --commit: expected a hexadecimal git commit"),
+    ("no markers", "readme: expected the marker lines"),
+])
+def test_gpu_results_refuses_before_writing(case, message, tmp_path, capsys):
+    from benchmarks.gpu_results import main as gpu_results
+
+    run = tmp_path / "files_at"
+    run.mkdir()
+    (run / "summary-first.txt").write_text("gpu_run.sh first on host, 2026-12-01T00:00:00Z, commit unknown "
+                                           "(set RECVIT_COMMIT)\n")
+    if case != "no bench":
+        (run / "bench-first.json").write_text(json.dumps({"device": {"git_commit": "unknown"}}))
+    readme = tmp_path / "README.md"
+    readme.write_text("no table here\n" if case == "no markers"
+                      else "<!-- bench-table:start -->\n<!-- bench-table:end -->\n")
+    argv = [str(tmp_path / "nowhere" if case == "no folder" else run), "--results", str(tmp_path / "results"),
+            "--readme", str(readme)] + (["--commit", "HEAD~1"] if case == "bad commit" else [])
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_results(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "results").exists()

@@ -6,8 +6,9 @@ directory (a later command may use what an earlier one wrote): ``recvit ...`` co
 test_cli.py); ``python -c`` commands in a subprocess; the set-up and test commands must be the ones
 ``.ci/run`` runs; the CUDA build's commands install and need the network, so no test runs them on
 any machine: bash runs each as written with a stand-in ``pip`` that records the arguments and
-environment it was given; the benchmark harness and ``recvit check`` (minutes) have only their entry
-points checked here (``benchmarks/gpu_run.sh`` runs them on a GPU); ``torchrun ... -m recvit train``
+environment it was given; the benchmark harness and ``recvit check`` (minutes) have their own
+arguments checked by their parsers and run here in their tiniest CPU form (``benchmarks/gpu_run.sh``
+runs them on a GPU); ``torchrun ... -m recvit train``
 lines (templates that need the user's data set and GPUs) must be accepted by the training parser.
 Each block runs in an empty temporary directory. A block that needs the user's own files is a
 template, marked in the README by ``<!-- template, needs: NAME ... -->`` on the line before it; the
@@ -34,7 +35,7 @@ BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 TEMPLATE = re.compile(r"^<!-- template, needs: (.+?) -->\n```\w*\n(.*?)^```", re.S | re.M)
 LONG = ("recvit bench", "python -m benchmarks.run", "pytest benchmarks/",  # minutes on a CPU
         "recvit check")  # run in full by test_check.py and .ci/run
-GPU_BUILD = ("pip install ninja", "TORCH_CUDA_ARCH_LIST=")
+GPU_BUILD = ("pip install setuptools>=64 wheel ninja", "TORCH_CUDA_ARCH_LIST=")
 ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")  # NAME=value before a command
 
 
@@ -178,21 +179,47 @@ def test_setup_and_test_commands_are_what_ci_runs(command):
     assert command in ci_commands(), f"README command {command!r} is not run by .ci/run: {sorted(ci_commands())}"
 
 
+# The tiniest CPU form of each long command: the README's words, then these, which narrow it to
+# seconds (argparse keeps the last value of an option given twice).
+TINY_BENCH = ["--cpu", "--scales", "tiny", "--dtypes", "fp32", "--img-sizes", "32", "--batch-sizes", "1",
+              "--profiles", "paper", "--implementations", "deit-dense", "packed", "--target-s", "0",
+              "--min-rounds", "1", "--threads", "1", "--no-progress", "--no-plots"]
+TINY = {"recvit bench": TINY_BENCH, "python -m benchmarks.run": TINY_BENCH,
+        "recvit check": ["--device", "cpu", "--only", "depth_sort", "--dtypes", "fp32"],
+        "pytest benchmarks/": ["-k", "test_depth_sort and packed", "-q", "-p", "no:cacheprovider",
+                               "--benchmark-min-rounds=1", "--benchmark-max-time=0", "--benchmark-warmup=off"]}
+
+
 @pytest.mark.parametrize("command", sorted({c for c in commands() if kind(c) == "long"}))
-def test_long_commands_exist(command, capsys):
-    """The harness takes minutes on a CPU: here only its entry point is checked (its --help, or
-    the microbenchmark files and pytest-benchmark); benchmarks/gpu_run.sh runs it on a GPU."""
+def test_long_commands_parse_and_run_their_tiniest_form(command, tmp_path, monkeypatch, capsys):
+    """The harness takes minutes on a CPU (benchmarks/gpu_run.sh runs it on a GPU): here each README
+    command's own arguments are checked by its parser, then the command runs in its tiniest CPU form
+    (its words, then TINY's), so that no GPU session meets a usage error in it."""
     import importlib
 
+    from recvit import bench
+
     argv = shlex.split(command)
-    if argv[0] != "pytest":
-        entry = main if argv[0] == "recvit" else importlib.import_module(argv[2]).main
-        with pytest.raises(SystemExit) as exit_info:
-            entry(argv[1:2] + ["--help"] if argv[0] == "recvit" else ["--help"])
-        assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+    prefix = next(p for p in TINY if command.startswith(p))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # where --full writes without --out
+    if argv[0] == "pytest":
+        pytest.importorskip("pytest_benchmark")  # --benchmark-only is its option
+        done = subprocess.run([sys.executable, "-m", *argv, *TINY[prefix]], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0 and "\n1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
         return
-    pytest.importorskip("pytest_benchmark")  # --benchmark-only is its option
-    assert list((ROOT / argv[1]).glob("test_*.py")), f"{argv[1]} holds no pytest files"
+    if argv[0] == "recvit":
+        entry, own = main, argv[1:]
+    else:
+        entry, own = importlib.import_module(argv[2]).main, argv[3:]
+    if prefix != "recvit check":  # the bench's own arguments, checked as a GPU run would take them
+        options = bench.cli._parser().parse_args(own[1:] if argv[0] == "recvit" else ["--full", *own])
+        bench.settings_from_args(options)
+    assert entry([*own, *TINY[prefix]]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert (" passed, 0 failed" if prefix == "recvit check" else "| packed |") in out, out[-3000:]
+    if "--full" in command or argv[0] == "python":
+        assert list(tmp_path.glob("recvit/bench/*/results.json"))
 
 
 @pytest.mark.parametrize("words", [words for param in blocks("bash") for words in block_commands(param.values[0])

@@ -21,7 +21,7 @@ The parts, each readable alone:
 - :mod:`.timer`: interleaved timing, one synchronised call, percentiles, paired ratios
 - :mod:`.settings`: what a run measures by default, and the device record
 - :mod:`.runner`: the run itself
-- :mod:`.report` / :mod:`.plot`: tables, Markdown, files, PNGs
+- :mod:`.report` / :mod:`.plot`: tables (the targets' too), Markdown, files, PNGs
 - :mod:`.cli`: the command line
 """
 from .baselines import DeiTDense, Unavailable, capture_graph, dense_flops, scaled_varlen_call
@@ -29,7 +29,7 @@ from .cli import default_results_root, main, settings_from_args
 from .implementations import Implementation, implementations
 from .profiles import (PAPER_ACTIVE_TOKENS_224, PAPER_ALPHA, PROFILES, active_counts, alpha_sums,
                        profile_alpha, profile_depths)
-from .report import headline_table, markdown_report, noise_summary, write_results
+from .report import TARGETS, headline_table, markdown_report, noise_summary, targets_table, write_results
 from .runner import run
 from .settings import DTYPES, SCALES, Settings, default_settings, device_info, device_slug
 from .timer import paired_ratio, percentile, summarize, time_interleaved
@@ -38,7 +38,7 @@ from .tome import ToMe, bipartite_soft_matching, choose_r, merge_wavg, tome_flop
 __all__ = ["DeiTDense", "Unavailable", "capture_graph", "dense_flops", "scaled_varlen_call",
            "default_results_root", "main", "settings_from_args", "Implementation", "implementations",
            "PAPER_ACTIVE_TOKENS_224", "PAPER_ALPHA", "PROFILES", "active_counts", "alpha_sums",
-           "profile_alpha", "profile_depths", "headline_table", "markdown_report", "noise_summary",
-           "write_results", "run", "DTYPES", "SCALES", "Settings", "default_settings", "device_info",
+           "profile_alpha", "profile_depths", "TARGETS", "headline_table", "markdown_report", "noise_summary",
+           "targets_table", "write_results", "run", "DTYPES", "SCALES", "Settings", "default_settings", "device_info",
            "device_slug", "paired_ratio", "percentile", "summarize", "time_interleaved", "ToMe",
            "bipartite_soft_matching", "choose_r", "merge_wavg", "tome_flops"]

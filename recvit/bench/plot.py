@@ -60,7 +60,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     ax.legend(fontsize=8, title=note, title_fontsize=7)
     paths.append(_save(fig, out_dir / "throughput.png"))
 
-    lat = [b for b in results["settings"]["latency_batches"] if b in batches]
+    lat = [b for b in results["settings"]["latency_batches"] if b in batches] or batches[:1]  # none asked: the smallest
     fig, axes = plt.subplots(1, len(lat), figsize=(5 * len(lat), 4.5), squeeze=False)
     for ax, batch in zip(axes[0], lat):
         rows = [r for n in names for r in records if r["implementation"] == n and r["batch"] == batch]

@@ -1,5 +1,6 @@
-"""Reports of a results dictionary: the headline table (also the README's), the full Markdown report,
-the files written, and the plain-language lines the quick run prints.
+"""Reports of a results dictionary: the headline table (also the README's), the table of the targets
+the GPU numbers are held against (:data:`TARGETS`), the full Markdown report, the files written,
+and the plain-language lines the quick run prints.
 
 Every figure is shown with its spread over the interleaved rounds, ``median (p10-p90)``. A
 speed-up is the median of the per-round ratios; ``~`` marks one whose p10-p90 range contains 1 (the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -126,6 +128,81 @@ def headline_table(results: dict, config: Optional[dict] = None, profile: Option
                      + (["", LEGEND] if spread else []))
 
 
+@dataclass(frozen=True)
+class Target:
+    """A speed-up of ours over ``baseline`` (``speedup_<label>`` of our record, timed in the same
+    rounds) at the run's largest batch (``throughput``) or its first latency batch (``latency``),
+    that must reach ``at_least``; ``ours``: our implementation held to it per backend (None: none)."""
+    what: str
+    baseline: str
+    label: str
+    batch: str
+    at_least: float
+    ours: tuple
+
+
+OURS = ("packed", "triton", "cuda")
+# Issue 19's targets, set for Base, bf16, 224 px, the paper profile, on a GPU (256 and 1 are the
+# headline's largest and latency batch).
+TARGETS = (
+    Target("throughput vs DeiT (both eager)", "deit-dense", "vs_deit", "throughput", 1.35, OURS),
+    Target("throughput vs ToMe at the same FLOPs (both eager)", "tome", "vs_tome", "throughput", 1.05, OURS),
+    Target("p50 latency vs DeiT, CUDA graph on both sides (latency <= 1.0x)", "deit-dense+graph",
+           "vs_deit_graph", "latency", 1.0, tuple(f"{name}+graph" for name in OURS)),
+    Target("throughput vs the public code's execution (`reference`)", "reference", "vs_reference",
+           "throughput", 1.5, OURS),
+    Target("throughput vs torch `varlen_attn` per step (whole forward, not attention alone)", "varlen_attn",
+           "vs_varlen_attn", "throughput", 0.9, (None, "triton", None)),
+)
+
+
+def target_batches(settings: dict) -> dict:
+    """{"throughput": the run's largest batch, "latency": its first latency batch (else its smallest)},
+    as the run was asked for: a run stopped before a batch leaves that target not measured."""
+    batches = sorted(set(settings["batch_sizes"]) | set(settings["latency_batches"]))
+    return {"throughput": batches[-1], "latency": (settings["latency_batches"] or batches)[0]}
+
+
+def target_cell(record: Optional[dict], target: Target, baseline: Optional[dict]) -> str:
+    """``1.42x (1.38-1.47) met`` / ``not met``, ``~`` when the p10-p90 range contains the target;
+    why not, where either side was not measured."""
+    if not record or record["status"] != "ok":
+        return "not measured: " + (record["status"] if record else "not in this run")
+    if not baseline or baseline["status"] != "ok":
+        return f"no {target.baseline}: " + (baseline["status"] if baseline else "not in this run")
+    value, low, high = (record.get(f"speedup_{target.label}{s}") for s in ("", "_p10", "_p90"))
+    if value is None:
+        return "n/a"
+    cell = f"{value:.2f}x" + (f" ({low:.2f}-{high:.2f})" if low is not None else "")
+    cell += " met" if value >= target.at_least else " not met"
+    return cell + (" ~" if low is not None and low <= target.at_least <= high else "")
+
+
+def targets_table(results: dict, config: Optional[dict] = None, profile: Optional[str] = None) -> str:
+    """The targets (:data:`TARGETS`) held against one config and profile of a results dict: one row
+    per target, one column per backend of ours, each cell its ratio with spread and met / not met."""
+    config = config or results["configs"][0]
+    profile = profile or results["settings"]["headline_profile"]
+    at = target_batches(results["settings"])
+    by = {(r["implementation"], r["batch"]): r for r in _records(results, config, profile)}
+    dev = results["device"]
+    text = (f"Targets, held against {dev['name']}, Edge-RecViT-{config['scale'].capitalize()}, "
+            f"{config['dtype']}, {config['img_size']}px, depth profile '{profile}': each a speed-up of ours "
+            f"over the baseline timed in the same rounds, the median of the per-round ratios (p10-p90); "
+            f"met when the median reaches the target, `~` when the p10-p90 range contains it (noise "
+            f"cannot decide).")
+    if (config["scale"], config["dtype"], config["img_size"], dev["device_type"]) != ("base", "bf16", 224, "cuda"):
+        text += " The targets are set for Base, bf16, 224 px on a GPU: this run is not that one."
+    rows = ["| target | needed | " + " | ".join(OURS) + " |", "|" + "---|" * (2 + len(OURS))]
+    for target in TARGETS:
+        batch = at[target.batch]
+        cells = [f"{target.what} @ b={batch}", f">= {target.at_least:.2f}x"]
+        cells += [target_cell(by.get((name, batch)), target, by.get((target.baseline, batch)))
+                  if name else "-" for name in target.ours]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join([text, ""] + rows)
+
+
 def noise_summary(results: dict) -> str:
     """One sentence: how many comparisons the noise leaves unranked, how many times are noisy."""
     ok = [r for r in results["records"] if r["status"] == "ok"]
@@ -215,6 +292,8 @@ def markdown_report(results: dict) -> str:
         lines[2:2] = [f"**Partial**: the run had not ended when this was written; these are its first "
                       f"{len(results['records'])} measurements.", ""]
     lines += [f"- **{name}**: {text}" for name, text in results["implementations"].items()]
+    if results["configs"]:
+        lines += ["", "## Targets", "", targets_table(results)]
     for config in results["configs"]:
         for profile in results["settings"]["profiles"]:
             if not _records(results, config, profile):

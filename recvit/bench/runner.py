@@ -23,7 +23,10 @@ from .settings import DTYPES, SCALES, Settings, device_info, load_average
 from .timer import paired_ratio, peak_memory, summarize, time_interleaved
 from .tome import tome_flops
 
-BASELINES = (("deit-dense", "vs_deit"), ("tome", "vs_tome"), ("reference", "vs_reference"))
+# (baseline, label): every record timed beside the baseline gets speedup_<label> (with p10, p90, ranked),
+# its per-round ratio; deit-dense+graph and varlen_attn for the targets (report.TARGETS).
+BASELINES = (("deit-dense", "vs_deit"), ("tome", "vs_tome"), ("reference", "vs_reference"),
+             ("deit-dense+graph", "vs_deit_graph"), ("varlen_attn", "vs_varlen_attn"))
 
 
 class _NoProgress:

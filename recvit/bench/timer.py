@@ -33,7 +33,8 @@ def timed_call(fn: Callable, device: torch.device) -> tuple:
 
 
 def time_interleaved(fns: dict, inputs: Sequence[tuple], device: torch.device, warmup: int,
-                     min_repeats: int, max_repeats: int, target_s: float) -> dict:
+                     min_repeats: int, max_repeats: int, target_s: float,
+                     on_round: Optional[Callable[[dict], None]] = None) -> dict:
     """Seconds per call of each ``fns[name](*inputs[i % len(inputs)])``: name -> list of times, or
     the exception that implementation raised.
 
@@ -41,7 +42,9 @@ def time_interleaved(fns: dict, inputs: Sequence[tuple], device: torch.device, w
     clock during the measurement reaches all of them alike. ``warmup`` untimed rounds first; then
     as many rounds as fit ``target_s`` per implementation (estimated from the warm-up), clamped to
     [min_repeats, max_repeats]. CUDA events around each call on a GPU (read after one final
-    synchronize), ``time.perf_counter`` on the CPU.
+    synchronize), ``time.perf_counter`` on the CPU. ``on_round(outcome so far)``, where given, is
+    called after each round (the device synchronised first): a caller writes it, so that a run cut
+    off keeps the rounds it timed.
     """
     outcome: dict = {}
     live = dict(fns)
@@ -61,6 +64,11 @@ def time_interleaved(fns: dict, inputs: Sequence[tuple], device: torch.device, w
     per_round = (time.perf_counter() - start) / max(1, warmup)
     rounds = int(min(max_repeats, max(min_repeats, target_s * max(1, len(live)) / max(per_round, 1e-6))))
     times: dict = {name: [] for name in live}
+
+    def seconds() -> dict:
+        return {**outcome, **{name: [b.elapsed_time(e) / 1e3 for b, e in times[name]] if device.type == "cuda"
+                              else list(times[name]) for name in live}}
+
     for i in range(rounds):
         for name in list(live):
             if device.type == "cuda":
@@ -73,11 +81,11 @@ def time_interleaved(fns: dict, inputs: Sequence[tuple], device: torch.device, w
                 begin = time.perf_counter()
                 call(name, i)
                 times[name].append(time.perf_counter() - begin)
+        if on_round is not None:
+            synchronize(device)
+            on_round(seconds())
     synchronize(device)
-    for name in live:
-        outcome[name] = [b.elapsed_time(e) / 1e3 for b, e in times[name]] if device.type == "cuda" \
-            else times[name]
-    return outcome
+    return seconds()
 
 
 def percentile(values: Sequence[float], q: float) -> float:

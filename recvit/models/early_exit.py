@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
 from .edge_recvit import RANKERS, EdgeRecViT, _init_weights

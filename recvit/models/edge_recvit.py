@@ -15,7 +15,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import recvit_kernels as rk
 from recvit_kernels._checks import values_checkable

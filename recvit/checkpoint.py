@@ -263,16 +263,19 @@ def read_state_dict(path: Union[str, os.PathLike]) -> dict:
     kind = file_format(path)
     if kind == "index":
         return read_sharded_state_dict(path)
-    if kind == "safetensors":
-        from safetensors.torch import load_file
-        try:
-            state = load_file(path, device="cpu")
-        except Exception as error:  # safetensors raises its own SafetensorError and others
-            raise ValueError(f"{path}: a safetensors file that cannot be read (truncated or corrupt?): "
-                             f"{type(error).__name__}: {error}") from None
-    else:
-        state = read_torch_file(path)
-    return unwrap_state_dict(state, path)
+    return unwrap_state_dict(_read_weights_file(path, kind), path)
+
+
+def _read_weights_file(path: str, kind: str):
+    """What the safetensors or torch file ``path`` holds, as saved (``kind``: its :func:`file_format`)."""
+    if kind == "torch":
+        return read_torch_file(path)
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device="cpu")
+    except Exception as error:  # safetensors raises its own SafetensorError and others
+        raise ValueError(f"{path}: a safetensors file that cannot be read (truncated or corrupt?): "
+                         f"{type(error).__name__}: {error}") from None
 
 
 def unwrap_state_dict(state, path: str) -> dict:
@@ -438,9 +441,9 @@ def from_pretrained(path: Union[str, os.PathLike], kv: str = "all", backend: Opt
 def read_sharded_state_dict(index_path: Union[str, os.PathLike]) -> dict:
     """Tensors of a sharded checkpoint: the index JSON that transformers' ``save_pretrained(
     max_shard_size=...)`` writes (``{"metadata": {...}, "weight_map": {key: shard file name}}``)
-    and the shard files beside it, each read by :func:`read_state_dict` (safetensors or torch).
-    Every key the index lists must be in its shard, and a shard may hold no other key; errors name
-    the index or the shard."""
+    and the shard files beside it (safetensors or torch). Every key the index lists must be in its
+    shard under the same name, and a shard may hold no other key; a DDP ``"module."`` prefix on
+    every key is removed from the merged state. Errors name the index or the shard."""
     index_path = os.fspath(index_path)
     try:
         with open(index_path, encoding="utf-8") as file:
@@ -461,9 +464,13 @@ def read_sharded_state_dict(index_path: Union[str, os.PathLike]) -> dict:
         shard_path = os.path.join(folder, shard)
         if not os.path.isfile(shard_path):
             raise FileNotFoundError(f"{index_path}: lists the shard {shard!r}, which {folder or '.'} lacks")
-        if file_format(shard_path) == "index":
+        kind = file_format(shard_path)
+        if kind == "index":
             raise ValueError(f"{index_path}: lists the shard {shard!r}, which is an index itself, not weights")
-        tensors = read_state_dict(shard_path)
+        tensors = _read_weights_file(shard_path, kind)
+        if not isinstance(tensors, Mapping):
+            raise ValueError(f"{shard_path}: expected a shard of {index_path} (a mapping of names to tensors), "
+                             f"got {type(tensors).__name__}")
         listed = {key for key, name in weight_map.items() if name == shard}
         absent, unlisted = sorted(listed - set(tensors)), sorted(set(tensors) - listed)
         if absent or unlisted:
@@ -472,7 +479,7 @@ def read_sharded_state_dict(index_path: Union[str, os.PathLike]) -> dict:
                                         ("in the shard but not listed for it", unlisted)) if keys]
             raise ValueError(f"{shard_path}: does not match {index_path}: {'; '.join(found)}")
         state.update(tensors)
-    return state
+    return unwrap_state_dict(state, index_path)
 
 
 def _public_model(config: dict, config_path: str, kv: str, backend: Optional[str]) -> nn.Module:

@@ -403,6 +403,28 @@ def test_sharded_checkpoint_loads_from_its_index(tmp_path, weights):
     assert_unchanged(untouched, before)
 
 
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_sharded_ddp_checkpoint_loads(tmp_path, weights):
+    """A sharded checkpoint of a DDP-wrapped model: the index and the shards name every key with
+    ``module.``; each shard matches the index as written, and the prefix goes from the merged state."""
+    from test_public_checkpoint import write_sharded
+
+    state = timm_state()
+    write_sharded(tmp_path, {f"module.{key}": value for key, value in state.items()}, weights)
+    expected, loaded = small_model(), small_model()
+    load_checkpoint(expected, state)
+    converted = load_checkpoint(loaded, tmp_path / f"{weights}.index.json")
+    assert converted.missing == RANKER
+    assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in expected.state_dict().items()
+               if key not in RANKER)
+    if weights == "pytorch_model.bin":  # a shard that holds no state dict is named
+        shard = tmp_path / "pytorch_model-00002-of-00003.bin"
+        torch.save([torch.zeros(1)], shard)
+        with pytest.raises(ValueError, match=rf"{shard}: expected a shard of .*index.json \(a mapping of names "
+                                             rf"to tensors\), got list"):
+            load_checkpoint(small_model(), tmp_path / f"{weights}.index.json")
+
+
 def test_save_refuses_an_unknown_extension(tmp_path):
     with pytest.raises(ValueError, match=r"path=.*m.ckpt.*expected the extension .safetensors .* \.pt, \.pth, \.bin"):
         save_checkpoint(small_model(), tmp_path / "m.ckpt")

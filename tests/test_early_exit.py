@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import recvit
 import recvit_kernels as rk
-from deit_reference import VisionTransformer
+from deit_reference import GluMlp, SwiGLU, SwiGLUPacked, VisionTransformer
 from recvit.training import train
 from recvit.checkpoint import load_checkpoint
 from recvit.training.data import make_shapes_dataset
@@ -142,6 +142,11 @@ def test_from_vit_refuses_what_it_cannot_run():
     tanh = deit(act_layer=lambda: nn.GELU(approximate="tanh"))
     with pytest.raises(ValueError, match=r"vit: the MLP activation GELU\(approximate='tanh'\)"):
         recvit.from_vit(tanh)
+    # gated MLPs (timm's mlp_layer=): named, before their missing fc1 or their halved fc2 fails elsewhere
+    for mlp_layer, act_layer, name in ((SwiGLU, nn.SiLU, "SwiGLU"), (SwiGLUPacked, nn.SiLU, "GluMlp"),
+                                       (SwiGLUPacked, nn.GELU, "GluMlp"), (GluMlp, nn.ReLU, "GluMlp")):
+        with pytest.raises(ValueError, match=rf"^vit: the MLP {name} \(blocks\.0\.mlp\): only a plain MLP"):
+            recvit.from_vit(deit(mlp_layer=mlp_layer, act_layer=act_layer))
     with pytest.raises(ValueError, match="vit: hidden_act 'gelu_new': only 'gelu' and 'relu'"):
         recvit.from_vit(HFViT(deit(), hidden_act="gelu_new"))
     with pytest.raises(TypeError, match="vit: expected a timm VisionTransformer"):

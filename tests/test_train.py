@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -288,6 +289,32 @@ def test_init_from_a_deit_checkpoint(tmp_path):
         target = getattr(model.recursion, role).state_dict()
         assert all(torch.equal(source[key], target[key]) for key in source)
     assert torch.equal(model.patch_embed.proj.weight, deit.patch_embed.proj.weight)
+
+
+@pytest.mark.parametrize("extension", ["pth", "safetensors"])
+def test_init_reads_its_file_once(tmp_path, monkeypatch, extension):
+    """`--init` with a classifier of another size (a new label set) reads the file once: the retry
+    without the classifier uses what the first attempt read. A file that does not fit either way is
+    still named."""
+    import safetensors.torch
+    from recvit.bench import DeiTDense
+
+    deit = DeiTDense(img_size=32, patch_size=8, num_classes=10, embed_dim=192, num_heads=3)
+    path = tmp_path / f"deit.{extension}"
+    recvit.save_checkpoint(deit, path)
+    reads, load_file = count_torch_loads(monkeypatch), safetensors.torch.load_file
+
+    def counting_load_file(file, *args, **kwargs):
+        reads.append(str(file))
+        return load_file(file, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", counting_load_file)
+    model = train.build_model("edge_recvit_tiny", 4, 32, 8)
+    assert "re-initialised for 4 classes" in train.load_init(model, str(path))
+    assert reads == [str(path)]
+    assert torch.equal(model.patch_embed.proj.weight, deit.patch_embed.proj.weight)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: .*does not fit EdgeRecViT"):
+        train.load_init(train.build_model("edge_recvit_small", 4, 32, 8), str(path))
 
 
 def test_warmup_cosine_per_stage():

@@ -69,7 +69,8 @@ def from_vit(vit: nn.Module, ranker: str = "earr", kv: str = "active",
     ``ViTForImageClassification`` / ``ViTModel``. The MLP width is the source's (any width) and its
     activation exact GELU or ReLU (timm's ``nn.GELU()`` / ``nn.ReLU``, Hugging Face's ``hidden_act``
     "gelu" / "relu"). Refused with a ValueError naming what does not fit: distillation or register
-    tokens, average pooling, layer scale, qk-norm, a pre-norm, another activation (tanh GELU, "gelu_new").
+    tokens, average pooling, layer scale, qk-norm, a pre-norm, a gated MLP (timm's ``SwiGLU``,
+    ``GluMlp`` / ``SwiGLUPacked``), another activation (tanh GELU, "gelu_new").
     """
     config = _hf_config(vit) if hasattr(vit, "config") else _timm_config(vit)
     model = EarlyExitViT(**config, kv=kv, backend=backend, ranker=ranker)
@@ -100,11 +101,22 @@ def _timm_config(vit: nn.Module) -> dict:
     proj, first, head = vit.patch_embed.proj, vit.blocks[0], getattr(vit, "head", nn.Identity())
     grid = vit.pos_embed.shape[1] - 1
     side = round(grid ** 0.5)
+    mlp_hidden_dim, mlp_activation = _timm_mlp(first.mlp)
     return dict(img_size=side * proj.kernel_size[0], patch_size=proj.kernel_size[0], in_chans=proj.in_channels,
                 num_classes=head.out_features if isinstance(head, nn.Linear) else 0, embed_dim=proj.out_channels,
-                num_heads=first.attn.num_heads, mlp_hidden_dim=first.mlp.fc1.out_features,
-                mlp_activation=_timm_activation(first.mlp.act), num_steps=len(vit.blocks),
-                qkv_bias=first.attn.qkv.bias is not None, eps=vit.norm.eps)
+                num_heads=first.attn.num_heads, mlp_hidden_dim=mlp_hidden_dim, mlp_activation=mlp_activation,
+                num_steps=len(vit.blocks), qkv_bias=first.attn.qkv.bias is not None, eps=vit.norm.eps)
+
+
+def _timm_mlp(mlp: nn.Module) -> tuple:
+    """(hidden width, activation) of timm's plain ``Mlp``, fc1 -> act -> fc2; a ValueError naming any
+    other MLP type, such as a gated one (``SwiGLU``: no fc1; ``GluMlp``: fc2 takes half of fc1's width)."""
+    fc1, act, fc2 = (getattr(mlp, name, None) for name in ("fc1", "act", "fc2"))
+    if not (isinstance(fc1, nn.Linear) and isinstance(act, nn.Module) and isinstance(fc2, nn.Linear)
+            and fc2.in_features == fc1.out_features):
+        raise ValueError(f"vit: the MLP {type(mlp).__name__} (blocks.0.mlp): only a plain MLP, fc1 -> activation "
+                         f"-> fc2 (timm's Mlp), is supported, not a gated one (timm's SwiGLU, GluMlp, SwiGLUPacked)")
+    return fc1.out_features, _timm_activation(act)
 
 
 def _timm_activation(act: nn.Module) -> str:

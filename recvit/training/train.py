@@ -299,15 +299,16 @@ def load_init(model: nn.Module, path: str, layers: Sequence[int] = (0, 6, 11)) -
     """Load ``path`` (DeiT/ViT in timm's or Hugging Face's format, or a recvit checkpoint; see
     :func:`recvit.load_checkpoint`) into ``model``; a classifier of another size (a new label set)
     keeps its initialisation. Returns a line saying what kept its initialisation."""
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint, read_state_dict
 
+    state = read_state_dict(path)  # read once: the retry without the classifier uses it too
     try:
-        loaded, note = load_checkpoint(model, path, layers=tuple(layers)), ""
+        loaded, note = load_checkpoint(model, state, layers=tuple(layers)), ""
     except ValueError as error:
         try:  # a label set of another size: everything but the classifier
-            loaded = load_checkpoint(model, path, layers=tuple(layers), keep=("head.",))
+            loaded = load_checkpoint(model, state, layers=tuple(layers), keep=("head.",))
         except ValueError:
-            raise error from None
+            raise ValueError(f"{path}: {error}") from None
         note = f"; the classifier is re-initialised for {model.num_classes} classes"
     fresh = sorted({key.split(".")[0] for key in loaded.missing})
     return f"init: {path}" + (f" (kept their initialisation: {', '.join(fresh)})" if fresh else "") + note

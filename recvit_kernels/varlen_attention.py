@@ -9,6 +9,11 @@ Indexed form (the depth-sorted layout's "index table"): with ``q_rows`` given, s
 looked up through it, i.e. the queries of segment b are ``q[q_rows[cu_seqlens_q[b]:cu_seqlens_q[b+1]]]``
 and their outputs are written to those same rows; ``kv_rows`` does the same for keys and values.
 Rows of the output that no segment covers, and the queries of a segment without keys, are zero.
+``q_rows`` must name each row at most once among the positions read: a row named twice would be
+written twice (by two programs, racing on a GPU) and its gradient is undefined, so it is refused
+(``ValueError``) where values are checkable (:func:`values_checkable`: on the CPU, or with
+``RECVIT_CHECK_VALUES=1``) and the result is unspecified elsewhere. ``kv_rows`` may name a key row
+twice (it is attended twice; the triton backend's backward declines that, see its module).
 
 Used lengths (flash-attention 3's ``seqused_q`` / ``seqused_k``): with ``seqused_q`` given, a (B,)
 int32 device tensor, segment b's queries are only the first ``seqused_q[b]`` positions from
@@ -93,6 +98,22 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: expected a positive host int, got {value!r}")
+    if q_rows is not None and values_checkable(q_rows):
+        row = _repeated_row(q_rows, cu_seqlens_q, seqused_q, max_seqlen_q)
+        if row is not None:
+            raise ValueError(f"q_rows: names row {row} at two read positions; each output row must be "
+                             f"written by one query")
+
+
+def _repeated_row(rows, cu_seqlens, seqused, max_seqlen) -> Optional[int]:
+    """A row that two of the positions the kernels read (the used ones, up to ``max_seqlen`` per
+    segment) name in the table ``rows``, or None (reads the table back to the host: only where
+    values are checkable)."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1] if seqused is None else seqused
+    read = rows[_used_positions(cu_seqlens, lengths.clamp_max(max_seqlen), rows.numel())]
+    ordered = torch.sort(read).values
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    return int(repeated[0]) if repeated.numel() else None
 
 
 def _used_positions(cu_seqlens, seqused, total):

@@ -144,3 +144,23 @@ def test_out_may_be_the_residual_or_beside_the_inputs(backend, op, make_args, in
     with torch.no_grad():
         op(**args, out=out, backend=backend)
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_attention_refuses_a_query_row_named_twice(backend):
+    """q_rows naming one row at two read positions (in two segments, or twice in one): two queries
+    would write one output row (two programs racing on a GPU; eager kept the last copy but summed
+    both into dq, triton kept one dq), so it is refused where values are checkable. Positions past a
+    used length or past max_seqlen_q are not read and may repeat."""
+    q = torch.randn(6, 2, 16)
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    for rows, repeated in (([0, 1, 2, 3, 0, 5], 0), ([0, 1, 1, 3, 4, 5], 1)):
+        with pytest.raises(ValueError, match=f"q_rows: names row {repeated} at two read positions"):
+            rk.varlen_attention(q, q, q, cu, cu, 3, 3, q_rows=torch.tensor(rows), backend=backend)
+    unread = dict(q_rows=torch.tensor([0, 1, 2, 3, 4, 2]), seqused_q=torch.tensor([3, 2], dtype=torch.int32))
+    clipped = dict(q_rows=torch.tensor([0, 1, 2, 3, 4, 0]))
+    for tables, max_q in ((unread, 3), (clipped, 2)):
+        try:
+            rk.varlen_attention(q, q, q, cu, cu, max_q, 3, **tables, backend=backend)
+        except RuntimeError as error:  # this machine cannot run the backend (cuda): not the check
+            assert "cannot run this call" in str(error)

@@ -8,7 +8,9 @@ each query attends to the keys of its own segment, without a causal mask:
 Indexed form (the depth-sorted layout's "index table"): with ``q_rows`` given, segment positions are
 looked up through it, i.e. the queries of segment b are ``q[q_rows[cu_seqlens_q[b]:cu_seqlens_q[b+1]]]``
 and their outputs are written to those same rows; ``kv_rows`` does the same for keys and values.
-Rows of the output that no segment covers, and the queries of a segment without keys, are zero.
+Rows of the output that no segment covers, and the queries of a segment without keys, are zero
+(as torch's SDPA gives for no keys, and flash-attention for an empty key segment); so with no
+query rows at all the output is empty, shaped like ``q``, and with no key rows it is zero.
 ``q_rows`` must name each row at most once among the positions read: a row named twice would be
 written twice (by two programs, racing on a GPU) and its gradient is undefined, so it is refused
 (``ValueError``) where values are checkable (:func:`values_checkable`: on the CPU, or with
@@ -132,7 +134,7 @@ def _segment_rows(cu_seqlens, max_seqlen, rows, seqused=None):
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1] if seqused is None else seqused).to(torch.int64)
     valid = position < lengths[:, None]
     flat = torch.where(valid, starts[:, None] + position, 0)
-    if rows is not None:  # an unused table entry may name a row past the tensor: read row 0 instead
+    if rows is not None and rows.numel():  # an unused entry may name a row past the tensor: row 0
         flat = torch.where(valid, rows.to(torch.int64)[flat], 0)
     return flat, valid
 
@@ -142,8 +144,11 @@ def _padded(x, row, valid):
 
     The padding reads a row of some other segment (row 0); ``torch.where`` replaces it with zeros,
     so a NaN or inf there never reaches this segment (a masked weight of 0 times NaN is NaN), in
-    the forward or, through the padded queries, in the backward.
+    the forward or, through the padded queries, in the backward. An ``x`` without rows (no position
+    used) is read through one appended zero row.
     """
+    if not x.shape[0]:
+        x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
     return torch.where(valid[:, :, None, None], x[row], 0.0).transpose(1, 2)
 
 

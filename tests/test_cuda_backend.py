@@ -584,6 +584,20 @@ def test_emulated_varlen_attention_keeps_a_nan_in_its_segment(kv):
     assert torch.equal(ours[others], clean[others])
 
 
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("queries,keys", [(0, 5), (4, 0), (0, 0)])
+def test_emulated_varlen_attention_without_query_or_key_rows(queries, keys):
+    """No query rows: every block returns (an empty output); no key rows: the blocks write zeros
+    (row sum 0): the op's result, which eager raised an IndexError for."""
+    q = torch.randn(queries, 2, 32).half().float()
+    k, v = (torch.randn(keys, 2, 32).half().float() for _ in range(2))
+    cu_q, cu_k = (torch.tensor([0, rows // 2, rows], dtype=torch.int32) for rows in (queries, keys))
+    args = (cu_q, cu_k, 4, 4, 32 ** -0.5)
+    ours = emulate_varlen_attention(q, k, v, *args)
+    assert torch.equal(ours, rk.varlen_attention(q, k, v, *args, backend="eager"))
+    assert ours.shape == q.shape and not ours.any()
+
+
 def c_fragment(d):
     """The 16x8 matrix held in mma C/D fragments d (W, 32, 4): c_i at row group (+8 for i >= 2),
     column pair + (i & 1)."""

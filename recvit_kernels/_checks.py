@@ -58,7 +58,6 @@ def check_cu_seqlens(name: str, cu_seqlens, device, total: int) -> None:
             raise ValueError(f"{name}: last entry {values[-1]} exceeds the {total} rows given")
 
 
-
 def check_out_apart(out: torch.Tensor, reads: dict, may_be: str) -> None:
     """Refuse an ``out`` (2-D, unit column stride) that overlaps itself or a tensor the op reads.
 
@@ -82,9 +81,9 @@ def check_out_apart(out: torch.Tensor, reads: dict, may_be: str) -> None:
         if (name == may_be and tensor.data_ptr() == out.data_ptr() and tensor.shape == out.shape
                 and tensor.stride() == out.stride()):
             continue
-        start, end = span = span or _address_range(out)
-        other_start, other_end = _address_range(tensor)
-        if start < other_end and other_start < end:
+        span = span or _address_range(out)
+        other = _address_range(tensor)
+        if span[0] < other[1] and other[0] < span[1]:
             raise ValueError(f"out: overlaps {name}, which the op reads while writing out; pass a "
                              f"separate buffer (out may be {may_be} itself, not part of it)")
 

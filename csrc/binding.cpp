@@ -8,6 +8,8 @@
 
 #include <limits>
 #include <optional>
+#include <string_view>
+#include <utility>
 
 #include "recvit_kernels.h"
 
@@ -322,6 +324,35 @@ void check_operand(const char* name, const at::Tensor& t, const at::Tensor& like
   TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
 }
 
+// [first, past the last) byte address of a non-empty tensor's elements.
+std::pair<uintptr_t, uintptr_t> address_range(const at::Tensor& t) {
+  int64_t extent = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {start, start + static_cast<uintptr_t>((extent + 1) * t.element_size())};
+}
+
+// A caller's (rows, cols) `out` (unit column stride) must overlap neither itself nor a tensor the
+// op reads while writing it (programs would overwrite what others still read), except the
+// residual itself (same address, sizes and strides: each element is read by the program that
+// overwrites it). As the Python front end checks: address ranges, within one storage.
+void check_out_apart(const at::Tensor& out,
+                     std::initializer_list<std::pair<std::string_view, at::Tensor>> reads) {
+  if (out.numel() == 0) return;
+  TORCH_CHECK_VALUE(out.size(0) <= 1 || out.stride(0) >= out.size(1),
+                    "out: its rows overlap one another (shape ", out.sizes(), ", strides ",
+                    out.strides(), ")");
+  const auto [start, end] = address_range(out);
+  for (const auto& [name, t] : reads) {
+    if (!t.defined() || t.numel() == 0 || !t.storage().is_alias_of(out.storage())) continue;
+    if (name == "residual" && t.data_ptr() == out.data_ptr() && t.sizes() == out.sizes() &&
+        t.strides() == out.strides()) continue;
+    const auto [other_start, other_end] = address_range(t);
+    TORCH_CHECK_VALUE(!(start < other_end && other_start < end), "out: overlaps ", name,
+                      ", which the op reads while writing out");
+  }
+}
+
 // Whether 16-bit pairs of every row of t can go as one 32-bit access.
 bool pairs_aligned(const at::Tensor& t) {
   return t.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
@@ -355,6 +386,10 @@ at::Tensor prefix_linear(const at::Tensor& x, const at::Tensor& weight,
                       out->strides());
   }
   check_row_count(num_rows, x.device());
+  if (out.has_value()) {
+    check_out_apart(*out, {{"x", x}, {"weight", weight}, {"bias", bias.value_or(at::Tensor())},
+                           {"num_rows", num_rows}, {"residual", residual.value_or(at::Tensor())}});
+  }
 
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x_ = chunk_aligned(x), weight_ = chunk_aligned(weight);
@@ -423,7 +458,15 @@ at::Tensor mlp(const at::Tensor& x, const at::Tensor& fc1_weight,
   if (fc1_bias.has_value()) check_operand("fc1_bias", *fc1_bias, x, {hidden});
   if (fc2_bias.has_value()) check_operand("fc2_bias", *fc2_bias, x, {n});
   if (residual.has_value()) check_operand("residual", *residual, x, {rows, n});
-  if (out.has_value()) check_operand("out", *out, x, {rows, n});
+  if (out.has_value()) {
+    check_operand("out", *out, x, {rows, n});
+    TORCH_CHECK_VALUE(out->stride(1) == 1, "out: expected a unit column stride, got strides ",
+                      out->strides());
+    check_out_apart(*out, {{"x", x}, {"fc1_weight", fc1_weight},
+                           {"fc1_bias", fc1_bias.value_or(at::Tensor())}, {"fc2_weight", fc2_weight},
+                           {"fc2_bias", fc2_bias.value_or(at::Tensor())},
+                           {"residual", residual.value_or(at::Tensor())}});
+  }
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor h = at::mm(x, fc1_weight.t());

@@ -93,8 +93,9 @@ def available_backends() -> dict[str, Optional[str]]:
 
 
 def resolve_backend(backend: Optional[str] = None) -> str:
-    """The backend name to use: ``backend``, else ``$RECVIT_BACKEND``, else ``"auto"``; validated."""
-    name = backend if backend is not None else os.environ.get("RECVIT_BACKEND", "auto")
+    """The backend name to use: ``backend``, else ``$RECVIT_BACKEND``, else ``"auto"``; validated.
+    An empty ``RECVIT_BACKEND`` counts as unset (``RECVIT_BACKEND= python ...``), as in ``recvit info``."""
+    name = backend if backend is not None else os.environ.get("RECVIT_BACKEND") or "auto"
     if name != "auto" and name not in BACKENDS:
         source = "backend" if backend is not None else "RECVIT_BACKEND"
         raise ValueError(f"{source}={name!r}: expected one of {('auto',) + BACKENDS}")

@@ -3,7 +3,8 @@
 ``x`` is (rows, C); ``fc1_weight`` (hidden, C), ``fc1_bias`` (hidden,), ``fc2_weight`` (C_out, hidden),
 ``fc2_bias`` (C_out,). GELU is the exact (erf) one, as in timm's ``Mlp``. With ``out`` (a
 (rows, C_out) tensor of x's dtype with unit column stride, e.g. the rows being updated; inference
-only) the result is written into it in place.
+only) the result is written into it in place; it must not overlap itself or an input, except that
+it may be ``residual`` itself.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import dispatch, register
-from ._checks import check_floating, check_tensor
+from ._checks import check_floating, check_out_apart, check_tensor
 
 
 def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
@@ -52,6 +53,8 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
                 x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, out)):
             raise ValueError("out: writing in place is for inference; call without out (or under "
                              "torch.no_grad()) when inputs require grad")
+        check_out_apart(out, dict(x=x, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
+                                  fc2_bias=fc2_bias, residual=residual), may_be="residual")
     args = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual)
     return dispatch("mlp", backend, *args)(*args, out=out)
 

@@ -11,7 +11,8 @@ Rows ``r >= M`` are neither read nor written: in a new result they are unspecifi
 (an (R, N_out) tensor of x's dtype, e.g. the residual stream itself) the live rows are written
 into it in place and its other rows keep their values, which is how the sync-free path keeps the
 exited tokens' states without copying them. ``out`` is for inference: it is refused when autograd
-would need the overwritten values.
+would need the overwritten values. It must not overlap itself or a tensor the op reads (programs
+would overwrite rows that others still read), except that it may be ``residual`` itself.
 
 The ``eager`` / ``packed`` implementation computes every row and zeroes those past M (sync-free
 but as costly as a full linear); the ``triton`` one does the GEMM work, and the stores, of the
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import dispatch, register
-from ._checks import check_floating, check_tensor
+from ._checks import check_floating, check_out_apart, check_tensor
 
 ACTIVATIONS = (None, "gelu")
 
@@ -64,6 +65,8 @@ def prefix_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                                            for t in (x, weight, bias, residual, out)):
             raise ValueError("out: writing in place is for inference; call without out (or under "
                              "torch.no_grad()) when inputs require grad")
+        check_out_apart(out, dict(x=x, weight=weight, bias=bias, num_rows=num_rows, residual=residual),
+                        may_be="residual")
     args = (x, weight, bias, num_rows, activation, residual)
     return dispatch("prefix_linear", backend, *args)(*args, out=out)
 

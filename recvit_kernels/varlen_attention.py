@@ -8,7 +8,14 @@ each query attends to the keys of its own segment, without a causal mask:
 Indexed form (the depth-sorted layout's "index table"): with ``q_rows`` given, segment positions are
 looked up through it, i.e. the queries of segment b are ``q[q_rows[cu_seqlens_q[b]:cu_seqlens_q[b+1]]]``
 and their outputs are written to those same rows; ``kv_rows`` does the same for keys and values.
-Rows of the output that no segment covers, and the queries of a segment without keys, are zero.
+Rows of the output that no segment covers, and the queries of a segment without keys, are zero
+(as torch's SDPA gives for no keys, and flash-attention for an empty key segment); so with no
+query rows at all the output is empty, shaped like ``q``, and with no key rows it is zero.
+``q_rows`` must name each row at most once among the positions read: a row named twice would be
+written twice (by two programs, racing on a GPU) and its gradient is undefined, so it is refused
+(``ValueError``) where values are checkable (:func:`values_checkable`: on the CPU, or with
+``RECVIT_CHECK_VALUES=1``) and the result is unspecified elsewhere. ``kv_rows`` may name a key row
+twice (it is attended twice; the triton backend's backward declines that, see its module).
 
 Used lengths (flash-attention 3's ``seqused_q`` / ``seqused_k``): with ``seqused_q`` given, a (B,)
 int32 device tensor, segment b's queries are only the first ``seqused_q[b]`` positions from
@@ -93,6 +100,22 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: expected a positive host int, got {value!r}")
+    if q_rows is not None and values_checkable(q_rows):
+        row = _repeated_row(q_rows, cu_seqlens_q, seqused_q, max_seqlen_q)
+        if row is not None:
+            raise ValueError(f"q_rows: names row {row} at two read positions; each output row must be "
+                             f"written by one query")
+
+
+def _repeated_row(rows, cu_seqlens, seqused, max_seqlen) -> Optional[int]:
+    """A row that two of the positions the kernels read (the used ones, up to ``max_seqlen`` per
+    segment) name in the table ``rows``, or None (reads the table back to the host: only where
+    values are checkable)."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1] if seqused is None else seqused
+    read = rows[_used_positions(cu_seqlens, lengths.clamp_max(max_seqlen), rows.numel())]
+    ordered = torch.sort(read).values
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    return int(repeated[0]) if repeated.numel() else None
 
 
 def _used_positions(cu_seqlens, seqused, total):
@@ -111,7 +134,7 @@ def _segment_rows(cu_seqlens, max_seqlen, rows, seqused=None):
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1] if seqused is None else seqused).to(torch.int64)
     valid = position < lengths[:, None]
     flat = torch.where(valid, starts[:, None] + position, 0)
-    if rows is not None:  # an unused table entry may name a row past the tensor: read row 0 instead
+    if rows is not None and rows.numel():  # an unused entry may name a row past the tensor: row 0
         flat = torch.where(valid, rows.to(torch.int64)[flat], 0)
     return flat, valid
 
@@ -121,8 +144,11 @@ def _padded(x, row, valid):
 
     The padding reads a row of some other segment (row 0); ``torch.where`` replaces it with zeros,
     so a NaN or inf there never reaches this segment (a masked weight of 0 times NaN is NaN), in
-    the forward or, through the padded queries, in the backward.
+    the forward or, through the padded queries, in the backward. An ``x`` without rows (no position
+    used) is read through one appended zero row.
     """
+    if not x.shape[0]:
+        x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
     return torch.where(valid[:, :, None, None], x[row], 0.0).transpose(1, 2)
 
 

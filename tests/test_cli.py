@@ -253,6 +253,9 @@ def test_invalid_recvit_backend_is_reported_by_info(capsys, monkeypatch):
     monkeypatch.setenv("RECVIT_BACKEND", "packed")
     code, out, _ = _run(capsys, "info")
     assert code == 0 and "RECVIT_BACKEND=packed -> packed" in out
+    monkeypatch.setenv("RECVIT_BACKEND", "")  # unset, as for every forward
+    code, out, _ = _run(capsys, "info")
+    assert code == 0 and "RECVIT_BACKEND" not in out
 
 
 def test_closed_pipe_ends_quietly():

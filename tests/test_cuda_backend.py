@@ -584,6 +584,20 @@ def test_emulated_varlen_attention_keeps_a_nan_in_its_segment(kv):
     assert torch.equal(ours[others], clean[others])
 
 
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("queries,keys", [(0, 5), (4, 0), (0, 0)])
+def test_emulated_varlen_attention_without_query_or_key_rows(queries, keys):
+    """No query rows: every block returns (an empty output); no key rows: the blocks write zeros
+    (row sum 0): the op's result, which eager raised an IndexError for."""
+    q = torch.randn(queries, 2, 32).half().float()
+    k, v = (torch.randn(keys, 2, 32).half().float() for _ in range(2))
+    cu_q, cu_k = (torch.tensor([0, rows // 2, rows], dtype=torch.int32) for rows in (queries, keys))
+    args = (cu_q, cu_k, 4, 4, 32 ** -0.5)
+    ours = emulate_varlen_attention(q, k, v, *args)
+    assert torch.equal(ours, rk.varlen_attention(q, k, v, *args, backend="eager"))
+    assert ours.shape == q.shape and not ours.any()
+
+
 def c_fragment(d):
     """The 16x8 matrix held in mma C/D fragments d (W, 32, 4): c_i at row group (+8 for i >= 2),
     column pair + (i & 1)."""
@@ -1124,6 +1138,8 @@ def test_bad_input_raises_naming_the_argument(ext):
     ones = torch.ones(64, device="cuda")
     strided = torch.empty(2, 10, 64, device="cuda", dtype=torch.float16).transpose(0, 1)
     dest = torch.empty_like(q)
+    shifted = torch.randn(6, 24, device="cuda", dtype=torch.float16)
+    wide = torch.randn(5, 24, device="cuda", dtype=torch.float16)
     cases = [
         ("q", lambda: ext.varlen_attention_forward(q.float(), q, q, cu, cu, 10, 10, 0.1)),
         ("q", lambda: ext.varlen_attention_forward(q.cpu(), q, q, cu, cu, 10, 10, 0.1)),
@@ -1171,6 +1187,12 @@ def test_bad_input_raises_naming_the_argument(ext):
         ("fc1_bias", lambda: ext.mlp(x, w, w[0, :3], w2, None, None)),
         ("fc2_bias", lambda: ext.mlp(x, w, None, w2, x[0, :8], None)),
         ("residual", lambda: ext.mlp(x, w, None, w2, None, w)),
+        # an out overlapping what the kernels read (the residual itself is fine), or itself
+        ("out", lambda: ext.prefix_linear(x, w, None, count, False, shifted[1:], shifted[:5])),
+        ("out", lambda: ext.prefix_linear(wide[:, :16], w, None, count, False, None, wide)),
+        ("out", lambda: ext.prefix_linear(x, w, None, count, False, None, shifted[0].expand(5, 24))),
+        ("out", lambda: ext.mlp(x, w, None, w2, None, shifted[1:, :16], shifted[:5, :16])),
+        ("out", lambda: ext.mlp(x, w, None, w2, wide[0, :16], None, wide[:, :16])),
     ]
     for name, call in cases:
         with pytest.raises(ValueError, match=f"^{name}: "):
@@ -1288,7 +1310,7 @@ SANITIZER_SCRIPT = textwrap.dedent("""
     rk.mlp(x, w1, b1, w2, b2, residual=x, backend="cuda")
     rk.mlp(x[:, :100], w1[:, :100], b1, w2[:100], b2[:100], backend="cuda")  # scalar epilogue
     ext.prefix_linear(h, w2, b2, torch.tensor([37], device="cuda"), False, x, x)  # in place
-    ext.mlp(x, w1, b1, w2, b2, x, x)  # in place on the residual
+    ext.mlp(x.clone(), w1, b1, w2, b2, x, x)  # in place on the residual (apart from the input)
     torch.cuda.synchronize()
 """)
 

@@ -82,3 +82,85 @@ def test_pack_and_unpack_refuse_tensors_of_another_layout():
         rk.pack(torch.randn(2, 5, 4, device="meta"), layout)
     with pytest.raises(ValueError, match=r"rows: expected shape \(10, C\) for this layout, got \(9, 4\)"):
         rk.unpack(torch.randn(9, 4), layout)
+
+
+
+def linear_args(**changes):
+    args = dict(x=torch.randn(5, 8), weight=torch.randn(8, 8), bias=torch.randn(8), num_rows=torch.tensor([3]),
+                activation="gelu", residual=torch.randn(5, 8))
+    args.update(changes)
+    return args
+
+
+def sharing_one_element(tensor, rows, cols):
+    """(a copy of ``tensor``, a (rows, cols) ``out``) in one buffer: the copy's last element is out's first."""
+    buffer = torch.randn(tensor.numel() + rows * cols - 1)
+    return buffer[:tensor.numel()].view(tensor.shape).copy_(tensor), buffer[tensor.numel() - 1:].view(rows, cols)
+
+
+def overlapping_outs(args):
+    """(changes, the input named) giving ``out`` memory shared with one float input, by one element, and
+    with ``num_rows`` or a transposed residual, for ``args`` of an op writing a (5, 8) ``out``."""
+    cases = []
+    for name, tensor in args.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            copy, out = sharing_one_element(tensor, 5, 8)
+            cases.append((dict({name: copy}, out=out), name))
+    out = torch.randn(5, 8)
+    if "num_rows" in args:  # an int32 view of out's last element
+        cases.append((dict(num_rows=out.view(torch.int32)[4, 7:], out=out), "num_rows"))
+    transposed = torch.randn(8, 5)  # the residual's elements, laid out otherwise than out's
+    cases.append((dict(residual=transposed.t(), out=transposed.view(5, 8)), "residual"))
+    return cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op,make_args", [(rk.prefix_linear, linear_args), (rk.mlp, mlp_args)])
+def test_out_overlapping_an_input_is_refused(backend, op, make_args):
+    """An ``out`` sharing memory with a tensor the op reads (on a GPU programs would overwrite what
+    others still read; the interpreter runs them in order, which hid it), or with itself: refused
+    before any work, on every op that takes ``out``."""
+    args = make_args()
+    for changes, name in overlapping_outs(args):
+        with torch.no_grad(), pytest.raises(ValueError, match=f"out: overlaps {name},"):
+            op(**{**args, **changes}, backend=backend)
+    with torch.no_grad(), pytest.raises(ValueError, match="out: its rows overlap one another"):
+        op(**args, out=torch.randn(8).expand(5, 8), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("op,make_args", [(rk.prefix_linear, linear_args), (rk.mlp, mlp_args)])
+@pytest.mark.parametrize("into", ["residual", "a view of the residual", "rows beside the inputs"])
+def test_out_may_be_the_residual_or_beside_the_inputs(backend, op, make_args, into):
+    """``out`` the residual itself (the tensor, or another view of its elements), or rows of one
+    buffer beside the inputs' rows: written in place with the values of a new result."""
+    buffer = torch.randn(15, 8)
+    args = make_args(x=buffer[:5], residual=buffer[5:10])
+    if "num_rows" in args:
+        args["num_rows"] = torch.tensor([5])  # every row: a new result's rows past the count are zero
+    expected = op(**args, backend="eager")
+    out = {"residual": args["residual"], "a view of the residual": buffer[5:10],
+           "rows beside the inputs": buffer[10:]}[into]
+    with torch.no_grad():
+        op(**args, out=out, backend=backend)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_attention_refuses_a_query_row_named_twice(backend):
+    """q_rows naming one row at two read positions (in two segments, or twice in one): two queries
+    would write one output row (two programs racing on a GPU; eager kept the last copy but summed
+    both into dq, triton kept one dq), so it is refused where values are checkable. Positions past a
+    used length or past max_seqlen_q are not read and may repeat."""
+    q = torch.randn(6, 2, 16)
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    for rows, repeated in (([0, 1, 2, 3, 0, 5], 0), ([0, 1, 1, 3, 4, 5], 1)):
+        with pytest.raises(ValueError, match=f"q_rows: names row {repeated} at two read positions"):
+            rk.varlen_attention(q, q, q, cu, cu, 3, 3, q_rows=torch.tensor(rows), backend=backend)
+    unread = dict(q_rows=torch.tensor([0, 1, 2, 3, 4, 2]), seqused_q=torch.tensor([3, 2], dtype=torch.int32))
+    clipped = dict(q_rows=torch.tensor([0, 1, 2, 3, 4, 0]))
+    for tables, max_q in ((unread, 3), (clipped, 2)):
+        try:
+            rk.varlen_attention(q, q, q, cu, cu, max_q, 3, **tables, backend=backend)
+        except RuntimeError as error:  # this machine cannot run the backend (cuda): not the check
+            assert "cannot run this call" in str(error)

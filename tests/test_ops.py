@@ -186,6 +186,11 @@ def test_backend_selection_and_errors(monkeypatch):
     monkeypatch.setenv("RECVIT_BACKEND", "fast")
     with pytest.raises(ValueError, match="RECVIT_BACKEND='fast'"):
         rk.resolve_backend()
+    monkeypatch.setenv("RECVIT_BACKEND", "")  # `RECVIT_BACKEND= python ...`: unset, as recvit info says
+    assert rk.resolve_backend() == "auto"
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(rk.layer_norm(x, torch.ones(4), None), rk.layer_norm(x, torch.ones(4), None,
+                                                                                     backend="eager"))
     with pytest.raises(ValueError, match="backend='nope'"):
         rk.layer_norm(torch.randn(2, 4), torch.ones(4), None, backend="nope")
     reasons = rk.available_backends()

@@ -240,6 +240,33 @@ def test_a_key_row_shared_by_two_segments(caplog, monkeypatch):
     run("triton", torch.tensor([0, 1, 3, 5, 2, 4, 0, 1], device=DEVICE), max_k=2)
 
 
+@pytest.mark.parametrize("backend", ["eager", "packed", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("queries,keys", [(0, 5), (4, 0), (0, 0)])
+@pytest.mark.parametrize("tables", [False, True], ids=["plain", "tables"])
+def test_no_query_rows_or_no_key_rows(backend, queries, keys, tables):
+    """No query rows: an empty output shaped like q. No key rows: every query attends to nothing,
+    so its output is zero (as torch's SDPA gives without keys). Gradients are zero, and empty for
+    the empty tensors. Eager indexed row 0 of the empty tensor (an IndexError)."""
+    if backend == "cuda" and rk.unavailable_reason("cuda") is not None:
+        pytest.skip(rk.unavailable_reason("cuda"))
+    grad = backend != "cuda"  # the cuda kernel is forward-only, fp16 / bf16
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    q = torch.randn(queries, 2, 32, dtype=dtype, device=DEVICE, requires_grad=grad)
+    k, v = (torch.randn(keys, 2, 32, dtype=dtype, device=DEVICE, requires_grad=grad) for _ in range(2))
+    cu_q, cu_k = (torch.tensor([0, rows // 2, rows], dtype=torch.int32, device=DEVICE) for rows in (queries, keys))
+    extra = {}
+    if tables:
+        extra = dict(q_rows=torch.randperm(queries, device=DEVICE), kv_rows=torch.randperm(keys, device=DEVICE),
+                     seqused_q=cu_q.diff(), seqused_k=cu_k.diff())
+    with torch.set_grad_enabled(grad):
+        out = rk.varlen_attention(q, k, v, cu_q, cu_k, 4, 4, **extra, backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype and not out.any()
+    if grad:
+        out.backward(torch.randn_like(out))
+        for tensor in (q, k, v):
+            assert tensor.grad.shape == tensor.shape and not tensor.grad.any()
+
+
 def test_double_backward_is_refused():
     q, k, v, cu = (t.requires_grad_() if t.is_floating_point() else t for t in _plain_inputs())
     out = rk.varlen_attention(q, k, v, cu, cu, 11, 11, backend="triton")

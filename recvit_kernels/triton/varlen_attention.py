@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .._backend import call_op, register
 from .._checks import values_checkable
-from ..varlen_attention import _used_positions
+from ..varlen_attention import _repeated_row
 from ._common import (ATTENTION_TABLES, LOG2E, device_reason, dot_precision, head_tile, new_output,
                       on_device, records_grad, segment_bounds, segment_rows, unit_stride)
 from .varlen_attention_backward import varlen_attention_backward
@@ -194,16 +194,6 @@ def _supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
             return (f"kv_rows names key row {row} at two read positions; the backward stores each "
                     f"key row's dk/dv once (one contribution would be lost)")
     return None
-
-
-def _repeated_row(rows, cu_seqlens, seqused, max_seqlen) -> Optional[int]:
-    """A row that two of the positions the kernels read name in the table ``rows``, or None (reads
-    the table back to the host: only where values are checkable)."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1] if seqused is None else seqused
-    read = rows[_used_positions(cu_seqlens, lengths.clamp_max(max_seqlen), rows.numel())]
-    ordered = torch.sort(read).values
-    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-    return int(repeated[0]) if repeated.numel() else None
 
 
 @register("varlen_attention", "triton", supports=_supports)

@@ -20,6 +20,8 @@ one contribution. Every layout here names each row once (``kv_rows`` is a permut
 are disjoint); the forward's ``supports`` check declines a table that repeats a row when autograd
 records the call and its values are checkable (``values_checkable``: on the CPU, or with
 ``RECVIT_CHECK_VALUES=1``), and ``auto`` then runs it on packed, whose gradient adds them up.
+The dQ kernel likewise stores each query's dQ to its row; a ``q_rows`` naming a row twice is
+refused by the op itself (its forward is undefined too).
 
 ``varlen_attention_backward`` is the custom op ``torch.ops.recvit.varlen_attention_backward_triton``
 (opaque to ``torch.compile`` / ``torch.export``, fake implementation registered), without an

@@ -201,8 +201,10 @@ EOF
 }
 export -f versions
 
+# The GPU's compute capability ("9.0"), else (no GPU visible, or CUDA's start hangs) A100's and H100's.
 native_arch() {
-    "$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2> /dev/null || echo "8.0;9.0"
+    timeout --kill-after=5 20 "$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" \
+        2> /dev/null || echo "8.0;9.0"
 }
 
 # The CUDA extension, built once and timed: editable and in place (recvit_kernels/cuda/_C*.so, which
@@ -245,17 +247,29 @@ gpu_test_files() {
 }
 
 # pytest_file FILE: the file's GPU tests (PYTEST_MARK), each named in its log as it ends, the file
-# under its own cap (PYTEST_FILE_CAP); --foreground, so that the step's timeout stops it too.
+# under its own cap (PYTEST_FILE_CAP); --foreground, so that the step's timeout stops it too. Not ok
+# where pytest fails, or where it passes with every selected test skipped: nothing was tested.
 pytest_file() {
-    local file=$1 start=$SECONDS rc
+    local file=$1 start=$SECONDS rc log
+    log=$LOGS/pytest/$(basename "$file" .py).log
     # shellcheck disable=SC2086  # PYTEST_TIMEOUT is empty or two words
     timeout --foreground --kill-after=5 "$PYTEST_FILE_CAP" "$PY" -m pytest "$file" -m "$PYTEST_MARK" -v -rfEs \
-        -p no:cacheprovider $PYTEST_TIMEOUT > "$LOGS/pytest/$(basename "$file" .py).log" 2>&1
+        -p no:cacheprovider $PYTEST_TIMEOUT > "$log" 2>&1
     rc=$?
+    if ((rc == 0)) && all_skipped "$log"; then
+        echo "$file: exit 0 after $((SECONDS - start))s, every test skipped: nothing tested"
+        return 1
+    fi
     echo "$file: exit $rc after $((SECONDS - start))s"  # 5: no test selected, 124: stopped at its cap
     ((rc == 0 || rc == 5))
 }
-export -f pytest_file
+# all_skipped LOG: pytest's result line (the log's last) counts skipped tests and no passed one.
+all_skipped() {
+    local last
+    last=$(tail -n 1 "$1")
+    [[ $last == *" skipped"* && $last != *" passed"* ]]
+}
+export -f pytest_file all_skipped
 
 # pytest on the GPU test files, PYTEST_JOBS files at a time, each on its own (a failure, a crash or
 # a hang of one file hides nothing of the others): no -x, and no sanitizer in `first`.
@@ -269,7 +283,8 @@ lane_pytest() {
         printf '== pytest_file %s (dry run: collected only, in one process)\n' "${files[@]}" >> "$LOGS/dry-run.log"
         step pytest-gpu "$PYTEST_CAP" "$PY" -m pytest --collect-only -q -p no:cacheprovider -m "$PYTEST_MARK" "${files[@]}"
     else
-        step pytest-gpu "$PYTEST_CAP" xargs -P "$PYTEST_JOBS" -n 1 bash -c 'pytest_file "$1"' _ < <(printf '%s\n' "${files[@]}")
+        ON_FAIL="failed in a file below" step pytest-gpu "$PYTEST_CAP" xargs -P "$PYTEST_JOBS" -n 1 \
+            bash -c 'pytest_file "$1"' _ < <(printf '%s\n' "${files[@]}")
     fi
 }
 
@@ -344,11 +359,13 @@ summary() {
         [[ -f $LOGS/$log.log ]] || continue
         echo
         echo "--- $log"
-        grep -h -E '^recvit: |Successfully installed|_C.*\.so$|^[0-9]+ passed|^FAILED|ERROR SUMMARY|RACECHECK SUMMARY|tests collected|all finite|^probe:' \
+        grep -h -E '^ *recvit: |Successfully installed|^/.*_C.*\.so$|^[0-9]+ passed|^FAILED|ERROR SUMMARY|RACECHECK SUMMARY|tests collected|all finite|^probe:' \
             "$LOGS/$log.log" | tail -n 25
         [[ $log == pytest-gpu ]] && pytest_results
     done
-    awk '$5 ~ /^(failed|refused|timed)/ && $1 != "pytest-gpu" { print $1 }' "$STEPS" | while read -r log; do
+    # the steps not ok, but pytest's (its results above) and those whose log's end is shown below
+    awk '$5 ~ /^(failed|refused|timed)/ && $1 !~ /^(pytest-gpu|headline|compile|sweep-.*|train-step)$/ { print $1 }' \
+        "$STEPS" | while read -r log; do
         echo
         echo "--- $log (not ok: the end of its log)"
         tail -n 8 "$LOGS/$log.log"
@@ -377,7 +394,8 @@ pytest_results() {
         [[ -f $log ]] || continue
         last=$(tail -n 1 "$log")
         if [[ $last =~ \ in\ [0-9.]+s ]]; then
-            echo "tests/$(basename "$log" .log).py: $(sed -E 's/^=+ | =+$//g' <<< "$last")"
+            echo "tests/$(basename "$log" .log).py: $(sed -E 's/^=+ | =+$//g' <<< "$last")$(all_skipped "$log" &&
+                echo ': nothing tested')"
         else
             echo "tests/$(basename "$log" .log).py: stopped by its cap after $(grep -c ' PASSED' "$log") passed," \
                 "$(grep -c ' FAILED' "$log") failed"

@@ -119,7 +119,8 @@ def test_unknown_stage_is_refused(tmp_path):
 
 
 # The GPU machine as the real (not dry) `first` meets it, each command answering at once: its python
-# (FAKE_PYTEST: pytest's result line; FAKE_BUILD_FAILS, FAKE_ARCH_HANGS, FAKE_BENCH_FAILS),
+# (FAKE_PYTEST: pytest's result line; FAKE_BUILD_FAILS; FAKE_INSTALL_FAILS: pip fails after building
+# the extension in place; FAKE_ARCH_HANGS; FAKE_BENCH_FAILS),
 # compute-sanitizer (FAKE_SANITIZER_REFUSES: as on gVisor) and nvidia-smi.
 FAKES = {
     "python": r"""#!/usr/bin/env bash
@@ -128,8 +129,10 @@ case "$1 ${2:-}" in
     "-m pip") [[ -z ${FAKE_BUILD_FAILS:-} ]] || { echo "error: nvcc failed"; exit 1; }
         echo "  recvit: building the CUDA extension for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
         echo "  g++ -shared csrc/binding.o -o build/recvit_kernels/cuda/_C.cpython-312-x86_64-linux-gnu.so"
+        [[ -z ${FAKE_INSTALL_FAILS:-} ]] || { echo "ERROR: Could not install packages: Read-only file system"; exit 1; }
         echo "Successfully installed recvit-0.1.0" ;;
-    "-c "*_C*) echo "/root/recvit_kernels/cuda/_C.cpython-312-x86_64-linux-gnu.so" ;;
+    "-c "*_C*) [[ -z ${FAKE_BUILD_FAILS:-} ]] || { echo "ModuleNotFoundError: No module named 'recvit_kernels.cuda._C'"; exit 1; }
+        echo "/root/recvit_kernels/cuda/_C.cpython-312-x86_64-linux-gnu.so" ;;
     "-c "*get_device_capability*) [[ -z ${FAKE_ARCH_HANGS:-} ]] || exec sleep 600; echo 9.0 ;;
     "-c "*pytest_timeout*) exit 1 ;;
     "-c "*probe*) echo "probe: 12.0" ;;
@@ -190,22 +193,24 @@ def test_first_with_every_gpu_test_skipped_is_not_ok(tmp_path):
 
 
 @pytest.mark.parametrize("fake, expected", [
-    ("FAKE_BUILD_FAILS", {"build": "failed (exit 1)", "import-ext": "skipped: the build failed"}),
+    ("FAKE_BUILD_FAILS", {"build": "failed (exit 1)", "import-ext": "failed (exit 1)"}),
+    ("FAKE_INSTALL_FAILS", {"build": "failed (exit 1)"}),
     ("FAKE_SANITIZER_REFUSES", {"sanitizer-probe": "refused (exit 1)"} | {
         tool: "skipped: compute-sanitizer cannot run here (logs/sanitizer-probe.log)"
         for tool in ("memcheck", "racecheck", "initcheck")}),
     ("FAKE_BENCH_FAILS", {"headline": "failed (exit 1)"}),
 ])
 def test_first_reports_each_failure_once_and_runs_on(tmp_path, fake, expected):
-    """A failed build, a runtime that refuses compute-sanitizer (gVisor), a failed headline: each
-    is marked in the table, the end of its log shown once, and the other steps still run."""
+    """A failed build, a pip that fails after building the extension in place (which still
+    imports), a runtime that refuses compute-sanitizer (gVisor), a failed headline: each is marked
+    in the table, the end of its log shown once, and the other steps still run."""
     result, summary, steps = run_first_on_fakes(tmp_path, **{fake: "1"})
     assert result.returncode == (0 if fake == "FAKE_SANITIZER_REFUSES" else 1)
     assert steps == dict.fromkeys(STEPS["first"], "ok") | expected, summary
     failed = next(step for step in expected if "skipped" not in expected[step])
     assert summary.count(f"--- {failed} (") == 1, summary
-    if fake == "FAKE_BUILD_FAILS":
-        assert "the cuda backend is unavailable after it (no JIT build)" in summary
+    unavailable = "the cuda backend is unavailable after it (no JIT build)" in summary
+    assert unavailable == (fake == "FAKE_BUILD_FAILS"), summary
 
 
 def test_first_when_cuda_hangs_at_start_builds_for_a100_and_h100(tmp_path):

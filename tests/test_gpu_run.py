@@ -119,7 +119,7 @@ def test_unknown_stage_is_refused(tmp_path):
 
 
 # The GPU machine as the real (not dry) `first` meets it, each command answering at once: its python
-# (FAKE_PYTEST: pytest's result line; FAKE_BUILD_FAILS; FAKE_INSTALL_FAILS: pip fails after building
+# (FAKE_PYTEST: pytest's result line, FAKE_SKIPPED_FILE's every test skipped; FAKE_BUILD_FAILS; FAKE_INSTALL_FAILS: pip fails after building
 # the extension in place; FAKE_ARCH_HANGS; FAKE_BENCH_FAILS),
 # compute-sanitizer (FAKE_SANITIZER_REFUSES: as on gVisor) and nvidia-smi.
 FAKES = {
@@ -136,7 +136,8 @@ case "$1 ${2:-}" in
     "-c "*get_device_capability*) [[ -z ${FAKE_ARCH_HANGS:-} ]] || exec sleep 600; echo 9.0 ;;
     "-c "*pytest_timeout*) exit 1 ;;
     "-c "*probe*) echo "probe: 12.0" ;;
-    "-m pytest") echo "========== ${FAKE_PYTEST:-2 passed, 1 skipped in 0.50s} ==========" ;;
+    "-m pytest") [[ $3 == "${FAKE_SKIPPED_FILE:-}" ]] && FAKE_PYTEST="1 skipped, 2 deselected in 1.65s"
+        echo "========== ${FAKE_PYTEST:-2 passed, 1 skipped in 0.50s} ==========" ;;
     "-m recvit") [[ $3 == bench ]] && { echo "bench: ${FAKE_BENCH_FAILS:+no }results"; exit ${FAKE_BENCH_FAILS:-0}; }
         echo '{"passed": true}' > "${@: -1}" ;;
     "benchmarks/sanitize_ops.py "*) echo "all finite" ;;
@@ -184,12 +185,21 @@ def test_first_on_a_working_gpu_machine(tmp_path):
 
 
 def test_first_with_every_gpu_test_skipped_is_not_ok(tmp_path):
-    """A pytest run with every selected test skipped (CUDA not visible, say) tested nothing: the file
-    and pytest-gpu are not ok, and the run fails."""
+    """A pytest run with every selected test skipped (CUDA not visible, say) tested nothing: each
+    file says so, pytest-gpu is not ok, and the run fails."""
     result, summary, steps = run_first_on_fakes(tmp_path, FAKE_PYTEST="3 skipped, 35 deselected in 2.87s")
     assert result.returncode == 1
-    assert steps["pytest-gpu"] == "failed in a file below (exit 123)", summary
+    assert steps["pytest-gpu"] == "failed: see the files below (exit 1)", summary
+    assert "no GPU test passed in any file: nothing was tested\n" in summary
     assert "tests/test_cuda_backend.py: 3 skipped, 35 deselected in 2.87s: nothing tested\n" in summary
+
+
+def test_first_with_one_file_of_skipped_tests_is_ok(tmp_path):
+    """One file whose every GPU test skipped (a test of two GPUs on one) is named, not a failure."""
+    result, summary, steps = run_first_on_fakes(tmp_path, FAKE_SKIPPED_FILE="tests/test_triton_device.py")
+    assert result.returncode == 0 and steps["pytest-gpu"] == "ok", summary
+    assert "tests/test_triton_device.py: 1 skipped, 2 deselected in 1.65s: nothing tested\n" in summary
+    assert "tests/test_cuda_backend.py: 2 passed, 1 skipped in 0.50s\n" in summary
 
 
 @pytest.mark.parametrize("fake, expected", [

@@ -201,24 +201,24 @@ EOF
 }
 export -f versions
 
+# The GPU's compute capability ("9.0"), else (no GPU visible, or CUDA's start hangs) A100's and H100's.
 native_arch() {
-    "$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2> /dev/null || echo "8.0;9.0"
+    timeout --kill-after=5 20 "$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" \
+        2> /dev/null || echo "8.0;9.0"
 }
 
 # The CUDA extension, built once and timed: editable and in place (recvit_kernels/cuda/_C*.so, which
 # every later step imports), without build isolation (torch must be visible), dependencies or an
-# index (no network there). If it cannot be imported afterwards, torch's extension folder is
-# pointed at nothing, so that no later step spends minutes on the JIT build: the cuda backend is
-# then unavailable, with the reason, everywhere after.
+# index (no network there). Its import is tried whatever pip said: pip can fail after the build
+# (installing into the environment) with the extension in place. If it cannot be imported, torch's
+# extension folder is pointed at nothing, so that no later step spends minutes on the JIT build: the
+# cuda backend is then unavailable, with the reason, everywhere after.
 build() {
     local arch=$1
-    if gpu_step build 150 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
+    gpu_step build 150 env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
         "$PY" -m pip install --no-build-isolation --no-deps --no-index --no-cache-dir --disable-pip-version-check \
-        -v -e . &&
-        gpu_step import-ext 15 "$PY" -c "import recvit_kernels.cuda._C as ext; print(ext.__file__)"; then
-        return 0
-    fi
-    [[ -f $LOGS/import-ext.log ]] || skip import-ext 15 "the build failed"
+        -v -e .
+    gpu_step import-ext 15 "$PY" -c "import recvit_kernels.cuda._C as ext; print(ext.__file__)" && return 0
     export TORCH_EXTENSIONS_DIR=/dev/null/no-jit-build-after-a-failed-build
     NO_EXTENSION="the extension was not built or did not import: the cuda backend is unavailable after it (no JIT build)"
 }
@@ -255,7 +255,20 @@ pytest_file() {
     echo "$file: exit $rc after $((SECONDS - start))s"  # 5: no test selected, 124: stopped at its cap
     ((rc == 0 || rc == 5))
 }
-export -f pytest_file
+# pytest_files: pytest_file on each file named on stdin, PYTEST_JOBS at a time; not ok where a file
+# is not ok, or where no test passed in any file (every one skipped: CUDA not visible, say). One
+# file with every test skipped can be right (a test of two GPUs on one): its result line says so.
+pytest_files() {
+    local rc
+    xargs -P "$PYTEST_JOBS" -n 1 bash -c 'pytest_file "$1"' _
+    rc=$?
+    if ! grep -q -s ' PASSED' "$LOGS"/pytest/*.log; then  # -v: each test's line, capped files' too
+        echo "no GPU test passed in any file: nothing was tested"
+        ((rc)) || rc=1
+    fi
+    return $rc
+}
+export -f pytest_file pytest_files
 
 # pytest on the GPU test files, PYTEST_JOBS files at a time, each on its own (a failure, a crash or
 # a hang of one file hides nothing of the others): no -x, and no sanitizer in `first`.
@@ -264,12 +277,13 @@ lane_pytest() {
     mapfile -t files < <(gpu_test_files)
     PYTEST_TIMEOUT=""
     if "$PY" -c "import pytest_timeout" 2> /dev/null; then PYTEST_TIMEOUT="--timeout $((PYTEST_FILE_CAP / 2))"; fi
-    export PYTEST_MARK PYTEST_FILE_CAP PYTEST_TIMEOUT
+    export PYTEST_MARK PYTEST_FILE_CAP PYTEST_TIMEOUT PYTEST_JOBS
     if ((DRY)); then
         printf '== pytest_file %s (dry run: collected only, in one process)\n' "${files[@]}" >> "$LOGS/dry-run.log"
         step pytest-gpu "$PYTEST_CAP" "$PY" -m pytest --collect-only -q -p no:cacheprovider -m "$PYTEST_MARK" "${files[@]}"
     else
-        step pytest-gpu "$PYTEST_CAP" xargs -P "$PYTEST_JOBS" -n 1 bash -c 'pytest_file "$1"' _ < <(printf '%s\n' "${files[@]}")
+        ON_FAIL="failed: see the files below" step pytest-gpu "$PYTEST_CAP" bash -c pytest_files \
+            < <(printf '%s\n' "${files[@]}")
     fi
 }
 
@@ -344,11 +358,13 @@ summary() {
         [[ -f $LOGS/$log.log ]] || continue
         echo
         echo "--- $log"
-        grep -h -E '^recvit: |Successfully installed|_C.*\.so$|^[0-9]+ passed|^FAILED|ERROR SUMMARY|RACECHECK SUMMARY|tests collected|all finite|^probe:' \
+        grep -h -E '^ *recvit: |Successfully installed|^/.*_C.*\.so$|^[0-9]+ passed|^FAILED|ERROR SUMMARY|RACECHECK SUMMARY|tests collected|^no GPU test passed|all finite|^probe:' \
             "$LOGS/$log.log" | tail -n 25
         [[ $log == pytest-gpu ]] && pytest_results
     done
-    awk '$5 ~ /^(failed|refused|timed)/ && $1 != "pytest-gpu" { print $1 }' "$STEPS" | while read -r log; do
+    # the steps not ok, but pytest's (its results above) and those whose log's end is shown below
+    awk '$5 ~ /^(failed|refused|timed)/ && $1 !~ /^(pytest-gpu|headline|compile|sweep-.*|train-step)$/ { print $1 }' \
+        "$STEPS" | while read -r log; do
         echo
         echo "--- $log (not ok: the end of its log)"
         tail -n 8 "$LOGS/$log.log"
@@ -369,6 +385,13 @@ summary() {
         -printf ', %P' | sort)"
 }
 
+# all_skipped LOG: pytest's result line (the log's last) counts skipped tests and no passed one.
+all_skipped() {
+    local last
+    last=$(tail -n 1 "$1")
+    [[ $last == *" skipped"* && $last != *" passed"* ]]
+}
+
 # One line per test file run: pytest's result line, or how far it got when its cap stopped it;
 # then the failed tests.
 pytest_results() {
@@ -377,7 +400,8 @@ pytest_results() {
         [[ -f $log ]] || continue
         last=$(tail -n 1 "$log")
         if [[ $last =~ \ in\ [0-9.]+s ]]; then
-            echo "tests/$(basename "$log" .log).py: $(sed -E 's/^=+ | =+$//g' <<< "$last")"
+            echo "tests/$(basename "$log" .log).py: $(sed -E 's/^=+ | =+$//g' <<< "$last")$(all_skipped "$log" &&
+                echo ': nothing tested')"
         else
             echo "tests/$(basename "$log" .log).py: stopped by its cap after $(grep -c ' PASSED' "$log") passed," \
                 "$(grep -c ' FAILED' "$log") failed"

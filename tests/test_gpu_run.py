@@ -118,6 +118,120 @@ def test_unknown_stage_is_refused(tmp_path):
     assert result.returncode == 2 and "usage:" in result.stderr
 
 
+# The GPU machine as the real (not dry) `first` meets it, each command answering at once: its python
+# (FAKE_PYTEST: pytest's result line, FAKE_SKIPPED_FILE's every test skipped; FAKE_BUILD_FAILS; FAKE_INSTALL_FAILS: pip fails after building
+# the extension in place; FAKE_ARCH_HANGS; FAKE_BENCH_FAILS),
+# compute-sanitizer (FAKE_SANITIZER_REFUSES: as on gVisor) and nvidia-smi.
+FAKES = {
+    "python": r"""#!/usr/bin/env bash
+case "$1 ${2:-}" in
+    "- ") cat > /dev/null; echo "python 3.12.3, torch 2.11.0+cu130 (CUDA 13.0), GPU: NVIDIA H200 (sm_90, 132 SMs)" ;;
+    "-m pip") [[ -z ${FAKE_BUILD_FAILS:-} ]] || { echo "error: nvcc failed"; exit 1; }
+        echo "  recvit: building the CUDA extension for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+        echo "  g++ -shared csrc/binding.o -o build/recvit_kernels/cuda/_C.cpython-312-x86_64-linux-gnu.so"
+        [[ -z ${FAKE_INSTALL_FAILS:-} ]] || { echo "ERROR: Could not install packages: Read-only file system"; exit 1; }
+        echo "Successfully installed recvit-0.1.0" ;;
+    "-c "*_C*) [[ -z ${FAKE_BUILD_FAILS:-} ]] || { echo "ModuleNotFoundError: No module named 'recvit_kernels.cuda._C'"; exit 1; }
+        echo "/root/recvit_kernels/cuda/_C.cpython-312-x86_64-linux-gnu.so" ;;
+    "-c "*get_device_capability*) [[ -z ${FAKE_ARCH_HANGS:-} ]] || exec sleep 600; echo 9.0 ;;
+    "-c "*pytest_timeout*) exit 1 ;;
+    "-c "*probe*) echo "probe: 12.0" ;;
+    "-m pytest") [[ $3 == "${FAKE_SKIPPED_FILE:-}" ]] && FAKE_PYTEST="1 skipped, 2 deselected in 1.65s"
+        [[ ${FAKE_PYTEST:-passed} == *passed* ]] && echo "$3::test_op PASSED"
+        echo "========== ${FAKE_PYTEST:-2 passed, 1 skipped in 0.50s} ==========" ;;
+    "-m recvit") [[ $3 == bench ]] && { echo "bench: ${FAKE_BENCH_FAILS:+no }results"; exit ${FAKE_BENCH_FAILS:-0}; }
+        echo '{"passed": true}' > "${@: -1}" ;;
+    "benchmarks/sanitize_ops.py "*) echo "all finite" ;;
+    *) echo "fake python: unexpected $*"; exit 99 ;;
+esac
+""",
+    "compute-sanitizer": r"""#!/usr/bin/env bash
+[[ $1 == --version ]] && { echo "Compute Sanitizer"; exit; }
+[[ -z ${FAKE_SANITIZER_REFUSES:-} ]] || { echo "========= Error: Device not supported"; exit 1; }
+while [[ $1 == --* ]]; do shift 2; done
+"$@" && echo "========= ERROR SUMMARY: 0 errors"
+""",
+    "nvidia-smi": """#!/usr/bin/env bash
+echo "name, driver_version"; echo "NVIDIA H200, 580.159.04"
+""",
+}
+
+
+def run_first_on_fakes(tmp_path, **fake):
+    """The real `first` stage on FAKES: (the finished process, its summary, {step: status})."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in FAKES.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    out = tmp_path / "out"
+    env = {key: value for key, value in os.environ.items() if key != "GPU_RUN_BUDGET_S"}
+    env.update(fake, OUT=str(out), PYTHON=str(bin_dir / "python"), PATH=f"{bin_dir}:{env['PATH']}")
+    result = subprocess.run(["bash", str(SCRIPT), "first"], check=False, capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=300)
+    summary = (out / "summary-first.txt").read_text()
+    assert result.stdout.endswith(f"packed into {out}: check-first.json gpu_run-first.tar.gz "
+                                  "summary-first.txt \n"), result.stdout[-3000:]
+    return result, summary, {step: status for step, (_c, _e, status) in step_table(summary).items()}
+
+
+def test_first_on_a_working_gpu_machine(tmp_path):
+    """The real (not dry) `first`: every step ok, the native architecture built for and named."""
+    result, summary, steps = run_first_on_fakes(tmp_path)
+    assert result.returncode == 0, summary
+    assert steps == dict.fromkeys(STEPS["first"], "ok"), summary
+    assert "recvit: building the CUDA extension for TORCH_CUDA_ARCH_LIST=9.0" in summary
+    assert "g++" not in summary  # the link line is no import's result
+    assert "tests/test_cuda_backend.py: 2 passed, 1 skipped in 0.50s\n" in summary
+
+
+def test_first_with_every_gpu_test_skipped_is_not_ok(tmp_path):
+    """A pytest run with every selected test skipped (CUDA not visible, say) tested nothing: each
+    file says so, pytest-gpu is not ok, and the run fails."""
+    result, summary, steps = run_first_on_fakes(tmp_path, FAKE_PYTEST="3 skipped, 35 deselected in 2.87s")
+    assert result.returncode == 1
+    assert steps["pytest-gpu"] == "failed: see the files below (exit 1)", summary
+    assert "no GPU test passed in any file: nothing was tested\n" in summary
+    assert "tests/test_cuda_backend.py: 3 skipped, 35 deselected in 2.87s: nothing tested\n" in summary
+
+
+def test_first_with_one_file_of_skipped_tests_is_ok(tmp_path):
+    """One file whose every GPU test skipped (a test of two GPUs on one) is named, not a failure."""
+    result, summary, steps = run_first_on_fakes(tmp_path, FAKE_SKIPPED_FILE="tests/test_triton_device.py")
+    assert result.returncode == 0 and steps["pytest-gpu"] == "ok", summary
+    assert "tests/test_triton_device.py: 1 skipped, 2 deselected in 1.65s: nothing tested\n" in summary
+    assert "tests/test_cuda_backend.py: 2 passed, 1 skipped in 0.50s\n" in summary
+
+
+@pytest.mark.parametrize("fake, expected", [
+    ("FAKE_BUILD_FAILS", {"build": "failed (exit 1)", "import-ext": "failed (exit 1)"}),
+    ("FAKE_INSTALL_FAILS", {"build": "failed (exit 1)"}),
+    ("FAKE_SANITIZER_REFUSES", {"sanitizer-probe": "refused (exit 1)"} | {
+        tool: "skipped: compute-sanitizer cannot run here (logs/sanitizer-probe.log)"
+        for tool in ("memcheck", "racecheck", "initcheck")}),
+    ("FAKE_BENCH_FAILS", {"headline": "failed (exit 1)"}),
+])
+def test_first_reports_each_failure_once_and_runs_on(tmp_path, fake, expected):
+    """A failed build, a pip that fails after building the extension in place (which still
+    imports), a runtime that refuses compute-sanitizer (gVisor), a failed headline: each is marked
+    in the table, the end of its log shown once, and the other steps still run."""
+    result, summary, steps = run_first_on_fakes(tmp_path, **{fake: "1"})
+    assert result.returncode == (0 if fake == "FAKE_SANITIZER_REFUSES" else 1)
+    assert steps == dict.fromkeys(STEPS["first"], "ok") | expected, summary
+    failed = next(step for step in expected if "skipped" not in expected[step])
+    assert summary.count(f"--- {failed} (") == 1, summary
+    unavailable = "the cuda backend is unavailable after it (no JIT build)" in summary
+    assert unavailable == (fake == "FAKE_BUILD_FAILS"), summary
+
+
+def test_first_when_cuda_hangs_at_start_builds_for_a100_and_h100(tmp_path):
+    """Where asking torch for the GPU's architecture hangs, the build is for 8.0;9.0 within seconds
+    rather than never."""
+    result, summary, steps = run_first_on_fakes(tmp_path, FAKE_ARCH_HANGS="1")
+    assert result.returncode == 0 and steps["build"] == "ok", summary
+    assert "TORCH_CUDA_ARCH_LIST=8.0;9.0" in summary
+
+
 NCU_CSV = '''==PROF== Connected to process 123
 "ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
 "0","123","python3","127.0.0.1","_varlen_attention_kernel","1","7","(128, 1, 1)","(4, 12, 8)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","2,000,000"

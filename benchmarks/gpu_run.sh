@@ -76,9 +76,9 @@ else
     unset CUDA_HOME
     CUDA_USED="CUDA used: none found (no include/cuda_runtime_api.h in \$CUDA_HOME, /usr/local/cuda or above nvcc)"
 fi
-for tool in compute-sanitizer ncu; do  # not always on PATH: Nsight Compute's folder
+for tool in compute-sanitizer ncu; do  # not always on PATH: the toolkit's or Nsight Compute's folder
     command -v "$tool" > /dev/null && continue
-    for dir in /opt/nvidia/nsight-compute/*; do
+    for dir in ${CUDA_HOME:+"$CUDA_HOME/compute-sanitizer"} /opt/nvidia/nsight-compute/*; do
         if [[ -x $dir/$tool ]]; then PATH=$PATH:$dir; break; fi
     done
 done

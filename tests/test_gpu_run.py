@@ -157,16 +157,21 @@ echo "name, driver_version"; echo "NVIDIA H200, 580.159.04"
 }
 
 
-def run_first_on_fakes(tmp_path, **fake):
-    """The real `first` stage on FAKES: (the finished process, its summary, {step: status})."""
+def run_first_on_fakes(tmp_path, cuda_home=None, **fake):
+    """The real `first` stage on FAKES: (the finished process, its summary, {step: status}). With
+    `cuda_home`, the fake compute-sanitizer lies only in that toolkit's compute-sanitizer/ folder."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in FAKES.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+        folder = cuda_home / "compute-sanitizer" if cuda_home and name == "compute-sanitizer" else bin_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
     out = tmp_path / "out"
     env = {key: value for key, value in os.environ.items() if key != "GPU_RUN_BUDGET_S"}
     env.update(fake, OUT=str(out), PYTHON=str(bin_dir / "python"), PATH=f"{bin_dir}:{env['PATH']}")
+    if cuda_home:
+        env["CUDA_HOME"] = str(cuda_home)
     result = subprocess.run(["bash", str(SCRIPT), "first"], check=False, capture_output=True, text=True,
                             env=env, cwd=ROOT, timeout=300)
     summary = (out / "summary-first.txt").read_text()
@@ -183,6 +188,20 @@ def test_first_on_a_working_gpu_machine(tmp_path):
     assert "recvit: building the CUDA extension for TORCH_CUDA_ARCH_LIST=9.0" in summary
     assert "g++" not in summary  # the link line is no import's result
     assert "tests/test_cuda_backend.py: 2 passed, 1 skipped in 0.50s\n" in summary
+
+
+def test_first_finds_compute_sanitizer_in_the_toolkit(tmp_path):
+    """compute-sanitizer off PATH, in <CUDA_HOME>/compute-sanitizer/ (the toolkit's layout): found,
+    so the sanitizers run rather than being skipped as 'not found'."""
+    if shutil.which("compute-sanitizer"):
+        pytest.skip("a compute-sanitizer on this machine's PATH would be found first")
+    cuda_home = tmp_path / "cuda"
+    (cuda_home / "include").mkdir(parents=True)
+    (cuda_home / "include" / "cuda_runtime_api.h").touch()
+    result, summary, steps = run_first_on_fakes(tmp_path, cuda_home=cuda_home)
+    assert f"CUDA used: CUDA_HOME={cuda_home}" in summary
+    assert {tool: steps[tool] for tool in ("memcheck", "racecheck", "initcheck")} == dict.fromkeys(
+        ("memcheck", "racecheck", "initcheck"), "ok"), summary
 
 
 def test_first_with_every_gpu_test_skipped_is_not_ok(tmp_path):

@@ -136,6 +136,7 @@ def user_files(tmp_path, monkeypatch):
 
 def test_the_readme_has_code_blocks():
     assert len(blocks("python")) >= 2 and len(commands()) >= 8
+    assert [b for b in blocks("python") if "cuda" in b.values[0]]  # test_gpu_python_block_runs has one
 
 
 @pytest.mark.parametrize("code", [b for b in blocks("python") if "cuda" not in b.values[0]])

@@ -244,23 +244,23 @@ gpu_test_files() {
     grep -l 'pytest.mark.gpu' tests/test_*.py | grep -v -x -F -f <(printf 'tests/%s.py\n' "${GPU_TEST_ORDER[@]}")
 }
 
-# pytest_file FILE: the file's GPU tests (PYTEST_MARK), each named in its log as it ends, the file
-# under its own cap (PYTEST_FILE_CAP); --foreground, so that the step's timeout stops it too.
+# pytest_file FILE: the file's GPU tests (TEST_MARK), each named in its log as it ends, the file
+# under its own cap (TEST_FILE_CAP); --foreground, so that the step's timeout stops it too.
 pytest_file() {
     local file=$1 start=$SECONDS rc
-    # shellcheck disable=SC2086  # PYTEST_TIMEOUT is empty or two words
-    timeout --foreground --kill-after=5 "$PYTEST_FILE_CAP" "$PY" -m pytest "$file" -m "$PYTEST_MARK" -v -rfEs \
-        -p no:cacheprovider $PYTEST_TIMEOUT > "$LOGS/pytest/$(basename "$file" .py).log" 2>&1
+    # shellcheck disable=SC2086  # TEST_TIMEOUT_OPTION is empty or two words
+    timeout --foreground --kill-after=5 "$TEST_FILE_CAP" "$PY" -m pytest "$file" -m "$TEST_MARK" -v -rfEs \
+        -p no:cacheprovider $TEST_TIMEOUT_OPTION > "$LOGS/pytest/$(basename "$file" .py).log" 2>&1
     rc=$?
     echo "$file: exit $rc after $((SECONDS - start))s"  # 5: no test selected, 124: stopped at its cap
     ((rc == 0 || rc == 5))
 }
-# pytest_files: pytest_file on each file named on stdin, PYTEST_JOBS at a time; not ok where a file
+# pytest_files: pytest_file on each file named on stdin, TEST_JOBS at a time; not ok where a file
 # is not ok, or where no test passed in any file (every one skipped: CUDA not visible, say). One
 # file with every test skipped can be right (a test of two GPUs on one): its result line says so.
 pytest_files() {
     local rc
-    xargs -P "$PYTEST_JOBS" -n 1 bash -c 'pytest_file "$1"' _
+    xargs -P "$TEST_JOBS" -n 1 bash -c 'pytest_file "$1"' _
     rc=$?
     if ! grep -q -s ' PASSED' "$LOGS"/pytest/*.log; then  # -v: each test's line, capped files' too
         echo "no GPU test passed in any file: nothing was tested"
@@ -270,19 +270,19 @@ pytest_files() {
 }
 export -f pytest_file pytest_files
 
-# pytest on the GPU test files, PYTEST_JOBS files at a time, each on its own (a failure, a crash or
+# pytest on the GPU test files, TEST_JOBS files at a time, each on its own (a failure, a crash or
 # a hang of one file hides nothing of the others): no -x, and no sanitizer in `first`.
 lane_pytest() {
     mkdir -p "$LOGS/pytest"
     mapfile -t files < <(gpu_test_files)
-    PYTEST_TIMEOUT=""
-    if "$PY" -c "import pytest_timeout" 2> /dev/null; then PYTEST_TIMEOUT="--timeout $((PYTEST_FILE_CAP / 2))"; fi
-    export PYTEST_MARK PYTEST_FILE_CAP PYTEST_TIMEOUT PYTEST_JOBS
+    TEST_TIMEOUT_OPTION=""  # none of these is PYTEST_*: pytest-timeout reads PYTEST_TIMEOUT as its timeout
+    if "$PY" -c "import pytest_timeout" 2> /dev/null; then TEST_TIMEOUT_OPTION="--timeout $((TEST_FILE_CAP / 2))"; fi
+    export TEST_MARK TEST_FILE_CAP TEST_TIMEOUT_OPTION TEST_JOBS
     if ((DRY)); then
         printf '== pytest_file %s (dry run: collected only, in one process)\n' "${files[@]}" >> "$LOGS/dry-run.log"
-        step pytest-gpu "$PYTEST_CAP" "$PY" -m pytest --collect-only -q -p no:cacheprovider -m "$PYTEST_MARK" "${files[@]}"
+        step pytest-gpu "$TEST_CAP" "$PY" -m pytest --collect-only -q -p no:cacheprovider -m "$TEST_MARK" "${files[@]}"
     else
-        ON_FAIL="failed: see the files below" step pytest-gpu "$PYTEST_CAP" bash -c pytest_files \
+        ON_FAIL="failed: see the files below" step pytest-gpu "$TEST_CAP" bash -c pytest_files \
             < <(printf '%s\n' "${files[@]}")
     fi
 }
@@ -439,7 +439,7 @@ first)
     build "$(native_arch)"
     checkpoint
     CHECK_CAP=160 CHECK_ARGS=(--quick --dtypes bf16)
-    PYTEST_CAP=160 PYTEST_FILE_CAP=120 PYTEST_JOBS=4 PYTEST_MARK="gpu and not sanitizer"
+    TEST_CAP=160 TEST_FILE_CAP=120 TEST_JOBS=4 TEST_MARK="gpu and not sanitizer"
     SANITIZER_CAP=80
     together lane_check lane_pytest lane_sanitizers
     checkpoint
@@ -450,7 +450,7 @@ check)
     build "8.0;9.0+PTX"
     checkpoint
     CHECK_CAP=330 CHECK_ARGS=()
-    PYTEST_CAP=330 PYTEST_FILE_CAP=240 PYTEST_JOBS=4 PYTEST_MARK=gpu
+    TEST_CAP=330 TEST_FILE_CAP=240 TEST_JOBS=4 TEST_MARK=gpu
     SANITIZER_CAP=250
     together lane_check lane_pytest lane_sanitizers
     ;;

@@ -28,9 +28,9 @@ SHOWN = {"build", "import-ext", "sanitizer-probe", "memcheck", "racecheck", "ini
 DEVICE_CALL_S = 540  # one call of the device tool: at most 600 s, with room for the transfers
 
 
-def run_script(*args, out):
+def run_script(*args, out, **variables):
     env = {key: value for key, value in os.environ.items() if key != "GPU_RUN_BUDGET_S"}  # the default
-    env.update(OUT=str(out), PYTHON=sys.executable)
+    env.update(variables, OUT=str(out), PYTHON=sys.executable)
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=600)
 
@@ -95,6 +95,28 @@ def test_dry_run_of_every_stage(dry_run, stage):
         bench = json.loads((out / f"bench-{stage}.json").read_text())
         assert bench["complete"] and any(r["status"] == "ok" for r in bench["records"])
         assert "| packed |" in (out / f"bench-{stage}.md").read_text()
+
+
+# Reads PYTEST_TIMEOUT as pytest-timeout does (as its timeout in seconds; anything else stops pytest).
+PYTEST_TIMEOUT_STAND_IN = """import os
+
+
+def pytest_configure(config):
+    if "PYTEST_TIMEOUT" in os.environ:
+        float(os.environ["PYTEST_TIMEOUT"])
+"""
+
+
+def test_pytest_lane_leaves_the_variables_of_pytest_alone(tmp_path):
+    """pytest and its plugins read PYTEST_* variables: pytest-timeout takes PYTEST_TIMEOUT as its
+    timeout. The lane exported its own '--timeout 60' under that name, so with pytest-timeout
+    installed every GPU test file stopped with an INTERNALERROR (seen on the GPU machine's twin)."""
+    (tmp_path / "pytest_timeout.py").write_text(PYTEST_TIMEOUT_STAND_IN)
+    (tmp_path / "out").mkdir()
+    result = run_script("--dry-run", "first", out=tmp_path / "out", PYTEST_PLUGINS="pytest_timeout",
+                        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "pytest-gpu: ok" in result.stdout
 
 
 def test_first_runs_no_sanitizer_inside_pytest_and_no_x(dry_run):

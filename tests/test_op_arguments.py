@@ -176,3 +176,14 @@ def test_out_sharing_the_residuals_address_in_another_dtype_is_refused(backend):
     assert out.data_ptr() == args["residual"].data_ptr() and out.stride() == args["residual"].stride()
     with torch.no_grad(), pytest.raises(ValueError, match="out: overlaps residual,"):
         rk.mlp(**args, out=out, backend=backend)
+
+
+@pytest.mark.parametrize("op,make_args", [(rk.prefix_linear, linear_args), (rk.mlp, mlp_args)])
+def test_out_overlapping_an_input_of_another_storage_is_refused(op, make_args):
+    """Two storages may share memory (two tensors made from overlapping slices of one NumPy array,
+    or of one DLPack buffer): an ``out`` whose first element is x's last is refused all the same."""
+    buffer = torch.randn(5 * 8 + 5 * 8 - 1).numpy()
+    x, out = torch.from_numpy(buffer[:40]).view(5, 8), torch.from_numpy(buffer[39:]).view(5, 8)
+    assert x.untyped_storage().data_ptr() != out.untyped_storage().data_ptr()
+    with torch.no_grad(), pytest.raises(ValueError, match="out: overlaps x,"):
+        op(**make_args(x=x), out=out, backend="eager")

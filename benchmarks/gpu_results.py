@@ -49,7 +49,10 @@ def read_run(folder: Path, stage: str, commit: Optional[str]) -> tuple[str, dict
             raise ValueError(f"{path}: no such file (the run's summary and its headline benchmark are needed; "
                              f"is {folder} the device tool's files_at of a `gpu_run.sh {stage}` call?)")
     summary = summary_path.read_text()
-    results = json.loads(bench_path.read_text())
+    try:
+        results = json.loads(bench_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{bench_path}: not a JSON file (cut off while written?): {error}") from None
     device = results["device"]
     recorded = device["git_commit"] if device["git_commit"] != "unknown" else None
     commit = commit or run_commit(summary) or recorded

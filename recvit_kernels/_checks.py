@@ -63,25 +63,25 @@ def check_out_apart(out: torch.Tensor, reads: dict, may_be: str) -> None:
 
     ``reads`` maps each argument's name to its tensor (or None). The kernels' programs write ``out``
     while others still read their inputs: an overlap races on a GPU (the interpreter runs programs
-    in order and may hide it). ``out`` may be ``reads[may_be]`` itself (same address, shape and
-    strides; the residual): each element is then read by the program that overwrites it. Tensors
-    of one storage overlap when the address ranges they span meet (so two views interleaved in one
-    buffer count as overlapping); tensors of two storages never do (torch's own overlap checks
-    assume as much). Metadata only: no sync, no launch; skipped while tracing (no addresses).
+    in order and may hide it). ``out`` may be ``reads[may_be]`` itself (same address, dtype, shape
+    and strides; the residual): each element is then read by the program that overwrites it. Two
+    tensors overlap when the address ranges they span meet, whatever their storages (two views
+    interleaved in one buffer count as overlapping; two storages may share memory: tensors from
+    overlapping slices of one NumPy array or DLPack buffer). Metadata only: no sync, no launch;
+    skipped while tracing (no addresses).
     """
     if not out.numel() or tracing(out):
         return
     if out.shape[0] > 1 and out.stride(0) < out.shape[1]:
         raise ValueError(f"out: its rows overlap one another (shape {tuple(out.shape)}, strides "
                          f"{out.stride()}); pass a buffer with distinct rows")
-    storage, span = out.untyped_storage().data_ptr(), None
+    span = _address_range(out)
     for name, tensor in reads.items():
-        if tensor is None or not tensor.numel() or tensor.untyped_storage().data_ptr() != storage:
+        if tensor is None or not tensor.numel():
             continue
-        if (name == may_be and tensor.data_ptr() == out.data_ptr() and tensor.shape == out.shape
-                and tensor.stride() == out.stride()):
+        if (name == may_be and tensor.data_ptr() == out.data_ptr() and tensor.dtype == out.dtype
+                and tensor.shape == out.shape and tensor.stride() == out.stride()):
             continue
-        span = span or _address_range(out)
         other = _address_range(tensor)
         if span[0] < other[1] and other[0] < span[1]:
             raise ValueError(f"out: overlaps {name}, which the op reads while writing out; pass a "

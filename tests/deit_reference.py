@@ -40,6 +40,17 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class TimmGELU(nn.Module):
+    """timm's own ``GELU`` (``timm.layers.activations``; what ``act_layer="gelu"`` builds): the exact
+    GELU, ``F.gelu``, but no ``nn.GELU``."""
+
+    def __init__(self, inplace=False):
+        super().__init__()
+
+    def forward(self, x):
+        return nn.functional.gelu(x)
+
+
 class GluMlp(nn.Module):
     """timm's gated ``GluMlp``: ``fc1`` gives the value and the gate halves (the gate first if not
     ``gate_last``), ``fc2`` takes half its width. timm's ``SwiGLUPacked`` is it with ``nn.SiLU`` and

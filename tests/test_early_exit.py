@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import recvit
 import recvit_kernels as rk
-from deit_reference import GluMlp, SwiGLU, SwiGLUPacked, VisionTransformer
+from deit_reference import GluMlp, SwiGLU, SwiGLUPacked, TimmGELU, VisionTransformer
 from recvit.training import train
 from recvit.checkpoint import load_checkpoint
 from recvit.training.data import make_shapes_dataset
@@ -100,18 +100,21 @@ def test_from_hugging_face_vit_equals_the_dense_deit():
 
 # 112 * (61 / 112) = 60.99..: a width read back through mlp_ratio = hidden / dim builds 60 units
 ODD_WIDTH = dict(embed_dim=112, num_heads=7, mlp_hidden_dim=61)  # head_dim 16
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "timm's gelu": TimmGELU}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("activation", ["gelu", "relu"])
-@pytest.mark.parametrize("hf", [False, True], ids=["timm", "hf"])
+@pytest.mark.parametrize("hf,activation", [(False, "gelu"), (False, "relu"), (False, "timm's gelu"), (True, "gelu"),
+                                           (True, "relu")], ids=["timm-gelu", "timm-relu", "timm-timms_gelu",
+                                                                 "hf-gelu", "hf-relu"])
 def test_odd_mlp_width_and_relu_convert_exactly(hf, activation, backend):
-    """A ViT whose MLP width is no int(dim * ratio) of its width, with GELU or ReLU (HF hidden_act
-    "relu"), converts to the same function: from_vit, and a state dict into a registered model."""
+    """A ViT whose MLP width is no int(dim * ratio) of its width, with GELU (torch's, or timm's own,
+    which timm's act_layer="gelu" builds) or ReLU (HF hidden_act "relu"), converts to the same
+    function: from_vit, and a state dict into a registered model."""
     if rk.unavailable_reason(backend) is not None:
         pytest.skip(f"{backend} backend unavailable: {rk.unavailable_reason(backend)}")
     source = deit(act_layer=ACTIVATIONS[activation], **ODD_WIDTH)
+    activation = activation.removeprefix("timm's ")
     converted = recvit.from_vit(HFViT(source, hidden_act=activation) if hf else source)
     registered = recvit.create_model("deit_tiny_early_exit", **{**SMALL, **ODD_WIDTH}, num_steps=4,
                                      mlp_activation=activation).eval()
@@ -142,6 +145,8 @@ def test_from_vit_refuses_what_it_cannot_run():
     tanh = deit(act_layer=lambda: nn.GELU(approximate="tanh"))
     with pytest.raises(ValueError, match=r"vit: the MLP activation GELU\(approximate='tanh'\)"):
         recvit.from_vit(tanh)
+    with pytest.raises(ValueError, match=r"vit: the MLP activation ReLU6\(\)"):  # ReLU up to 6 only
+        recvit.from_vit(deit(act_layer=nn.ReLU6))
     # gated MLPs (timm's mlp_layer=): named, before their missing fc1 or their halved fc2 fails elsewhere
     for mlp_layer, act_layer, name in ((SwiGLU, nn.SiLU, "SwiGLU"), (SwiGLUPacked, nn.SiLU, "GluMlp"),
                                        (SwiGLUPacked, nn.GELU, "GluMlp"), (GluMlp, nn.ReLU, "GluMlp")):

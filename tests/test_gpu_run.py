@@ -440,6 +440,7 @@ def test_gpu_results_from_the_dry_run_of_first(dry_run, tmp_path, capsys):
 @pytest.mark.parametrize("case, message", [
     ("no folder", "folder: no such folder"),
     ("no bench", "bench-first.json: no such file"),
+    ("truncated bench", "bench-first.json: not a JSON file (cut off while written?): "),
     ("no commit", "the run recorded no commit (RECVIT_COMMIT was not set): pass --commit"),
     ("bad commit", "argument --commit: expected a hexadecimal git commit"),
     ("no markers", "readme: expected the marker lines"),
@@ -452,7 +453,8 @@ def test_gpu_results_refuses_before_writing(case, message, tmp_path, capsys):
     (run / "summary-first.txt").write_text("gpu_run.sh first on host, 2026-12-01T00:00:00Z, commit unknown "
                                            "(set RECVIT_COMMIT)\n")
     if case != "no bench":
-        (run / "bench-first.json").write_text(json.dumps({"device": {"git_commit": "unknown"}}))
+        bench = json.dumps({"device": {"git_commit": "unknown"}})
+        (run / "bench-first.json").write_text(bench[:-5] if case == "truncated bench" else bench)
     readme = tmp_path / "README.md"
     readme.write_text("no table here\n" if case == "no markers"
                       else "<!-- bench-table:start -->\n<!-- bench-table:end -->\n")

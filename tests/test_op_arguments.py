@@ -164,3 +164,26 @@ def test_varlen_attention_refuses_a_query_row_named_twice(backend):
             rk.varlen_attention(q, q, q, cu, cu, max_q, 3, **tables, backend=backend)
         except RuntimeError as error:  # this machine cannot run the backend (cuda): not the check
             assert "cannot run this call" in str(error)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_sharing_the_residuals_address_in_another_dtype_is_refused(backend):
+    """mlp's residual may have another dtype than x (and out): an fp32 ``out`` at the address,
+    shape and strides of an fp64 residual is not the residual itself (out's row r is written over
+    the bytes of residual's row r/2, which other programs still read), so it is refused."""
+    args = mlp_args(residual=torch.randn(5, 8, dtype=torch.float64))
+    out = torch.empty(0).set_(args["residual"].untyped_storage(), 0, (5, 8), (8, 1))
+    assert out.data_ptr() == args["residual"].data_ptr() and out.stride() == args["residual"].stride()
+    with torch.no_grad(), pytest.raises(ValueError, match="out: overlaps residual,"):
+        rk.mlp(**args, out=out, backend=backend)
+
+
+@pytest.mark.parametrize("op,make_args", [(rk.prefix_linear, linear_args), (rk.mlp, mlp_args)])
+def test_out_overlapping_an_input_of_another_storage_is_refused(op, make_args):
+    """Two storages may share memory (two tensors made from overlapping slices of one NumPy array,
+    or of one DLPack buffer): an ``out`` whose first element is x's last is refused all the same."""
+    buffer = torch.randn(5 * 8 + 5 * 8 - 1).numpy()
+    x, out = torch.from_numpy(buffer[:40]).view(5, 8), torch.from_numpy(buffer[39:]).view(5, 8)
+    assert x.untyped_storage().data_ptr() != out.untyped_storage().data_ptr()
+    with torch.no_grad(), pytest.raises(ValueError, match="out: overlaps x,"):
+        op(**make_args(x=x), out=out, backend="eager")

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .edge_recvit import RANKERS, EdgeRecViT, _init_weights
 from .layers import MLP_ACTIVATIONS, Block, add_token_embedding
@@ -67,7 +69,7 @@ def from_vit(vit: nn.Module, ranker: str = "earr", kv: str = "active",
 
     ``vit``: a timm ``VisionTransformer`` with class-token pooling (DeiT, ViT), or a Hugging Face
     ``ViTForImageClassification`` / ``ViTModel``. The MLP width is the source's (any width) and its
-    activation exact GELU or ReLU (timm's ``nn.GELU()`` / ``nn.ReLU``, Hugging Face's ``hidden_act``
+    activation exact GELU or ReLU (timm's ``nn.GELU()`` or own ``GELU`` / ``nn.ReLU``, Hugging Face's ``hidden_act``
     "gelu" / "relu"). Refused with a ValueError naming what does not fit: distillation or register
     tokens, average pooling, layer scale, qk-norm, a pre-norm, a gated MLP (timm's ``SwiGLU``,
     ``GluMlp`` / ``SwiGLUPacked``), another activation (tanh GELU, "gelu_new").
@@ -120,12 +122,20 @@ def _timm_mlp(mlp: nn.Module) -> tuple:
 
 
 def _timm_activation(act: nn.Module) -> str:
-    """The :class:`recvit.models.layers.Mlp` activation that computes timm's ``mlp.act`` exactly."""
-    if isinstance(act, nn.GELU) and act.approximate == "none":
-        return "gelu"
-    if isinstance(act, nn.ReLU):
-        return "relu"
-    raise ValueError(f"vit: the MLP activation {act!r}: only the exact GELU (nn.GELU()) and ReLU are supported")
+    """The :class:`recvit.models.layers.Mlp` activation that computes timm's ``mlp.act`` exactly, told
+    by its values on an fp64 probe rather than its class: torch's ``nn.GELU()`` and timm's own
+    ``GELU`` (what ``act_layer="gelu"`` builds) are both the exact GELU; ``nn.ReLU`` is ReLU."""
+    probe = torch.linspace(-8, 8, 129, dtype=torch.float64)  # past 6: ReLU6 is no ReLU
+    try:
+        with torch.no_grad():
+            values = act(probe.clone())
+    except (RuntimeError, TypeError):  # an activation with parameters of another dtype or device: none of ours
+        values = None
+    for name, exact in (("gelu", F.gelu), ("relu", F.relu)):
+        if isinstance(values, torch.Tensor) and torch.equal(values, exact(probe)):
+            return name
+    raise ValueError(f"vit: the MLP activation {act!r}: only the exact GELU (nn.GELU(), timm's GELU) and ReLU "
+                     f"are supported")
 
 
 def _hf_config(vit: nn.Module) -> dict:

@@ -111,9 +111,9 @@ def test_pytest_lane_leaves_the_variables_of_pytest_alone(tmp_path):
     """pytest and its plugins read PYTEST_* variables: pytest-timeout takes PYTEST_TIMEOUT as its
     timeout. The lane exported its own '--timeout 60' under that name, so with pytest-timeout
     installed every GPU test file stopped with an INTERNALERROR (seen on the GPU machine's twin)."""
-    (tmp_path / "pytest_timeout.py").write_text(PYTEST_TIMEOUT_STAND_IN)
+    (tmp_path / "reads_pytest_timeout.py").write_text(PYTEST_TIMEOUT_STAND_IN)  # beside a real one, if any
     (tmp_path / "out").mkdir()
-    result = run_script("--dry-run", "first", out=tmp_path / "out", PYTEST_PLUGINS="pytest_timeout",
+    result = run_script("--dry-run", "first", out=tmp_path / "out", PYTEST_PLUGINS="reads_pytest_timeout",
                         PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     assert result.returncode == 0, result.stdout[-4000:]
     assert "pytest-gpu: ok" in result.stdout

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .edge_recvit import RANKERS, EdgeRecViT, _init_weights
-from .layers import MLP_ACTIVATIONS, Block, add_token_embedding
+from .layers import MLP_ACTIVATIONS, Block, add_token_embedding, check_positive_int
 from .recursion import DepthAdaptiveBlocks
 from .registry import register_model
 
@@ -43,8 +43,7 @@ class EarlyExitViT(nn.Module):
         super().__init__()
         if ranker not in RANKERS:
             raise ValueError(f"ranker={ranker!r}: expected one of {tuple(RANKERS)}")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps={num_steps!r}: expected the number of blocks, an int >= 1")
+        num_steps = check_positive_int("num_steps", num_steps)  # the number of blocks
         self.num_steps, self.num_classes, self.embed_dim = num_steps, num_classes, embed_dim
         add_token_embedding(self, img_size, patch_size, in_chans, embed_dim)
         self.ranker = RANKERS[ranker](embed_dim, num_steps)

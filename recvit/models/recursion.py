@@ -24,7 +24,7 @@ import torch.nn as nn
 import recvit_kernels as rk
 from recvit_kernels._checks import tracing, values_checkable
 
-from .layers import Block, check_kv
+from .layers import Block, check_kv, check_positive_int
 
 
 class DepthSteps(nn.Module):
@@ -159,8 +159,7 @@ class RecursiveBlock(DepthSteps):
                  qkv_bias: bool = True, eps: float = 1e-6, kv: str = "active",
                  backend: Optional[str] = None, mlp_hidden_dim: Optional[int] = None,
                  mlp_activation: str = "gelu"):
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-            raise ValueError(f"num_steps: expected an integer >= 2 (a head and a tail step), got {num_steps!r}")
+        num_steps = check_positive_int("num_steps", num_steps, minimum=2)  # a head and a tail step
         super().__init__(dim, num_steps, kv, backend)
         layer = (dim, num_heads, mlp_ratio, qkv_bias, eps, mlp_hidden_dim, mlp_activation)
         self.head_layer, self.shared_layer, self.tail_layer = Block(*layer), Block(*layer), Block(*layer)

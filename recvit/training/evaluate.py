@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Subset
 
 from . import distributed
 from ..bench.timer import timed_call
-from ..checkpoint import DEFAULT_LAYERS, load_checkpoint, unwrap_state_dict
+from ..checkpoint import (DEFAULT_LAYERS, convert_state_dict, file_format, load_checkpoint, read_state_dict,
+                          read_torch_file, unwrap_state_dict)
 from ..models.edge_recvit import RANKERS
 from ..flops import count_flops
 
@@ -121,8 +122,6 @@ def read_training_checkpoint(path: str) -> Optional[dict]:
     """The dict ``recvit train`` writes (model, optimizer, ..., ``args``, ``classes``), or None when
     ``path`` is another kind of checkpoint (safetensors, a plain state dict); a ValueError naming the
     file when it cannot be read."""
-    from ..checkpoint import file_format, read_torch_file
-
     if file_format(path) != "torch":
         return None
     state = read_torch_file(path)
@@ -134,8 +133,6 @@ def read_training_checkpoint(path: str) -> Optional[dict]:
 def _other_label_set(path: str, model: nn.Module, layers, split: str) -> Optional[str]:
     """The error for a checkpoint file that fits ``model`` except for its classifier (another label
     set than ``split``'s class folders), else None."""
-    from ..checkpoint import convert_state_dict, read_state_dict
-
     try:
         state = read_state_dict(path)
         convert_state_dict(state, model, layers=tuple(layers), keep=("head.",))
